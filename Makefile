@@ -1,0 +1,31 @@
+# make demo  - create .venv, generate the demo world, train the demo model, evaluate it, print results
+# make test  - create .venv and run the test suite
+# make bench - benchmarks (not part of the tests)
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+RUN := runs/demo
+export TORCH_EXTENSIONS_DIR := $(CURDIR)/.cache/torch_extensions
+
+.PHONY: demo test bench clean
+
+$(STAMP): requirements.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements.txt
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) train.py --preset demo --out $(RUN) --no-progress
+	$(PY) eval_retrieval.py -p $(RUN)/best.pth.tar -te --json $(RUN)/retrieval.json --results $(RUN)/results.json --no-progress
+	@echo "results: $(RUN)/results.json"
+
+test: $(STAMP)
+	$(PY) -m pytest
+
+bench: $(STAMP)
+	$(PY) bench/bench_retrieval.py
+
+clean:
+	rm -rf runs/demo data/demo

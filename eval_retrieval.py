@@ -1,0 +1,113 @@
+"""Cross-modal retrieval on COCO-style splits: R@1/5/10, median and mean rank (1-based), rsum.
+
+    python eval_retrieval.py -p runs/demo/best.pth.tar -te            # test split of the checkpoint's dataset
+    python eval_retrieval.py -p model.pth.tar --dataset coco --split test --json results.json
+    python eval_retrieval.py --features features.npz                  # images (N, d), captions (5N, d)
+
+Protocols: "1k" averages folds of 1000 images (5000 captions); "full" ranks against every test image (5k on COCO).
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from misc import checkpoint, config, demo
+from misc.cli import add_device_args, run, update_results, write_json
+from misc.config import ConfigError
+from misc.datasets import load_records
+from misc.engine import encode_records, resolve_device
+from misc.retrieval import caption_owner_default, evaluate, format_table
+from misc.words import load_word_vectors
+
+log = logging.getLogger("eval_retrieval")
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("-p", "--checkpoint", type=Path, help="model checkpoint")
+    source.add_argument("--features", type=Path, help="precomputed features .npz (images, captions[, owner])")
+    parser.add_argument("-te", "--test", action="store_true", help="evaluate the test split (same as --split test)")
+    parser.add_argument("--split", default=None, help="split to evaluate (default: test)")
+    parser.add_argument("--dataset", help="coco | flickr30k | demo | JSON-lines file (default: the checkpoint's)")
+    parser.add_argument("--size", type=int, help="resize images to SIZE x SIZE (default: the checkpoint's test_size)")
+    parser.add_argument("--words", type=Path, help="word-vector file (default: the checkpoint's)")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--protocols", nargs="+", default=["1k", "full"], choices=["1k", "full"])
+    parser.add_argument("--save-features", type=Path, help="also write the embeddings to this .npz")
+    parser.add_argument("--json", type=Path, help="write the full results here")
+    parser.add_argument("--results", type=Path, help="add the results as the 'retrieval' entry of this JSON file")
+    add_device_args(parser)
+    return parser.parse_args()
+
+
+def load_features(path: Path) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    try:
+        with np.load(path) as data:
+            images, captions = data["images"], data["captions"]
+            owner = torch.from_numpy(data["owner"]) if "owner" in data else None
+    except (OSError, ValueError) as error:
+        raise ConfigError(f"{path}: not a readable .npz file ({error})") from error
+    except KeyError as error:
+        raise ConfigError(f"{path}: needs arrays 'images' (N, d) and 'captions' (5N, d); missing {error}") from error
+    if images.ndim != 2 or captions.ndim != 2 or images.shape[1] != captions.shape[1]:
+        raise ConfigError(f"{path}: 'images' {images.shape} and 'captions' {captions.shape} must be (N, d), (M, d)")
+    if owner is None:
+        try:
+            owner = caption_owner_default(len(images), len(captions))
+        except ValueError as error:
+            raise ConfigError(f"{path}: {error}; or store an 'owner' array (image index of each caption)") from error
+    return torch.from_numpy(images).float(), torch.from_numpy(captions).float(), owner
+
+
+def embed_split(args: argparse.Namespace) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    device = resolve_device(args.device)
+    model, state = checkpoint.load_model(args.checkpoint, device)
+    saved = state["config"]
+    dataset = args.dataset or saved["train"]["dataset"]
+    if dataset == "demo":
+        demo.ensure(config.DEMO_DIR)
+    words_path = args.words or checkpoint.resolve_path(saved.get("word_vectors"))
+    if words_path is None:
+        raise ConfigError(f"{args.checkpoint} names no word vectors; pass --words")
+    words = load_word_vectors(words_path)
+    if words.dim != model.config.word_dim:
+        raise ConfigError(f"word vectors {words.source} are {words.dim}-d but {args.checkpoint} expects "
+                          f"{model.config.word_dim}-d")
+    records = load_records(dataset, "test" if args.test else (args.split or "test"))
+    size = args.size or saved["train"]["test_size"]
+    log.info("embedding %d images (%dx%d) and their captions from %s on %s", len(records), size, size, dataset, device)
+    return encode_records(model, records, words, device, size, batch_size=args.batch_size,
+                          workers=args.workers if args.workers is not None else 2,
+                          amp=args.amp if device.type == "cuda" else None, progress=not args.no_progress)
+
+
+def main() -> None:
+    args = parse_args()
+    if args.features:
+        images, captions, owner = load_features(args.features)
+    else:
+        images, captions, owner = embed_split(args)
+    if args.save_features:
+        args.save_features.parent.mkdir(parents=True, exist_ok=True)
+        temporary = args.save_features.with_name(f".{args.save_features.stem}.tmp.npz")
+        np.savez(temporary, images=images.numpy(), captions=captions.numpy(), owner=owner.numpy())
+        temporary.replace(args.save_features)
+    try:
+        results = evaluate(images, captions, owner, protocols=tuple(args.protocols))
+    except ValueError as error:
+        raise ConfigError(str(error)) from error
+    print(f"{len(images)} images, {len(captions)} captions")
+    print(format_table(results))
+    if args.json:
+        write_json(args.json, results)
+    if args.results:
+        update_results(args.results, "retrieval", results)
+
+
+if __name__ == "__main__":
+    run(main)

@@ -1,0 +1,182 @@
+"""Every dataset and weight path, and every hyper-parameter default.
+
+Paths: each key has a default under ``data/`` and an environment variable that overrides it
+(``DSVE_<KEY>``). :func:`path` resolves a key and fails with one line naming the key, the expected
+file and where it comes from. Hyper-parameters are plain dataclasses; :data:`PRESETS` holds the
+paper's settings and the small ``demo`` settings that train on two CPU cores.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+DATA = ROOT / "data"
+DEMO_DIR = Path(os.environ.get("DSVE_DEMO_DIR", DATA / "demo"))  # movable, e.g. for tests
+RUNS = ROOT / "runs"
+
+
+class ConfigError(Exception):
+    """A user-facing configuration problem; CLIs print its message as one line and exit."""
+
+
+@dataclass(frozen=True)
+class PathKey:
+    default: Path
+    what: str
+    source: str
+
+
+PATHS: dict[str, PathKey] = {
+    "coco_images": PathKey(DATA / "coco" / "images", "a folder holding train2014/ and val2014/",
+                           "https://cocodataset.org/#download (2014 train and val images)"),
+    "coco_karpathy": PathKey(DATA / "coco" / "dataset_coco.json", "Karpathy's COCO splits dataset_coco.json",
+                             "https://cs.stanford.edu/people/karpathy/deepimagesent/caption_datasets.zip"),
+    "coco_annotations": PathKey(DATA / "coco" / "annotations", "a folder holding instances_val2014.json",
+                                "https://cocodataset.org/#download (2014 train/val annotations)"),
+    "flickr_images": PathKey(DATA / "flickr30k" / "images", "the Flickr30k image folder",
+                             "https://shannon.cs.illinois.edu/DenotationGraph/"),
+    "flickr_karpathy": PathKey(DATA / "flickr30k" / "dataset_flickr30k.json",
+                               "Karpathy's Flickr30k splits dataset_flickr30k.json",
+                               "https://cs.stanford.edu/people/karpathy/deepimagesent/caption_datasets.zip"),
+    "vg_dir": PathKey(DATA / "vg", "a folder holding image_data.json and region_descriptions.json",
+                      "https://visualgenome.org/api/v0/api_home.html (version 1.2)"),
+    "word_vectors": PathKey(DATA / "words" / "utable.npy",
+                            "word vectors: utable.npy + dictionary.txt, a word2vec .bin/.txt or a GloVe .txt",
+                            "the original release's skip-thought files (see data/README.md)"),
+    "resnet_weights": PathKey(DATA / "weights" / "resnet152.pth", "an ImageNet state dict of the trunk",
+                              "torchvision's ResNet weights, downloaded once by hand (see data/README.md)"),
+}
+
+DEMO_PATHS: dict[str, Path] = {
+    "coco_images": DEMO_DIR / "images",
+    "coco_karpathy": DEMO_DIR / "dataset_coco.json",
+    "coco_annotations": DEMO_DIR / "annotations",
+    "vg_dir": DEMO_DIR / "vg",
+    "word_vectors": DEMO_DIR / "words" / "demo_word2vec.bin",
+}
+
+
+def env_name(key: str) -> str:
+    return f"DSVE_{key.upper()}"
+
+
+def path(key: str, *, demo: bool = False, must_exist: bool = True) -> Path:
+    """Resolve a path key: the demo world's file when ``demo``, else the environment override, else the default."""
+    if key not in PATHS:
+        raise KeyError(f"unknown path key {key!r}")
+    override = os.environ.get(env_name(key))
+    if demo and key in DEMO_PATHS:
+        resolved = DEMO_PATHS[key]
+    elif override:
+        resolved = Path(override).expanduser()
+    else:
+        resolved = PATHS[key].default
+    if must_exist and not resolved.exists():
+        raise ConfigError(missing_message(key, resolved))
+    return resolved
+
+
+def missing_message(key: str, resolved: Path) -> str:
+    spec = PATHS[key]
+    return (f"config key '{key}': {resolved} not found; expected {spec.what}. Get it from {spec.source} "
+            f"and put it there or set {env_name(key)}")
+
+
+def configured(key: str) -> bool:
+    """True when the key points at an existing file (used to fall back to the demo world)."""
+    return path(key, must_exist=False).exists()
+
+
+# --------------------------------------------------------------------------- hyper-parameters
+
+@dataclass
+class ModelConfig:
+    """Network dimensions; defaults are the paper's (§3, §4.1)."""
+
+    trunk: str = "resnet152"  # any torchvision ResNet
+    maps_dim: int = 2400  # D', channels of the maps G
+    embed_dim: int = 2400  # d, joint space (also the SRU hidden size)
+    pooling: str = "weldon"  # or "gap"
+    weldon_k: float = 15  # a count, or a fraction of positions when < 1
+    image_dropout: float = 0.5
+    word_dim: int = 620
+    sru_layers: int = 4
+    text_dropout: float = 0.25
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation and data settings (§4.1). Epoch numbers count from 0."""
+
+    dataset: str = "coco"  # coco | flickr30k | demo
+    split: str = "trainrv"  # train+restval
+    val_split: str = "val"
+    epochs: int = 20
+    batch_size: int = 160
+    lr: float = 1e-3
+    lr_halve_epochs: list[int] = field(default_factory=lambda: [2, 3, 4, 5, 6])
+    text_from_epoch: int = 2  # before: only the projection A, b trains
+    trunk_from_epoch: int = 8  # from here the trunk and the 1x1 conv are fine-tuned too
+    frozen_trunk: list[str] = field(default_factory=lambda: ["conv1", "bn1", "layer1", "layer2"])
+    margin: float = 0.2
+    loss: str = "hard"  # hard (eq. 7) | sum (eq. 5)
+    crop_size: int = 256
+    crop_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])
+    flip: bool = True
+    eval_size: int = 350  # validation during training
+    test_size: int = 400  # evaluation and extraction: resize to test_size x test_size (original protocol)
+    captions_per_image: int = 5  # pairs drawn per image and epoch (5 = every caption)
+    workers: int = 4
+    seed: int = 0
+
+
+PRESETS: dict[str, dict[str, dict[str, Any]]] = {
+    "paper": {"model": {}, "train": {}},
+    # Small enough to train on 2 CPU cores in minutes: a random-init ResNet-18 trains from epoch 0,
+    # no flip (the demo captions say left and right), a mild crop (they also say top and corners).
+    "demo": {
+        "model": {"trunk": "resnet18", "maps_dim": 256, "embed_dim": 256, "weldon_k": 0.2,
+                  "word_dim": 64, "sru_layers": 2, "text_dropout": 0.1, "image_dropout": 0.2},
+        "train": {"dataset": "demo", "split": "train", "epochs": 6, "batch_size": 64, "lr": 1e-3,
+                  "lr_halve_epochs": [4, 5], "text_from_epoch": 0, "trunk_from_epoch": 0, "frozen_trunk": [],
+                  "crop_size": 128, "crop_scale": [0.85, 1.0], "flip": False, "eval_size": 128, "test_size": 128,
+                  "captions_per_image": 1, "workers": 1},
+    },
+}
+
+
+def preset(name: str) -> tuple[ModelConfig, TrainConfig]:
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}: choose one of {', '.join(PRESETS)}")
+    values = PRESETS[name]
+    return ModelConfig(**values["model"]), TrainConfig(**values["train"])
+
+
+def from_dict(cls: type, values: dict[str, Any]) -> Any:
+    """Rebuild a config dataclass from plain data, rejecting unknown keys with a clear message."""
+    known = {f.name for f in fields(cls)}
+    unknown = set(values) - known
+    if unknown:
+        raise ConfigError(f"{cls.__name__}: unknown keys {sorted(unknown)}")
+    return cls(**values)
+
+
+def apply_settings(model: ModelConfig, train: TrainConfig, settings: list[str]) -> tuple[ModelConfig, TrainConfig]:
+    """Apply ``model.KEY=VALUE`` / ``train.KEY=VALUE`` settings (VALUE parsed as JSON, else kept as text)."""
+    configs = {"model": model, "train": train}
+    for setting in settings:
+        name, _, text = setting.partition("=")
+        section, _, key = name.partition(".")
+        if not _ or section not in configs or key not in {f.name for f in fields(configs[section])}:
+            raise ConfigError(f"--set {setting!r}: expected model.KEY=VALUE or train.KEY=VALUE with KEY one of "
+                              f"the fields of ModelConfig / TrainConfig in misc/config.py")
+        try:
+            value = json.loads(text)
+        except ValueError:
+            value = text
+        configs[section] = replace(configs[section], **{key: value})
+    return configs["model"], configs["train"]

@@ -1,0 +1,137 @@
+"""Tokeniser (nltk) and frozen word vectors (gensim ``KeyedVectors``) feeding the text path (eq. 4).
+
+Supported word-vector files:
+- the original release's skip-thought table: ``utable.npy`` (V, 620) with ``dictionary.txt`` beside it
+  (row i is the word on line i, an ``UNK`` row included); pass either file or their folder;
+- word2vec binary (``.bin``) and text files (first line "count dim");
+- GloVe text files (no header line).
+A word is looked up as written, then lower-cased; a word found neither way maps to the ``UNK`` row
+(or a zero vector where the table has none) and is counted.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from gensim.models import KeyedVectors
+from nltk.tokenize import PunktSentenceTokenizer, word_tokenize
+
+from misc.config import ConfigError
+
+UNK = "UNK"
+_SENTENCES = PunktSentenceTokenizer()  # untrained: needs no nltk data download
+
+
+def sentences(text: str) -> list[str]:
+    """Split a caption into sentences."""
+    return _SENTENCES.tokenize(text)
+
+
+def tokenize(text: str) -> list[str]:
+    """Treebank word tokens of every sentence of ``text``, case kept."""
+    return [token for sentence in sentences(text) for token in word_tokenize(sentence, preserve_line=True)]
+
+
+@dataclass
+class Encoded:
+    """A padded batch of captions for the text path."""
+
+    words: torch.Tensor  # (B, T, word_dim) float32, right-padded with zeros
+    lengths: torch.Tensor  # (B,) long, >= 1
+    oov: int  # tokens that were not in the vocabulary
+    tokens: int  # tokens in all
+
+
+class WordVectors:
+    """A frozen vocabulary of word vectors with UNK fallback."""
+
+    def __init__(self, vectors: KeyedVectors, source: Path) -> None:
+        self.vectors = vectors
+        self.source = source
+        self.dim = int(vectors.vector_size)
+        self.unk = vectors[UNK] if UNK in vectors.key_to_index else np.zeros(self.dim, dtype=np.float32)
+
+    def __len__(self) -> int:
+        return len(self.vectors.key_to_index)
+
+    def index(self, token: str) -> int | None:
+        table = self.vectors.key_to_index
+        found = table.get(token)
+        return found if found is not None else table.get(token.lower())
+
+    def lookup(self, tokens: list[str]) -> tuple[np.ndarray, int]:
+        """(T, dim) vectors for ``tokens`` and the number of out-of-vocabulary tokens among them."""
+        rows = [self.index(token) for token in tokens]
+        matrix = np.stack([self.vectors.vectors[r] if r is not None else self.unk for r in rows]).astype(np.float32)
+        return matrix, sum(r is None for r in rows)
+
+    def encode(self, captions: list[str]) -> Encoded:
+        """Tokenise and embed a batch of captions; an empty caption is a ValueError naming its position."""
+        tokenized = [tokenize(caption) for caption in captions]
+        for position, tokens in enumerate(tokenized):
+            if not tokens:
+                raise ValueError(f"caption {position} has no words: {captions[position]!r}")
+        lengths = torch.tensor([len(tokens) for tokens in tokenized], dtype=torch.long)
+        words = torch.zeros(len(captions), int(lengths.max()), self.dim)
+        oov = 0
+        for row, tokens in enumerate(tokenized):
+            matrix, missing = self.lookup(tokens)
+            words[row, : len(tokens)] = torch.from_numpy(matrix)
+            oov += missing
+        return Encoded(words, lengths, oov, int(lengths.sum()))
+
+
+def _skipthought(table: Path) -> KeyedVectors:
+    dictionary = table.with_name("dictionary.txt")
+    if not dictionary.exists():
+        raise ConfigError(f"{table}: dictionary.txt is missing beside it; the skip-thought table needs "
+                          f"utable.npy and dictionary.txt from the same release")
+    try:
+        matrix = np.load(table, allow_pickle=False)
+    except ValueError:
+        # The original release saved the table as a pickled object array.
+        matrix = np.load(table, allow_pickle=True, encoding="latin1")
+    matrix = np.asarray(np.stack(matrix) if matrix.dtype == object else matrix, dtype=np.float32)
+    words = dictionary.read_text(encoding="utf-8").split("\n")
+    if words and words[-1] == "":
+        words.pop()
+    if len(words) != len(matrix):
+        raise ConfigError(f"{dictionary}: {len(words)} words but {table} has {len(matrix)} rows")
+    first: dict[str, int] = {}
+    for row, word in enumerate(words):
+        first.setdefault(word, row)
+    vectors = KeyedVectors(vector_size=matrix.shape[1], count=len(first))
+    vectors.add_vectors(list(first), matrix[list(first.values())])
+    return vectors
+
+
+def _has_word2vec_header(path: Path) -> bool:
+    with open(path, encoding="utf-8", errors="replace") as handle:
+        fields = handle.readline().split()
+    return len(fields) == 2 and all(field.isdigit() for field in fields)
+
+
+def load_word_vectors(path: Path) -> WordVectors:
+    """Load any supported word-vector file; errors name the file and say what was expected."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "utable.npy"
+    if not path.exists():
+        raise ConfigError(f"word vectors {path} not found: pass utable.npy (with dictionary.txt), a word2vec "
+                          f".bin/.txt or a GloVe .txt file")
+    try:
+        if path.suffix == ".npy" or path.name == "dictionary.txt":
+            vectors = _skipthought(path.with_name("utable.npy"))
+        elif path.suffix == ".bin":
+            vectors = KeyedVectors.load_word2vec_format(str(path), binary=True)
+        else:
+            vectors = KeyedVectors.load_word2vec_format(str(path), binary=False,
+                                                        no_header=not _has_word2vec_header(path))
+    except ConfigError:
+        raise
+    except (ValueError, EOFError, UnicodeDecodeError, OSError) as error:
+        raise ConfigError(f"word vectors {path} could not be read ({error}); expected utable.npy + "
+                          f"dictionary.txt, word2vec binary/text or GloVe text") from error
+    return WordVectors(vectors, path)

@@ -1,0 +1,1 @@
+"""The DSVE-Loc network: image path, text path and their joint embedding."""

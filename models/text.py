@@ -1,0 +1,45 @@
+"""Text path (paper eq. 4): frozen word vectors -> stacked SRU -> output at the last real token -> l2."""
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from misc.config import ROOT
+
+# sru compiles a C++ extension on first import; cache it inside the project so it builds once per checkout.
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".cache" / "torch_extensions"))
+logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+with warnings.catch_warnings():
+    # On a machine without CUDA, sru reports its failed CUDA build and falls back to the CPU kernel.
+    warnings.simplefilter("ignore")
+    from sru import SRU
+warnings.filterwarnings("ignore", message="Running SRU on CPU with grad_enabled=True")
+
+
+class TextEncoder(nn.Module):
+    """Eq. 4: y = l2(SRU(w_1..w_T)[T]), T the last real token of each caption.
+
+    The SRU is built as in the original release (v1 parametrisation, tanh, skip term, no rescale), so its
+    state dict keys are ``rnn.rnn_lst.{i}.weight|weight_c|bias|scale_x``.
+    """
+
+    def __init__(self, word_dim: int, embed_dim: int, layers: int, dropout: float) -> None:
+        super().__init__()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # use_tanh is deprecated in sru 2.x, but the paper's
+            self.rnn = SRU(word_dim, embed_dim, num_layers=layers, dropout=dropout, use_tanh=True,
+                           has_skip_term=True, rescale=False, v1=True)
+
+    def forward(self, words: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """words: (B, T, word_dim) right-padded; lengths: (B,) >= 1 -> (B, d) unit vectors."""
+        if bool((lengths < 1).any()):
+            raise ValueError("every caption needs at least one token")
+        outputs, _ = self.rnn(words.transpose(0, 1))  # (T, B, d)
+        batch = torch.arange(words.shape[0], device=words.device)
+        last = outputs[lengths.to(words.device) - 1, batch]  # (B, d)
+        return F.normalize(last, dim=-1)

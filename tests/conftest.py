@@ -1,0 +1,37 @@
+"""Shared fixtures: a tiny demo world on disk and a way to run the CLIs as a user would."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from misc import demo
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY_MODEL = ["--set", "model.maps_dim=32", "--set", "model.embed_dim=32", "--set", "model.sru_layers=1",
+              "--set", "train.crop_size=64", "--set", "train.eval_size=64", "--set", "train.batch_size=8",
+              "--workers", "0", "--no-progress", "--device", "cpu"]
+
+
+@pytest.fixture(scope="session")
+def tiny_world(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A demo world small enough for tests: 48 train, 12 val, 12 test images of 64x64."""
+    root = tmp_path_factory.mktemp("world") / "demo"
+    demo.generate(root, seed=3, sizes={"train": 48, "val": 12, "test": 12}, image_size=64)
+    return root
+
+
+def run_cli(script: str, *args: str, world: Path | None = None, check: bool = True,
+            env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """Run ``python script args`` from the repo root, the demo world relocated to ``world``."""
+    environment = {**os.environ, **(env or {})}
+    if world is not None:
+        environment["DSVE_DEMO_DIR"] = str(world)
+    result = subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], cwd=ROOT, env=environment,
+                            capture_output=True, text=True, timeout=600)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{script} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
+    return result

@@ -1,0 +1,89 @@
+"""Two CPU processes (gloo) with the global-batch loss match one process on the same global batch."""
+from __future__ import annotations
+
+import functools
+import os
+import socket
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch.nn.parallel import DistributedDataParallel
+
+from misc.config import ModelConfig, TrainConfig
+from misc.distributed import global_loss
+from misc.loss import triplet_loss
+from misc.schedule import build_optimizer, enter_stage
+from models.joint import build_model
+
+GLOBAL_BATCH = 8
+# The trunk is frozen in this stage (batch-norm statistics fixed), and dropout is off, so one process and two
+# processes compute the same function; the projection and the SRU train.
+MODEL = ModelConfig(trunk="resnet18", maps_dim=16, embed_dim=16, word_dim=8, sru_layers=2, image_dropout=0.0,
+                    text_dropout=0.0, weldon_k=2)
+TRAIN = TrainConfig(text_from_epoch=0, trunk_from_epoch=5, lr=1e-3)
+TOLERANCE = {"rtol": 1e-4, "atol": 1e-6}  # float32 sums taken in a different order
+
+
+def global_batch() -> tuple[torch.Tensor, ...]:
+    generator = torch.Generator().manual_seed(1)
+    images = torch.randn(GLOBAL_BATCH, 3, 64, 64, generator=generator)
+    words = torch.randn(GLOBAL_BATCH, 5, 8, generator=generator)
+    lengths = torch.tensor([5, 3, 4, 1, 5, 2, 5, 4])
+    ids = torch.tensor([0, 1, 2, 3, 3, 4, 5, 6])  # pairs 3 and 4 share an image
+    return images, words, lengths, ids
+
+
+def one_step(rank: int, world_size: int) -> dict[str, object]:
+    torch.manual_seed(0)
+    model = build_model(MODEL)
+    enter_stage(model, 0, TRAIN)
+    optimizer = build_optimizer(model, TRAIN)
+    loss_fn = functools.partial(triplet_loss, margin=0.2, hardest=True)
+    images, words, lengths, ids = (t.chunk(world_size)[rank] for t in global_batch())
+    network = model
+    if world_size > 1:
+        network = DistributedDataParallel(model)
+        loss_fn = global_loss(loss_fn)
+    image_emb, text_emb = network(images, words, lengths)
+    loss = loss_fn(image_emb, text_emb, ids=ids)
+    optimizer.zero_grad()
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    optimizer.step()
+    return {"loss": loss.detach(), "grads": grads, "params": {n: p.detach().clone() for n, p in
+                                                              model.named_parameters()}}
+
+
+def worker(rank: int, world_size: int, port: int, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    try:
+        result = one_step(rank, world_size)
+        if rank == 0:
+            torch.save(result, out)
+    finally:
+        dist.destroy_process_group()
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_two_processes_equal_one_process_on_the_global_batch(tmp_path: Path):
+    out = tmp_path / "rank0.pt"
+    mp.spawn(worker, args=(2, free_port(), str(out)), nprocs=2, join=True)
+    distributed = torch.load(out, weights_only=True)
+    single = one_step(0, 1)
+    torch.testing.assert_close(distributed["loss"], single["loss"], **TOLERANCE)
+    assert single["loss"] > 0
+    assert distributed["grads"].keys() == single["grads"].keys()
+    assert any(name.startswith("text.") for name in single["grads"])
+    assert not any(name.startswith("image.trunk") for name in single["grads"])
+    for name, grad in single["grads"].items():
+        torch.testing.assert_close(distributed["grads"][name], grad, **TOLERANCE, msg=name)
+    for name, value in single["params"].items():
+        torch.testing.assert_close(distributed["params"][name], value, **TOLERANCE, msg=name)

@@ -3,6 +3,7 @@
     python train.py                      # COCO when configured in misc/config.py, else the built-in demo world
     python train.py --preset demo        # small model on the demo world, minutes on 2 CPU cores
     python train.py --resume runs/paper/last.pth.tar
+    torchrun --nproc_per_node=4 train.py --preset paper   # one process per GPU; --batch-size is the global batch
 """
 from __future__ import annotations
 
@@ -15,10 +16,11 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, DistributedSampler
 from torch.utils.tensorboard import SummaryWriter
 
-from misc import checkpoint, config, demo
+from misc import checkpoint, config, demo, distributed
 from misc.cli import add_device_args, run
 from misc.config import ConfigError, ModelConfig, TrainConfig
 from misc.datasets import PairCollate, PairDataset, load_records, train_transform
@@ -47,6 +49,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--resnet-weights", type=Path, help="ImageNet state dict to initialise the trunk")
     parser.add_argument("--resume", type=Path, help="continue a run from its last.pth.tar")
     parser.add_argument("--out", type=Path, help="run folder (default: runs/<preset>)")
+    parser.add_argument("--channels-last", action="store_true", help="channels-last memory format for the trunk")
     add_device_args(parser)
     return parser.parse_args()
 
@@ -74,33 +77,38 @@ def configure(args: argparse.Namespace) -> tuple[ModelConfig, TrainConfig, str |
     return model_cfg, train_cfg, str(args.words) if args.words else words
 
 
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def rng_state() -> dict:
-    return {"torch": torch.get_rng_state(), "python": random.getstate(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
-
-
-def restore_rng(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+def seed_for(cfg: TrainConfig, epoch: int, rank: int) -> None:
+    """Every random draw of an epoch (augmentation, dropout, shuffling) derives from (seed, epoch, rank), so a
+    resumed run, on any number of processes, replays exactly the epochs it has not finished."""
+    random.seed(cfg.seed * 100_003 + epoch * 101 + rank)
+    torch.manual_seed(cfg.seed * 100_003 + epoch * 101 + rank)
 
 
 def main() -> None:
     args = parse_args()
     model_cfg, cfg, words_path = configure(args)
-    device = resolve_device(args.device)
+    context = distributed.setup(resolve_device(args.device))
+    try:
+        train(args, model_cfg, cfg, words_path, context)
+    finally:
+        distributed.teardown(context)
+
+
+def train(args: argparse.Namespace, model_cfg: ModelConfig, cfg: TrainConfig, words_path: str | None,
+          context: distributed.Context) -> None:
+    device, main_process = context.device, context.is_main
+    if not main_process:
+        logging.getLogger().setLevel(logging.WARNING)
     amp = args.amp if device.type == "cuda" else None
     if args.amp and amp is None:
         log.info("--amp ignored: mixed precision runs on CUDA only")
+    if cfg.batch_size % context.world_size:
+        raise ConfigError(f"batch size {cfg.batch_size} (the global batch) does not split over "
+                          f"{context.world_size} processes")
     is_demo = cfg.dataset == "demo"
-    if is_demo:
+    if is_demo and main_process:
         demo.ensure(config.DEMO_DIR)
+    distributed.barrier(context)
     words = load_word_vectors(Path(words_path) if words_path else config.path("word_vectors", demo=is_demo))
     if words.dim != model_cfg.word_dim:
         raise ConfigError(f"word vectors {words.source} are {words.dim}-d but the model expects "
@@ -110,8 +118,10 @@ def main() -> None:
     out = args.out or config.RUNS / (args.preset or ("demo" if is_demo else "paper"))
     out.mkdir(parents=True, exist_ok=True)
 
-    seed_everything(cfg.seed)
+    torch.manual_seed(cfg.seed)  # identical initial weights in every process
     model: JointEmbedding = build_model(model_cfg).to(device)
+    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
+    model.image.to(memory_format=memory_format)
     if args.resnet_weights:
         model.image.load_trunk_weights(args.resnet_weights)
     optimizer = build_optimizer(model, cfg)
@@ -125,57 +135,73 @@ def main() -> None:
         scheduler.load_state_dict(state["scheduler"])
         if scaler is not None and state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
-        restore_rng(state["rng"])
         start, best_rsum, history = state["epoch"], state["best_rsum"], state["metrics"].get("history", [])
         log.info("resumed %s at epoch %d", args.resume, start)
 
     dataset = PairDataset(train_records, train_transform(cfg), cfg.captions_per_image)
-    collate = PairCollate(words)
+    sampler = DistributedSampler(dataset, num_replicas=context.world_size, rank=context.rank, shuffle=True,
+                                 seed=cfg.seed, drop_last=True)
+    loader = DataLoader(dataset, batch_size=cfg.batch_size // context.world_size, sampler=sampler, drop_last=True,
+                        num_workers=cfg.workers, collate_fn=PairCollate(words), pin_memory=device.type == "cuda")
     loss_fn = functools.partial(triplet_loss, margin=cfg.margin, hardest=cfg.loss == "hard")
+    if context.distributed:
+        loss_fn = distributed.global_loss(loss_fn)
     val_protocol = ("1k",) if len(val_records) >= 1000 else ("full",)
-    log.info("training %s on %d %s images (%d pairs/epoch), validating on %d; device %s; run folder %s",
-             model_cfg.trunk, len(train_records), cfg.dataset, len(dataset), len(val_records), device, out)
-    writer = SummaryWriter(str(out / "tensorboard"))
+    log.info("training %s on %d %s images (%d pairs/epoch), validating on %d; %d process(es) on %s; run folder %s",
+             model_cfg.trunk, len(train_records), cfg.dataset, len(dataset), len(val_records), context.world_size,
+             device, out)
+    writer = SummaryWriter(str(out / "tensorboard")) if main_process else None
     saved_config = {"model": asdict(model_cfg), "train": asdict(cfg),
                     "word_vectors": checkpoint.portable_path(words.source)}
+    network, wrapped_parts = model, None
     for epoch in range(start, cfg.epochs):
+        seed_for(cfg, epoch, context.rank)
         parts = enter_stage(model, epoch, cfg)
+        if context.distributed and parts != wrapped_parts:
+            # DDP registers the parameters that need gradients when it is built: re-wrap when the stage changes.
+            network, wrapped_parts = DistributedDataParallel(model), parts
         dataset.set_epoch(epoch)
-        loader = DataLoader(dataset, batch_size=cfg.batch_size, shuffle=True, drop_last=True,
-                            num_workers=cfg.workers, collate_fn=collate, pin_memory=device.type == "cuda",
-                            generator=torch.Generator().manual_seed(cfg.seed * 1000 + epoch))
+        sampler.set_epoch(epoch)
         lr = optimizer.param_groups[0]["lr"]
-        stats = train_one_epoch(model, loader, optimizer, loss_fn, device, amp, scaler,
-                                progress=not args.no_progress, description=f"epoch {epoch}")
+        stats = train_one_epoch(network, loader, optimizer, loss_fn, device, amp, scaler, memory_format,
+                                progress=main_process and not args.no_progress, description=f"epoch {epoch}")
         scheduler.step()
-        metrics = evaluate_records(model, val_records, words, device, cfg.eval_size, val_protocol,
-                                   workers=cfg.workers, amp=amp, progress=not args.no_progress)
-        rsum = metrics[val_protocol[0]]["rsum"]
-        history.append({"epoch": epoch, "lr": lr, "trained": parts, **stats, "val_rsum": rsum})
-        for key in ("loss", "seconds", "data_seconds", "pairs_per_s", "oov_rate"):
-            writer.add_scalar(f"train/{key}", stats[key], epoch)
-        writer.add_scalar("train/lr", lr, epoch)
-        for direction in ("caption_retrieval", "image_retrieval"):
-            for key, value in metrics[val_protocol[0]][direction].items():
-                writer.add_scalar(f"val/{direction}/{key}", value, epoch)
-        writer.add_scalar("val/rsum", rsum, epoch)
-        writer.flush()
-        is_best = rsum > best_rsum
-        best_rsum = max(best_rsum, rsum)
-        checkpoint.atomic_save({
-            "format": checkpoint.FORMAT, "version": checkpoint.VERSION, "config": saved_config,
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-            "scaler": scaler.state_dict() if scaler else None, "rng": rng_state(), "epoch": epoch + 1,
-            "best_rsum": best_rsum, "metrics": {"val": metrics, "history": history}}, out / "last.pth.tar")
-        if is_best:
-            shutil.copyfile(out / "last.pth.tar", out / ".best.tmp")
-            (out / ".best.tmp").replace(out / "best.pth.tar")
-        log.info("epoch %d: lr %.2e, trained %s, loss %.4f, %.0f s (%.0f pairs/s, data wait %.0f s), val rsum %.1f%s",
-                 epoch, lr, "+".join(parts), stats["loss"], stats["seconds"], stats["pairs_per_s"],
-                 stats["data_seconds"], rsum, " (best)" if is_best else "")
-    writer.close()
-    if history:
-        log.info("validation (%s images):\n%s", len(val_records), format_table(metrics))
+        if main_process:
+            metrics = evaluate_records(model, val_records, words, device, cfg.eval_size, val_protocol,
+                                       workers=cfg.workers, amp=amp, progress=not args.no_progress)
+            rsum = metrics[val_protocol[0]]["rsum"]
+            history.append({"epoch": epoch, "lr": lr, "trained": parts, **stats, "val_rsum": rsum})
+            log_epoch(writer, epoch, lr, stats, metrics[val_protocol[0]])
+            is_best = rsum > best_rsum
+            best_rsum = max(best_rsum, rsum)
+            checkpoint.atomic_save({
+                "format": checkpoint.FORMAT, "version": checkpoint.VERSION, "config": saved_config,
+                "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "scaler": scaler.state_dict() if scaler else None, "epoch": epoch + 1, "best_rsum": best_rsum,
+                "metrics": {"val": metrics, "history": history}}, out / "last.pth.tar")
+            if is_best:
+                shutil.copyfile(out / "last.pth.tar", out / ".best.tmp")
+                (out / ".best.tmp").replace(out / "best.pth.tar")
+            log.info("epoch %d: lr %.2e, trained %s, loss %.4f, %.0f s (%.0f pairs/s, data wait %.0f s), "
+                     "val rsum %.1f%s", epoch, lr, "+".join(parts), stats["loss"], stats["seconds"],
+                     stats["pairs_per_s"], stats["data_seconds"], rsum, " (best)" if is_best else "")
+        distributed.barrier(context)
+    if writer is not None:
+        writer.close()
+        if history:
+            log.info("validation (%s images):\n%s", len(val_records), format_table(metrics))
+
+
+def log_epoch(writer: SummaryWriter, epoch: int, lr: float, stats: dict, metrics: dict) -> None:
+    """TensorBoard scalars of one epoch: training loss, lr, timings and validation recall."""
+    for key in ("loss", "seconds", "data_seconds", "pairs_per_s", "oov_rate"):
+        writer.add_scalar(f"train/{key}", stats[key], epoch)
+    writer.add_scalar("train/lr", lr, epoch)
+    for direction in ("caption_retrieval", "image_retrieval"):
+        for key, value in metrics[direction].items():
+            writer.add_scalar(f"val/{direction}/{key}", value, epoch)
+    writer.add_scalar("val/rsum", metrics["rsum"], epoch)
+    writer.flush()
 
 
 if __name__ == "__main__":

@@ -44,7 +44,8 @@ def bare(model: torch.nn.Module) -> JointEmbedding:
 
 def train_one_epoch(model: torch.nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer, loss_fn: LossFn,
                     device: torch.device, amp: str | None = None, scaler: torch.amp.GradScaler | None = None,
-                    progress: bool = True, description: str = "train") -> dict[str, float]:
+                    memory_format: torch.memory_format = torch.contiguous_format, progress: bool = True,
+                    description: str = "train") -> dict[str, float]:
     """One pass over ``loader`` of (images, Encoded captions, image ids); the model must already be in its stage.
 
     Returns the mean loss, wall and data-wait seconds, pairs per second and the out-of-vocabulary rate.
@@ -54,7 +55,7 @@ def train_one_epoch(model: torch.nn.Module, loader: DataLoader, optimizer: torch
     bar = tqdm(loader, desc=description, disable=not progress, leave=False, dynamic_ncols=True)
     for images, captions, ids in bar:
         waited += time.perf_counter() - tick
-        images = images.to(device, non_blocking=True)
+        images = images.to(device, memory_format=memory_format, non_blocking=True)
         words, lengths = captions.words.to(device, non_blocking=True), captions.lengths
         with autocast(device, amp):
             image_emb, text_emb = model(images, words, lengths)

@@ -4,6 +4,8 @@ from __future__ import annotations
 import functools
 import os
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -11,11 +13,13 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel
 
+from misc import checkpoint
 from misc.config import ModelConfig, TrainConfig
 from misc.distributed import global_loss
 from misc.loss import triplet_loss
 from misc.schedule import build_optimizer, enter_stage
 from models.joint import build_model
+from tests.conftest import ROOT, TINY_MODEL
 
 GLOBAL_BATCH = 8
 # The trunk is frozen in this stage (batch-norm statistics fixed), and dropout is off, so one process and two
@@ -87,3 +91,22 @@ def test_two_processes_equal_one_process_on_the_global_batch(tmp_path: Path):
         torch.testing.assert_close(distributed["grads"][name], grad, **TOLERANCE, msg=name)
     for name, value in single["params"].items():
         torch.testing.assert_close(distributed["params"][name], value, **TOLERANCE, msg=name)
+
+
+def test_torchrun_trains_and_resumes_with_rank_zero_checkpoints(tiny_world: Path, tmp_path: Path):
+    torchrun = [str(Path(sys.executable).with_name("torchrun")), "--standalone", "--nproc_per_node=2"]
+    flags = ["--out", str(tmp_path), *map(str, TINY_MODEL)]
+    environment = {**os.environ, "DSVE_DEMO_DIR": str(tiny_world), "OMP_NUM_THREADS": "1"}
+
+    def launch(*args: str) -> subprocess.CompletedProcess:
+        result = subprocess.run([*torchrun, str(ROOT / "train.py"), *args, *flags], cwd=ROOT, env=environment,
+                                capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stdout + result.stderr
+        return result
+
+    first = launch("--preset", "demo", "--epochs", "1")
+    assert "2 process(es)" in first.stderr
+    assert first.stderr.count("epoch 0:") == 1  # only rank 0 reports
+    launch("--resume", str(tmp_path / "last.pth.tar"), "--epochs", "2")
+    state = checkpoint.load(tmp_path / "last.pth.tar")
+    assert state["epoch"] == 2 and [h["epoch"] for h in state["metrics"]["history"]] == [0, 1]

@@ -19,6 +19,9 @@ $(STAMP): requirements.txt
 demo: $(STAMP)
 	$(PY) train.py --preset demo --out $(RUN) --no-progress
 	$(PY) eval_retrieval.py -p $(RUN)/best.pth.tar -te --json $(RUN)/retrieval.json --results $(RUN)/results.json --no-progress
+	$(PY) pointing_game.py -p $(RUN)/best.pth.tar --split test --json $(RUN)/pointing_game.json --results $(RUN)/results.json --no-progress
+	$(PY) semantic_seg.py -p $(RUN)/best.pth.tar --split test --json $(RUN)/semantic_seg.json --results $(RUN)/results.json --no-progress
+	$(PY) localize.py -p $(RUN)/best.pth.tar -i $(DEMO_IMAGE) -t "a red circle" -t "a blue square" -t "a big shape" -o $(RUN)/localize.png
 	@echo "results: $(RUN)/results.json"
 
 test: $(STAMP)
@@ -26,6 +29,9 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/bench_retrieval.py
+	$(PY) bench/bench_heatmaps.py
+	$(PY) bench/bench_extraction.py
+	$(PY) bench/bench_search.py
 
 clean:
 	rm -rf runs/demo data/demo

@@ -18,10 +18,10 @@ import torch
 from misc import checkpoint, config, demo
 from misc.cli import add_device_args, run, update_results, write_json
 from misc.config import ConfigError
-from misc.datasets import load_records
+from misc.datasets import EVAL_PROTOCOLS, load_records
+from misc.files import atomic_path
 from misc.engine import encode_records, resolve_device
 from misc.retrieval import caption_owner_default, evaluate, format_table
-from misc.words import load_word_vectors
 
 log = logging.getLogger("eval_retrieval")
 
@@ -34,7 +34,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("-te", "--test", action="store_true", help="evaluate the test split (same as --split test)")
     parser.add_argument("--split", default=None, help="split to evaluate (default: test)")
     parser.add_argument("--dataset", help="coco | flickr30k | demo | JSON-lines file (default: the checkpoint's)")
-    parser.add_argument("--size", type=int, help="resize images to SIZE x SIZE (default: the checkpoint's test_size)")
+    parser.add_argument("--protocol", choices=EVAL_PROTOCOLS, default="resize",
+                        help="resize: SIZE x SIZE (default); crop: smaller side SIZE, centre crop 224/256 of it")
+    parser.add_argument("--size", type=int,
+                        help="image size (default: the checkpoint's test_size for resize, 256 for crop)")
     parser.add_argument("--words", type=Path, help="word-vector file (default: the checkpoint's)")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--protocols", nargs="+", default=["1k", "full"], choices=["1k", "full"])
@@ -71,19 +74,14 @@ def embed_split(args: argparse.Namespace) -> tuple[torch.Tensor, torch.Tensor, t
     dataset = args.dataset or saved["train"]["dataset"]
     if dataset == "demo":
         demo.ensure(config.DEMO_DIR)
-    words_path = args.words or checkpoint.resolve_path(saved.get("word_vectors"))
-    if words_path is None:
-        raise ConfigError(f"{args.checkpoint} names no word vectors; pass --words")
-    words = load_word_vectors(words_path)
-    if words.dim != model.config.word_dim:
-        raise ConfigError(f"word vectors {words.source} are {words.dim}-d but {args.checkpoint} expects "
-                          f"{model.config.word_dim}-d")
+    words = checkpoint.load_words(state, args.words, args.checkpoint)
     records = load_records(dataset, "test" if args.test else (args.split or "test"))
-    size = args.size or saved["train"]["test_size"]
+    size = args.size or (256 if args.protocol == "crop" else saved["train"]["test_size"])
     log.info("embedding %d images (%dx%d) and their captions from %s on %s", len(records), size, size, dataset, device)
     return encode_records(model, records, words, device, size, batch_size=args.batch_size,
                           workers=args.workers if args.workers is not None else 2,
-                          amp=args.amp if device.type == "cuda" else None, progress=not args.no_progress)
+                          amp=args.amp if device.type == "cuda" else None, progress=not args.no_progress,
+                          protocol=args.protocol)
 
 
 def main() -> None:
@@ -93,10 +91,8 @@ def main() -> None:
     else:
         images, captions, owner = embed_split(args)
     if args.save_features:
-        args.save_features.parent.mkdir(parents=True, exist_ok=True)
-        temporary = args.save_features.with_name(f".{args.save_features.stem}.tmp.npz")
-        np.savez(temporary, images=images.numpy(), captions=captions.numpy(), owner=owner.numpy())
-        temporary.replace(args.save_features)
+        with atomic_path(args.save_features) as temporary:
+            np.savez(temporary, images=images.numpy(), captions=captions.numpy(), owner=owner.numpy())
     try:
         results = evaluate(images, captions, owner, protocols=tuple(args.protocols))
     except ValueError as error:

@@ -3,6 +3,7 @@
     python train.py                      # COCO when configured in misc/config.py, else the built-in demo world
     python train.py --preset demo        # small model on the demo world, minutes on 2 CPU cores
     python train.py --resume runs/paper/last.pth.tar
+    python train.py --init pretrained_classif_152_2400.pth.tar   # the original release's image initialisation
     torchrun --nproc_per_node=4 train.py --preset paper   # one process per GPU; --batch-size is the global batch
 """
 from __future__ import annotations
@@ -24,6 +25,7 @@ from misc import checkpoint, config, demo, distributed
 from misc.cli import add_device_args, run
 from misc.config import ConfigError, ModelConfig, TrainConfig
 from misc.datasets import PairCollate, PairDataset, load_records, train_transform
+from misc.files import atomic_path
 from misc.engine import evaluate_records, resolve_device, train_one_epoch
 from misc.loss import triplet_loss
 from misc.retrieval import format_table
@@ -48,6 +50,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--words", type=Path, help="word-vector file (default: config key word_vectors)")
     parser.add_argument("--resnet-weights", type=Path, help="ImageNet state dict to initialise the trunk")
     parser.add_argument("--resume", type=Path, help="continue a run from its last.pth.tar")
+    parser.add_argument("--init", type=Path,
+                        help="initialise from the original classification network (pretrained_classif_152_2400"
+                             ".pth.tar: trunk and 1x1 conv), an original model.pth.tar or a checkpoint (every weight)")
     parser.add_argument("--out", type=Path, help="run folder (default: runs/<preset>)")
     parser.add_argument("--channels-last", action="store_true", help="channels-last memory format for the trunk")
     add_device_args(parser)
@@ -124,12 +129,17 @@ def train(args: argparse.Namespace, model_cfg: ModelConfig, cfg: TrainConfig, wo
     model.image.to(memory_format=memory_format)
     if args.resnet_weights:
         model.image.load_trunk_weights(args.resnet_weights)
+    if args.init:
+        log.info(checkpoint.init_from(model, args.init))
     optimizer = build_optimizer(model, cfg)
     scheduler = build_scheduler(optimizer, cfg)
     scaler = torch.amp.GradScaler("cuda") if amp == "fp16" else None
     start, best_rsum, history = 0, float("-inf"), []
     if args.resume:
         state = checkpoint.load(args.resume)
+        if "optimizer" not in state:
+            raise ConfigError(f"{args.resume} holds no training state to resume (optimizer, scheduler); "
+                              f"start a new run from its weights with --init")
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -180,8 +190,8 @@ def train(args: argparse.Namespace, model_cfg: ModelConfig, cfg: TrainConfig, wo
                 "scaler": scaler.state_dict() if scaler else None, "epoch": epoch + 1, "best_rsum": best_rsum,
                 "metrics": {"val": metrics, "history": history}}, out / "last.pth.tar")
             if is_best:
-                shutil.copyfile(out / "last.pth.tar", out / ".best.tmp")
-                (out / ".best.tmp").replace(out / "best.pth.tar")
+                with atomic_path(out / "best.pth.tar") as temporary:
+                    shutil.copyfile(out / "last.pth.tar", temporary)
             log.info("epoch %d: lr %.2e, trained %s, loss %.4f, %.0f s (%.0f pairs/s, data wait %.0f s), "
                      "val rsum %.1f%s", epoch, lr, "+".join(parts), stats["loss"], stats["seconds"],
                      stats["pairs_per_s"], stats["data_seconds"], rsum, " (best)" if is_best else "")

@@ -4,13 +4,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
 from misc.config import ConfigError
+from misc.files import atomic_path
 
 
 def add_device_args(parser: argparse.ArgumentParser) -> None:
@@ -37,17 +36,8 @@ def run(main: Callable[[], Any]) -> None:
 
 def write_json(path: Path | str, data: Any) -> None:
     """Write JSON atomically (temporary file in the same folder, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as out:
-            json.dump(data, out, indent=2)
-            out.write("\n")
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as temporary:
+        temporary.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
 
 
 def update_results(path: Path | str, key: str, value: Any) -> None:

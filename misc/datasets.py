@@ -119,10 +119,23 @@ def train_transform(cfg: TrainConfig) -> Callable:
     return transforms.Compose(steps + [transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
 
 
-def eval_transform(size: int) -> Callable:
-    """Resize to size x size regardless of aspect ratio (the original evaluation protocol)."""
-    return transforms.Compose([transforms.Resize((size, size)), transforms.ToTensor(),
-                               transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+EVAL_PROTOCOLS = ("resize", "crop")
+
+
+def eval_transform(size: int, protocol: str = "resize") -> Callable:
+    """Evaluation preprocessing with ImageNet mean and std.
+
+    ``resize``: size x size regardless of aspect ratio (the original release's protocol: 400, and 416 for the
+    pointing game). ``crop``: the smaller side to ``size``, then the centre square of 224/256 of it (the paper's
+    alternative protocol with size 256: a 224 x 224 crop).
+    """
+    if protocol == "resize":
+        geometry = [transforms.Resize((size, size))]
+    elif protocol == "crop":
+        geometry = [transforms.Resize(size), transforms.CenterCrop(round(size * 224 / 256))]
+    else:
+        raise ConfigError(f"unknown evaluation protocol {protocol!r}: choose one of {', '.join(EVAL_PROTOCOLS)}")
+    return transforms.Compose([*geometry, transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
 
 
 class PairDataset(Dataset):

@@ -111,9 +111,10 @@ def encode_captions(model: JointEmbedding, captions: list[str], words: WordVecto
 
 def encode_records(model: JointEmbedding, records: list[Record], words: WordVectors, device: torch.device,
                    image_size: int, batch_size: int = 64, workers: int = 2, amp: str | None = None,
-                   progress: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Embed a split's images and their first five captions: (images (N, d), captions (M, d), owner (M,))."""
-    loader = DataLoader(ImageDataset([r.image for r in records], eval_transform(image_size)),
+                   progress: bool = True, protocol: str = "resize") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Embed a split's images and their first five captions: (images (N, d), captions (M, d), owner (M,)).
+    ``protocol`` is the image preprocessing of :func:`misc.datasets.eval_transform`."""
+    loader = DataLoader(ImageDataset([r.image for r in records], eval_transform(image_size, protocol)),
                         batch_size=batch_size, num_workers=workers, pin_memory=device.type == "cuda")
     images = encode_images(model, loader, device, amp, progress)
     texts, owner = eval_captions(records)

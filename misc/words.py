@@ -6,7 +6,8 @@ Supported word-vector files:
 - word2vec binary (``.bin``) and text files (first line "count dim");
 - GloVe text files (no header line).
 A word is looked up as written, then lower-cased; a word found neither way maps to the ``UNK`` row
-(or a zero vector where the table has none) and is counted.
+(or a zero vector where the table has none) and is counted. :class:`TextOptions` switches to the original
+release's preprocessing (:data:`ORIGINAL_TEXT`: first sentence only, words looked up exactly as written).
 """
 from __future__ import annotations
 
@@ -34,6 +35,19 @@ def tokenize(text: str) -> list[str]:
     return [token for sentence in sentences(text) for token in word_tokenize(sentence, preserve_line=True)]
 
 
+@dataclass(frozen=True)
+class TextOptions:
+    """How a caption becomes tokens; stored as plain data in a checkpoint's ``config["text"]``."""
+
+    first_sentence: bool = False  # embed only the caption's first sentence
+    lowercase_fallback: bool = True  # look a word up lower-cased when it is not found as written
+
+
+# The original release embeds the first sentence of a caption and looks each token up exactly as written
+# (case kept; a miss is UNK). Its models were trained that way, so they are evaluated that way.
+ORIGINAL_TEXT = TextOptions(first_sentence=True, lowercase_fallback=False)
+
+
 @dataclass
 class Encoded:
     """A padded batch of captions for the text path."""
@@ -45,11 +59,12 @@ class Encoded:
 
 
 class WordVectors:
-    """A frozen vocabulary of word vectors with UNK fallback."""
+    """A frozen vocabulary of word vectors with UNK fallback; ``options`` says how captions are tokenised."""
 
-    def __init__(self, vectors: KeyedVectors, source: Path) -> None:
+    def __init__(self, vectors: KeyedVectors, source: Path, options: TextOptions = TextOptions()) -> None:
         self.vectors = vectors
         self.source = source
+        self.options = options
         self.dim = int(vectors.vector_size)
         self.unk = vectors[UNK] if UNK in vectors.key_to_index else np.zeros(self.dim, dtype=np.float32)
 
@@ -59,7 +74,14 @@ class WordVectors:
     def index(self, token: str) -> int | None:
         table = self.vectors.key_to_index
         found = table.get(token)
-        return found if found is not None else table.get(token.lower())
+        return found if found is not None or not self.options.lowercase_fallback else table.get(token.lower())
+
+    def tokens(self, caption: str) -> list[str]:
+        """The tokens of ``caption`` that are embedded: every sentence's, or the first sentence's."""
+        if self.options.first_sentence:
+            first = sentences(caption)[:1]
+            return tokenize(first[0]) if first else []
+        return tokenize(caption)
 
     def lookup(self, tokens: list[str]) -> tuple[np.ndarray, int]:
         """(T, dim) vectors for ``tokens`` and the number of out-of-vocabulary tokens among them."""
@@ -69,7 +91,7 @@ class WordVectors:
 
     def encode(self, captions: list[str]) -> Encoded:
         """Tokenise and embed a batch of captions; an empty caption is a ValueError naming its position."""
-        tokenized = [tokenize(caption) for caption in captions]
+        tokenized = [self.tokens(caption) for caption in captions]
         for position, tokens in enumerate(tokenized):
             if not tokens:
                 raise ValueError(f"caption {position} has no words: {captions[position]!r}")
@@ -113,8 +135,9 @@ def _has_word2vec_header(path: Path) -> bool:
     return len(fields) == 2 and all(field.isdigit() for field in fields)
 
 
-def load_word_vectors(path: Path) -> WordVectors:
-    """Load any supported word-vector file; errors name the file and say what was expected."""
+def load_word_vectors(path: Path, options: TextOptions = TextOptions()) -> WordVectors:
+    """Load any supported word-vector file, to tokenise with ``options``; errors name the file and say what was
+    expected."""
     path = Path(path)
     if path.is_dir():
         path = path / "utable.npy"
@@ -134,4 +157,4 @@ def load_word_vectors(path: Path) -> WordVectors:
     except (ValueError, EOFError, UnicodeDecodeError, OSError) as error:
         raise ConfigError(f"word vectors {path} could not be read ({error}); expected utable.npy + "
                           f"dictionary.txt, word2vec binary/text or GloVe text") from error
-    return WordVectors(vectors, path)
+    return WordVectors(vectors, path, options)

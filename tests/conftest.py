@@ -1,6 +1,7 @@
 """Shared fixtures: a tiny demo world on disk and a way to run the CLIs as a user would."""
 from __future__ import annotations
 
+import importlib
 import os
 import subprocess
 import sys
@@ -8,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from misc import demo
+from misc import cli, config, demo
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY_MODEL = ["--set", "model.maps_dim=32", "--set", "model.embed_dim=32", "--set", "model.sru_layers=1",
@@ -35,3 +36,18 @@ def run_cli(script: str, *args: str, world: Path | None = None, check: bool = Tr
     if check and result.returncode != 0:
         raise AssertionError(f"{script} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
     return result
+
+
+def run_in_process(script: str, args: list, world: Path, monkeypatch: pytest.MonkeyPatch) -> int:
+    """Run a CLI's ``main`` through misc.cli.run in this process (no interpreter start-up), the demo world at
+    ``world``; returns the exit status."""
+    for key, path in list(config.DEMO_PATHS.items()):
+        monkeypatch.setitem(config.DEMO_PATHS, key, world / path.relative_to(config.DEMO_DIR))
+    monkeypatch.setattr(config, "DEMO_DIR", world)
+    module = importlib.import_module(script.removesuffix(".py"))
+    monkeypatch.setattr(sys, "argv", [script, *map(str, args)])
+    try:
+        cli.run(module.main)
+    except SystemExit as exit_:
+        return int(exit_.code or 0)
+    return 0

@@ -1,0 +1,75 @@
+"""Where in an image is each text query? Heatmap overlays (eq. 9) as in the paper's Fig. 1.
+
+    python localize.py -p runs/demo/best.pth.tar -i photo.jpg -t "two glasses" -t "a burger" -o out.png
+
+One panel per query: the image under the query's heatmap in false colours, the heatmap's peak marked with a dot and
+the query written below; several queries make a grid. The image is resized to SIZE x SIZE for the network (default:
+the checkpoint's test_size) and the heatmaps are spread back over the whole image.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+from misc.cli import add_device_args, run
+from misc.config import ConfigError
+from misc.datasets import eval_transform, load_image
+from misc.engine import resolve_device
+from misc.localization import choose_k, heatmaps, load_localizer, peak_location
+from misc.visualize import figure_size, overlays, save_png
+from misc.words import tokenize
+
+log = logging.getLogger("localize")
+PAPER_K = 180
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-p", "--checkpoint", type=Path, required=True, help="model checkpoint")
+    parser.add_argument("-i", "--image", type=Path, required=True, help="image file")
+    parser.add_argument("-t", "--text", action="append", required=True, metavar="QUERY",
+                        help="a text query; repeat for several")
+    parser.add_argument("-o", "--out", type=Path, default=Path("localize.png"), help="PNG to write")
+    parser.add_argument("--size", type=int, help="resize the image to SIZE x SIZE (default: the checkpoint's "
+                                                 "test_size)")
+    parser.add_argument("--k", type=int, help=f"maps summed per query (default {PAPER_K}, the paper's for d = 2400; "
+                                              f"round(0.075 d) for smaller d)")
+    parser.add_argument("--alpha", type=float, default=0.5, help="heatmap opacity (default 0.5)")
+    parser.add_argument("--words", type=Path, help="word-vector file (default: the checkpoint's)")
+    add_device_args(parser)
+    return parser.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
+    for text in args.text:
+        if not any(any(c.isalnum() for c in token) for token in tokenize(text)):
+            raise ConfigError(f"query {text!r} has no words")
+    if not args.image.is_file():
+        raise ConfigError(f"image {args.image} not found")
+    try:
+        image = load_image(args.image)
+    except OSError as error:
+        raise ConfigError(f"{args.image} is not a readable image ({error})") from error
+    device = resolve_device(args.device)
+    localizer = load_localizer(args.checkpoint, args.words, device, args.amp)
+    for text in args.text:
+        if localizer.known_words(text) == 0:
+            log.warning("no word of %r is in the vocabulary: its heatmap means little", text)
+    size = args.size or localizer.saved["train"]["test_size"]
+    k = choose_k(args.k, localizer.dim, PAPER_K)
+
+    maps = localizer.maps(eval_transform(size)(image)[None])  # (1, D', h, w)
+    heat = heatmaps(maps, localizer.weight, localizer.encode(args.text), k)[0].cpu()  # (T, h, w)
+    peaks = peak_location(heat, *image.size)  # (T, 2) in the image's pixels
+    save_png(overlays(image, heat, peaks, args.text, args.alpha), args.out)
+    width, height = figure_size(*image.size, len(args.text))
+    print(f"{args.out}: {width}x{height} px, {len(args.text)} heatmap(s) of {heat.shape[1]}x{heat.shape[2]} "
+          f"({size}x{size} input, k={k})")
+    for text, (x, y) in zip(args.text, peaks.tolist()):
+        print(f"  peak of {text!r} at x={x:.0f}, y={y:.0f} of {image.size[0]}x{image.size[1]}")
+
+
+if __name__ == "__main__":
+    run(main)

@@ -1,0 +1,243 @@
+"""Localization (paper §3.3, eq. 8-9): text-conditioned heatmaps, peaks, pointing hits, masks, IoU and AP.
+
+Heatmaps. The image path pools the maps G (D', h, w) and projects them with A (d, D') (eq. 1). Applying A at
+every position instead gives d maps G' = A·G (eq. 8, a 1x1 convolution without the bias b). For a text
+embedding v (d,), K(v) holds the indices of its k largest entries and (eq. 9)
+
+    H = sum_{u in K(v)} |v_u| G'_u = sum_{u in K(v)} |v_u| (A_u · G) = (sum_{u in K(v)} |v_u| A_u) · G.
+
+:func:`heatmaps` uses the last form: one "filter" f = sum_u |v_u| A_u (D',) per text, a weighted sum of only k rows
+of A (``F.embedding_bag``, no (k, D') copy), then one D'-long dot product per position. :func:`heatmaps_full`
+forms all d maps G' first and picks k of them; it is the reference the tests and the benchmark compare against.
+
+Coordinates. A pixel p covers the interval [p, p + 1); an h x w map spread over a W x H image gives cell (i, j) the
+rectangle [j W/w, (j+1) W/w) x [i H/h, (i+1) H/h), whose centre ((j + .5) W/w, (i + .5) H/h) is where the bilinear
+upsampling of :func:`upsample` (``align_corners=False``) puts that sample. A bilinear interpolant is a convex
+combination of samples, so its maximum is the largest sample: the peak of a map, in image coordinates, is the
+centre of its largest cell (:func:`peak_location`), whatever the upsampling resolution.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from misc import checkpoint, config, demo
+from misc.config import ConfigError
+from misc.engine import autocast, encode_captions
+from misc.words import WordVectors
+from models.joint import JointEmbedding
+
+log = logging.getLogger(__name__)
+
+PAPER_DIM = 2400  # d of the paper's model; the paper's k values are for it
+
+
+# --------------------------------------------------------------------------- heatmaps (eq. 8-9)
+
+def top_k(texts: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """K(v) of eq. 9 and the weights |v_u|: texts (..., d) -> (weights (..., k), indices (..., k))."""
+    values, indices = texts.topk(k, dim=-1, sorted=False)  # the k largest entries, not the largest |v_u|
+    return values.abs(), indices
+
+
+def text_filters(weight: torch.Tensor, texts: torch.Tensor, k: int) -> torch.Tensor:
+    """f = sum_{u in K(v)} |v_u| A_u for each text: weight A (d, D'), texts (..., d) -> (..., D').
+
+    Only the k selected rows of A are read; no (..., k, D') tensor is formed.
+    """
+    weights, indices = top_k(texts.float(), k)
+    flat = F.embedding_bag(indices.reshape(-1, k), weight.float(), per_sample_weights=weights.reshape(-1, k),
+                           mode="sum")  # (T, D')
+    return flat.reshape(*texts.shape[:-1], weight.shape[1])
+
+
+def apply_filters(maps: torch.Tensor, filters: torch.Tensor) -> torch.Tensor:
+    """H = f · G at every position: maps (B, D', h, w) with filters (T, D') shared by all images or (B, T, D')
+    per image -> heatmaps (B, T, h, w)."""
+    b, channels, h, w = maps.shape
+    flat = maps.float().reshape(b, channels, h * w)  # (B, D', hw)
+    if filters.dim() == 2:
+        out = torch.matmul(filters, flat)  # (T, D') @ (B, D', hw) -> (B, T, hw)
+    elif filters.dim() == 3 and filters.shape[0] == b:
+        out = torch.bmm(filters, flat)
+    else:
+        raise ValueError(f"filters {tuple(filters.shape)} must be (T, D') or ({b}, T, D') for maps {tuple(maps.shape)}")
+    return out.reshape(b, -1, h, w)
+
+
+def heatmaps(maps: torch.Tensor, weight: torch.Tensor, texts: torch.Tensor, k: int) -> torch.Tensor:
+    """Eq. 9 by selecting k rows of A first: maps G (B, D', h, w), A (d, D'), texts (T, d) for every image or
+    (B, T, d) one set per image -> (B, T, h, w)."""
+    return apply_filters(maps, text_filters(weight, texts, k))
+
+
+def heatmaps_full(maps: torch.Tensor, weight: torch.Tensor, texts: torch.Tensor, k: int) -> torch.Tensor:
+    """Reference for :func:`heatmaps`: all d maps G' = A·G (eq. 8), then the |v_u|-weighted sum of k of them."""
+    projected = F.conv2d(maps.float(), weight.float()[:, :, None, None])  # G' (B, d, h, w)
+    weights, indices = top_k(texts.float(), k)  # (T, k) or (B, T, k)
+    if texts.dim() == 2:
+        picked = projected[:, indices]  # (B, T, k, h, w)
+    else:
+        picked = projected[torch.arange(len(maps), device=maps.device)[:, None, None], indices]  # (B, T, k, h, w)
+    return (weights[..., None, None] * picked).sum(dim=-3)
+
+
+def default_k(dim: int, paper_k: int) -> int:
+    """The paper's k for d = 2400, scaled as k/2400 · d (at least 1) for smaller embeddings."""
+    return paper_k if dim >= PAPER_DIM else max(1, round(paper_k * dim / PAPER_DIM))
+
+
+def choose_k(requested: int | None, dim: int, paper_k: int) -> int:
+    """--k as given (clipped to d), else :func:`default_k`; says which it used."""
+    if requested is None:
+        k = default_k(dim, paper_k)
+        if dim < PAPER_DIM:
+            log.info("k = %d: the paper's k = %d of d = %d scaled to this model's d = %d (pass --k to change)",
+                     k, paper_k, PAPER_DIM, dim)
+        return k
+    if requested < 1:
+        raise ConfigError(f"--k must be at least 1, got {requested}")
+    if requested > dim:
+        log.warning("--k %d is more than the embedding size d = %d: using k = %d", requested, dim, dim)
+    return min(requested, dim)
+
+
+# --------------------------------------------------------------------------- upsampling and peaks
+
+def upsample(maps: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Bilinear (align_corners=False) resize of maps (..., h, w) to (..., height, width)."""
+    lead = maps.shape[:-2]
+    flat = maps.float().reshape(-1, 1, *maps.shape[-2:])
+    return F.interpolate(flat, size=(height, width), mode="bilinear", align_corners=False).reshape(
+        *lead, height, width)
+
+
+def peak_location(maps: torch.Tensor, width: float, height: float) -> torch.Tensor:
+    """Peak of maps (..., h, w) spread over a width x height image -> (..., 2) as (x, y) in continuous pixel
+    coordinates: the centre of the largest cell (first in row-major order on ties), see the module docstring."""
+    h, w = maps.shape[-2:]
+    index = maps.reshape(*maps.shape[:-2], h * w).argmax(dim=-1)
+    rows, cols = index // w, index % w
+    return torch.stack([(cols + 0.5) * (width / w), (rows + 0.5) * (height / h)], dim=-1)
+
+
+# --------------------------------------------------------------------------- pointing game
+
+def scale_boxes(boxes: torch.Tensor, source: tuple[float, float], target: tuple[float, float]) -> torch.Tensor:
+    """Boxes (N, 4) as (x, y, width, height) in a source (W, H) frame -> the same boxes in a target (W', H') frame."""
+    sx, sy = target[0] / source[0], target[1] / source[1]
+    return boxes.float() * torch.tensor([sx, sy, sx, sy])
+
+
+def pointing_hits(points: torch.Tensor, boxes: torch.Tensor, tolerance: float = 0.0) -> torch.Tensor:
+    """Whether each point (N, 2) as (x, y) lies in its box (N, 4) as (x, y, width, height), edges included, or within
+    ``tolerance`` pixels of it (Euclidean distance to the rectangle, the TorchRay convention) -> (N,) bool."""
+    points, boxes = points.float(), boxes.float()
+    low, high = boxes[:, :2], boxes[:, :2] + boxes[:, 2:]
+    outside = torch.clamp(torch.maximum(low - points, points - high), min=0)  # (N, 2) per-axis distance
+    return outside.norm(dim=1) <= tolerance
+
+
+# --------------------------------------------------------------------------- masks, IoU, AP
+
+def binarize(heatmap: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Mask of the heatmap where it reaches min + threshold · (max - min) (relative to its own range, so a
+    constant offset of the map changes nothing; a constant map is all foreground)."""
+    low, high = heatmap.min(), heatmap.max()
+    return heatmap >= low + threshold * (high - low)
+
+
+def iou(prediction: torch.Tensor, target: torch.Tensor) -> float:
+    """Intersection over union of two boolean masks; 0 when both are empty (no object: never a true positive)."""
+    union = int((prediction | target).sum())
+    return int((prediction & target).sum()) / union if union else 0.0
+
+
+def average_precision(scores: Sequence[float] | torch.Tensor, correct: Sequence[bool] | torch.Tensor,
+                      positives: int) -> float | None:
+    """Non-interpolated AP: predictions ranked by decreasing score (stable on ties), the mean over the
+    ``positives`` ground-truth items of the precision at the rank where each is found (0 for those never
+    found). None when there is no positive."""
+    if positives <= 0:
+        return None
+    scores, correct = torch.as_tensor(scores, dtype=torch.float64), torch.as_tensor(correct, dtype=torch.bool)
+    if int(correct.sum()) > positives:
+        raise ValueError(f"{int(correct.sum())} correct predictions but only {positives} positives")
+    order = torch.sort(scores, descending=True, stable=True).indices
+    hits = correct[order].double()
+    precision = hits.cumsum(0) / torch.arange(1, len(hits) + 1, dtype=torch.float64)
+    return float((precision * hits).sum() / positives)
+
+
+# --------------------------------------------------------------------------- model, words and data paths
+
+@dataclass
+class Localizer:
+    """A trained model with its word vectors, as the localization scripts use it."""
+
+    model: JointEmbedding
+    words: WordVectors
+    saved: dict[str, Any]  # the checkpoint's config: {"model", "train", "word_vectors"}
+    device: torch.device
+    amp: str | None = None
+
+    @property
+    def dim(self) -> int:
+        return self.model.config.embed_dim
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """A (d, D') of eq. 1, float32."""
+        return self.model.image.proj.weight.detach().float()
+
+    @torch.no_grad()
+    def maps(self, images: torch.Tensor) -> torch.Tensor:
+        """Feature maps G (B, D', h, w) float32 of a batch of normalised images."""
+        with autocast(self.device, self.amp):
+            return self.model.image.feature_maps(images.to(self.device, non_blocking=True)).float()
+
+    @torch.no_grad()
+    def embed_maps(self, maps: torch.Tensor) -> torch.Tensor:
+        """Image embeddings (B, d) from maps G (eq. 1)."""
+        return self.model.image.embed_maps(maps).float()
+
+    def encode(self, texts: list[str], batch_size: int = 256) -> torch.Tensor:
+        """Unit text embeddings (T, d) on the device; every text must have a word."""
+        return encode_captions(self.model, texts, self.words, self.device, batch_size=batch_size, amp=self.amp,
+                               progress=False).to(self.device)
+
+    def known_words(self, text: str) -> int:
+        """How many of the tokens the text path would embed are in the vocabulary."""
+        return sum(self.words.index(token) is not None for token in self.words.tokens(text))
+
+
+def load_localizer(checkpoint_path: Path, words_path: Path | None, device: torch.device,
+                   amp: str | None = None) -> Localizer:
+    """Model and word vectors of a checkpoint (``words_path`` overrides the stored word-vector file)."""
+    model, state = checkpoint.load_model(checkpoint_path, device)
+    words = checkpoint.load_words(state, words_path, checkpoint_path)
+    return Localizer(model, words, state["config"], device, amp if device.type == "cuda" else None)
+
+
+def uses_demo(dataset: str) -> bool:
+    """Whether the data paths come from the demo world (generated first if there is none yet), else from the
+    configured COCO / Visual Genome paths."""
+    if dataset not in ("coco", "demo"):
+        raise ConfigError(f"dataset {dataset!r}: localization runs on COCO images ('coco') or the demo world "
+                          f"('demo'); pass --dataset")
+    if dataset == "demo":
+        demo.ensure(config.DEMO_DIR)
+    return dataset == "demo"
+
+
+def required_file(key: str, folder: Path, name: str) -> Path:
+    """A file inside the folder of a config key, with the key's one-line error when it is missing."""
+    path = folder / name
+    if not path.is_file():
+        raise ConfigError(config.missing_message(key, path))
+    return path

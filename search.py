@@ -1,0 +1,188 @@
+"""Search feature files made by image_features_extraction.py / text_features_extraction.py in the joint space.
+
+    python search.py --images images.npz -p model.pth.tar -q "a dog playing with a frisbee" -k 10   # text -> images
+    python search.py --images images.npz --texts captions.npz --image 12          # image (row or path) -> captions
+    python search.py --images images.npz --image val2014/x.jpg                    # image -> images (itself excluded)
+    python search.py --images images.npz -p model.pth.tar --image new_photo.jpg   # an image file not in the set
+    python search.py --images big.npz -p model.pth.tar -q "a red bus" --index faiss --json -
+
+The searched collection is --texts when given, else --images. Scores are cosine similarities (unit vectors).
+--index exact (default) multiplies the query by every row, by blocks (the features are memory-mapped).
+--index faiss builds an index once and saves it next to the features (FEATURES.npz.faiss, with a fingerprint of
+the features in FEATURES.npz.faiss.json; a stale index is rebuilt): exact (flat) below 100k rows, else IVF-flat
+with sqrt(N) lists, of which --nprobe are visited per query (default nlist/16, at least 8). More lists visited:
+higher recall, slower queries; nprobe = nlist is exact. bench/bench_search.py measures the trade-off.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any, TextIO
+
+import numpy as np
+import torch
+
+from misc import checkpoint
+from misc.cli import run, write_json
+from misc.config import ConfigError
+from misc.engine import encode_captions, resolve_device
+from misc.extraction import (Collection, ImageFiles, count_oov, exact_search, file_sha256, index_search,
+                             load_collection, load_or_build_index)
+from models.joint import JointEmbedding
+
+log = logging.getLogger("search")
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--images", type=Path, help="image features (.npz from image_features_extraction.py)")
+    parser.add_argument("--texts", type=Path, help="text features (.npz from text_features_extraction.py)")
+    query = parser.add_mutually_exclusive_group(required=True)
+    query.add_argument("-q", "--query", action="append", help="text query (repeat for several); needs -p")
+    query.add_argument("--image", help="image query: a row number (digits) or stored path of --images, or an "
+                                      "image file")
+    parser.add_argument("-p", "--checkpoint", type=Path, help="model checkpoint (to embed text or image files)")
+    parser.add_argument("--words", type=Path, help="word-vector file (default: the checkpoint's)")
+    parser.add_argument("-k", type=int, default=10, help="results per query (default: 10)")
+    parser.add_argument("--index", choices=["exact", "faiss"], default="exact")
+    parser.add_argument("--nprobe", type=int, help="faiss IVF lists visited per query (default: nlist/16, >= 8)")
+    parser.add_argument("--device", default="auto", help="to embed queries: auto | cpu | cuda | cuda:N")
+    parser.add_argument("--json", help="write the results as JSON to this file ('-' for standard output)")
+    return parser.parse_args()
+
+
+def load_model(args: argparse.Namespace, why: str) -> tuple[JointEmbedding, dict[str, Any], torch.device]:
+    if args.checkpoint is None:
+        raise ConfigError(f"{why} needs the model: pass -p CHECKPOINT")
+    device = resolve_device(args.device)
+    model, state = checkpoint.load_model(args.checkpoint, device)
+    return model, state, device
+
+
+def text_queries(args: argparse.Namespace) -> tuple[np.ndarray, list[str], str]:
+    """Embeddings (Q, d) of the -q texts, their labels and the sha256 of the checkpoint that embedded them."""
+    model, state, device = load_model(args, "a text query")
+    words = checkpoint.load_words(state, args.words, args.checkpoint)
+    oov, tokens = count_oov(words, args.query)
+    for text, count in zip(args.query, tokens):
+        if not count:
+            raise ConfigError(f"query {text!r} has no words")
+    if oov.sum():
+        log.warning("%d of %d query words are not in the vocabulary (mapped to UNK)", oov.sum(), tokens.sum())
+    features = encode_captions(model, args.query, words, device, progress=False).numpy()
+    for text, norm in zip(args.query, np.linalg.norm(features, axis=1)):
+        if norm < 0.5:
+            raise ConfigError(f"query {text!r}: none of its words is in the vocabulary of {words.source}")
+    return features, list(args.query), file_sha256(args.checkpoint)
+
+
+def image_query(args: argparse.Namespace, images: Collection | None) -> tuple[np.ndarray, str, int | None, str]:
+    """Embedding (1, d) of --image, its label, its row in --images (None for an outside file) and the sha256 of the
+    checkpoint that embedded it."""
+    if images is not None:
+        row = int(args.image) if args.image.isdigit() else None
+        if row is None:
+            found = np.flatnonzero(images.labels == args.image)
+            row = int(found[0]) if len(found) else None
+        elif row >= len(images.features):
+            raise ConfigError(f"--image {row}: {images.path} has rows 0 to {len(images.features) - 1}")
+        if row is not None:
+            label = str(images.labels[row])
+            return np.asarray(images.features[row:row + 1]), label, row, images.config.get("checkpoint_sha256", "")
+    path = Path(args.image)
+    if not path.is_file():
+        where = f"a row or stored path of {images.path}, nor " if images is not None else ""
+        raise ConfigError(f"--image {args.image}: not {where}an image file")
+    model, state, device = load_model(args, "an image file query")
+    size = (images.config.get("size") if images is not None else None) or state["config"]["train"]["test_size"]
+    _, image, reason = ImageFiles(Path.cwd(), [str(path)], size)[0]
+    if image is None:
+        raise ConfigError(f"--image {path}: cannot decode it ({reason})")
+    with torch.no_grad():
+        features = model.image(image[None].to(device)).float().cpu().numpy()
+    return features, str(path), None, file_sha256(args.checkpoint)
+
+
+def search(collection: Collection, queries: np.ndarray, k: int, method: str,
+           nprobe: int | None) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+    """Scores and rows (Q, k') best first (-1 rows: not found by an approximate index), and how they were found."""
+    if method == "exact":
+        scores, rows = exact_search(queries, collection.features, k)
+        return scores, rows, {"type": "exact"}
+    index, built = load_or_build_index(collection)
+    scores, rows = index_search(index, queries, k, nprobe)
+    info = {"type": f"faiss {type(index).__name__}", "built": built}
+    if hasattr(index, "nprobe"):
+        info.update(nlist=index.nlist, nprobe=index.nprobe)
+    return scores, rows, info
+
+
+def result_entry(collection: Collection, rank: int, score: float, row: int) -> dict[str, Any]:
+    entry: dict[str, Any] = {"rank": rank, "score": round(float(score), 6), "row": row}
+    if collection.kind == "image":
+        entry["path"] = str(collection.labels[row])
+    else:
+        entry["line_number"] = int(collection.line_numbers[row])
+        entry["line"] = str(collection.labels[row])
+    return entry
+
+
+def main() -> None:
+    args = parse_args()
+    if args.k < 1:
+        raise ConfigError("-k must be at least 1")
+    if args.texts is None and args.images is None:
+        raise ConfigError("pass the features to search: --images and/or --texts")
+    images = load_collection(args.images) if args.images else None
+    collection = load_collection(args.texts) if args.texts else images
+    if images is not None and images.kind != "image":
+        raise ConfigError(f"--images {args.images} holds text features")
+    if collection.kind != ("text" if args.texts else "image"):
+        raise ConfigError(f"--texts {args.texts} holds image features")
+    exclude = None
+    if args.query:
+        queries, labels, made_by = text_queries(args)
+        query_type = "text"
+    else:
+        queries, label, exclude, made_by = image_query(args, images)
+        labels, query_type = [label], "image"
+        exclude = exclude if collection is images else None  # an image is not its own neighbour
+    if queries.shape[1] != collection.features.shape[1]:
+        raise ConfigError(f"queries are {queries.shape[1]}-d but {collection.path} holds "
+                          f"{collection.features.shape[1]}-d features: they come from different models")
+    if made_by and collection.config.get("checkpoint_sha256", made_by) != made_by:
+        log.warning("%s was made with another checkpoint than the query: the scores compare different spaces",
+                    collection.path)
+    scores, rows, info = search(collection, queries, args.k + (exclude is not None), args.index, args.nprobe)
+    results = []
+    for label, query_scores, query_rows in zip(labels, scores, rows):
+        kept = [(s, int(r)) for s, r in zip(query_scores, query_rows) if r >= 0 and r != exclude][:args.k]
+        results.append({"query": label, "type": query_type,
+                        "results": [result_entry(collection, rank, s, r) for rank, (s, r) in enumerate(kept, 1)]})
+    report(collection, results, info, sys.stderr if args.json == "-" else sys.stdout)
+    if args.json:
+        output = {"collection": str(collection.path), "kind": collection.kind, "size": len(collection.features),
+                  "index": info, "queries": results}
+        if args.json == "-":
+            json.dump(output, sys.stdout, indent=2)
+            sys.stdout.write("\n")
+        else:
+            write_json(args.json, output)
+
+
+def report(collection: Collection, results: list[dict[str, Any]], info: dict[str, Any], stream: TextIO) -> None:
+    """Human summary: the ranked results of every query."""
+    nouns = "images" if collection.kind == "image" else "lines"
+    for result in results:
+        print(f'{result["type"]} {result["query"]!r} -> top {len(result["results"])} of {len(collection.features)} '
+              f'{nouns} ({info["type"]}):', file=stream)
+        for entry in result["results"]:
+            what = entry["path"] if collection.kind == "image" else f'line {entry["line_number"]}: {entry["line"]}'
+            print(f'{entry["rank"]:4d}  {entry["score"]:.4f}  {what}', file=stream)
+
+
+if __name__ == "__main__":
+    run(main)

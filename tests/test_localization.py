@@ -1,0 +1,319 @@
+"""Localization: eq. 8-9 against a direct evaluation, peaks and pointing on hand-made maps and boxes, IoU and AP on
+hand-made masks, and the three localization CLIs end to end on a tiny demo world with a random-weight model."""
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import asdict
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from misc import checkpoint
+from misc.config import ModelConfig, TrainConfig
+from misc.localization import (apply_filters, average_precision, binarize, default_k, heatmaps, heatmaps_full, iou,
+                               peak_location, pointing_hits, scale_boxes, text_filters, top_k, upsample)
+from misc.visualize import MIN_SIDE, figure_size, panel_size
+from models.joint import build_model
+from tests.conftest import run_cli, run_in_process
+
+
+def eq9_by_loops(maps: torch.Tensor, weight: torch.Tensor, text: torch.Tensor, k: int) -> torch.Tensor:
+    """H = sum over the k largest entries u of v of |v_u| G'_u, G'_u = sum_c A[u, c] G[c], one u at a time."""
+    order = sorted(range(len(text)), key=lambda u: float(text[u]), reverse=True)[:k]
+    total = torch.zeros(maps.shape[1:], dtype=torch.float64)
+    for u in order:
+        projected = sum(float(weight[u, c]) * maps[c].double() for c in range(maps.shape[0]))  # G'_u (h, w)
+        total += abs(float(text[u])) * projected
+    return total.float()
+
+
+def random_inputs(seed: int, batch: int = 2, maps_dim: int = 6, dim: int = 10, texts: int = 3):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(batch, maps_dim, 3, 4, generator=g), torch.randn(dim, maps_dim, generator=g),
+            torch.randn(texts, dim, generator=g), torch.randn(batch, texts, dim, generator=g))
+
+
+# --------------------------------------------------------------------------- heatmaps
+
+@pytest.mark.parametrize("k", [1, 4, 10])
+def test_heatmaps_equal_a_direct_evaluation_of_eq9(k):
+    maps, weight, shared, paired = random_inputs(0)
+    got_shared, got_paired = heatmaps(maps, weight, shared, k), heatmaps(maps, weight, paired, k)
+    assert got_shared.shape == got_paired.shape == (2, 3, 3, 4)
+    for b in range(2):
+        for t in range(3):
+            torch.testing.assert_close(got_shared[b, t], eq9_by_loops(maps[b], weight, shared[t], k),
+                                       rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(got_paired[b, t], eq9_by_loops(maps[b], weight, paired[b, t], k),
+                                       rtol=1e-4, atol=1e-4)
+
+
+def test_selection_takes_the_largest_entries_weighted_by_their_magnitude():
+    text = torch.tensor([[-9.0, 2.0, -0.5, 1.0]])  # the largest entries are 2 and 1, not -9
+    weights, indices = top_k(text, 2)
+    assert sorted(indices[0].tolist()) == [1, 3]
+    weight = torch.eye(4)  # A = identity: the filter is |v_u| on the chosen rows
+    torch.testing.assert_close(text_filters(weight, text, 2), torch.tensor([[0.0, 2.0, 0.0, 1.0]]))
+    text = torch.tensor([[-3.0, -1.0, -2.0]])  # all negative: the least negative, weighted by |v_u|
+    torch.testing.assert_close(text_filters(torch.eye(3), text, 1), torch.tensor([[0.0, 1.0, 0.0]]))
+
+
+@pytest.mark.parametrize("k", [1, 7, 10])
+def test_selecting_rows_of_A_equals_the_full_product(k):
+    maps, weight, shared, paired = random_inputs(1, batch=3, maps_dim=16, dim=10, texts=5)
+    for texts in (shared, paired):
+        torch.testing.assert_close(heatmaps(maps, weight, texts, k), heatmaps_full(maps, weight, texts, k),
+                                   rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError):
+        apply_filters(maps, torch.randn(2, 5, 16))  # per-image filters for 2 images, maps of 3
+
+
+def test_default_k_scales_the_papers_ratio():
+    assert default_k(2400, 180) == 180 and default_k(4800, 180) == 180
+    assert default_k(256, 180) == 19 and default_k(32, 180) == 2
+    assert default_k(2400, 10) == 10 and default_k(256, 10) == 1
+
+
+# --------------------------------------------------------------------------- upsampling and peaks
+
+def test_upsample_is_bilinear_with_half_pixel_centres():
+    row = torch.tensor([[0.0, 4.0]])  # 1 x 2 -> 1 x 4: samples sit at x = 1 and 3 of [0, 4)
+    torch.testing.assert_close(upsample(row, 1, 4), torch.tensor([[0.0, 1.0, 3.0, 4.0]]))
+    stack = torch.randn(2, 3, 5, 7)
+    assert upsample(stack, 20, 9).shape == (2, 3, 20, 9)
+    torch.testing.assert_close(upsample(torch.full((1, 2, 2), 3.0), 6, 5), torch.full((1, 6, 5), 3.0))
+
+
+@pytest.mark.parametrize("cell, size, expected", [
+    ((0, 0), (400, 300), (50.0, 50.0)),  # top left corner of a 3 x 4 map on a 400 x 300 image
+    ((2, 3), (400, 300), (350.0, 250.0)),  # bottom right
+    ((0, 3), (400, 300), (350.0, 50.0)),  # top right
+    ((1, 2), (80, 600), (50.0, 300.0)),  # a tall image
+])
+def test_peak_location_is_the_centre_of_the_largest_cell(cell, size, expected):
+    heat = torch.zeros(3, 4)
+    heat[cell] = 1.0
+    assert peak_location(heat, *size).tolist() == list(expected)
+
+
+def test_peak_location_non_square_map_ties_and_batches():
+    heat = torch.zeros(2, 5)  # 2 rows, 5 columns on a 100 x 60 image: cells of 20 x 30
+    heat[1, 4] = 2.0
+    assert peak_location(heat, 100, 60).tolist() == [90.0, 45.0]
+    assert peak_location(torch.ones(2, 5), 100, 60).tolist() == [10.0, 15.0]  # ties: first in row-major order
+    batch = torch.zeros(2, 3, 2, 5)
+    batch[1, 2, 0, 1] = 1.0
+    peaks = peak_location(batch, 100, 60)
+    assert peaks.shape == (2, 3, 2) and peaks[1, 2].tolist() == [30.0, 15.0]
+
+
+def test_peak_of_the_upsampled_map_is_within_half_a_pixel_of_the_map_peak():
+    g = torch.Generator().manual_seed(2)
+    for _ in range(5):
+        heat = torch.rand(4, 6, generator=g)
+        coarse = peak_location(heat, 90, 52)
+        fine = peak_location(upsample(heat, 52, 90), 90, 52)  # a pixel-resolution map: its pixel's centre
+        assert (fine - coarse).abs().max() <= 0.5 + 1e-6
+
+
+# --------------------------------------------------------------------------- pointing
+
+def test_pointing_hits_inside_edges_outside_and_tolerance():
+    box = [10.0, 20.0, 30.0, 40.0]  # x in [10, 40], y in [20, 60]
+    points = torch.tensor([[25.0, 30.0], [10.0, 60.0], [40.0, 20.0], [43.0, 30.0], [43.0, 64.0], [5.0, 30.0]])
+    boxes = torch.tensor([box] * len(points))
+    assert pointing_hits(points, boxes).tolist() == [True, True, True, False, False, False]
+    assert pointing_hits(points, boxes, tolerance=3).tolist() == [True, True, True, True, False, False]
+    assert pointing_hits(points, boxes, tolerance=5).tolist() == [True] * 6  # (43, 64) is 5 px from (40, 60)
+    assert pointing_hits(points, boxes, tolerance=4.9).tolist() == [True, True, True, True, False, False]
+
+
+def test_boxes_are_rescaled_to_the_frame_of_the_peak():
+    boxes = torch.tensor([[100.0, 60.0, 200.0, 300.0]])  # in an 800 x 600 VG image
+    torch.testing.assert_close(scale_boxes(boxes, (800, 600), (416, 416)),
+                               torch.tensor([[52.0, 41.6, 104.0, 208.0]]))
+
+
+# --------------------------------------------------------------------------- masks, IoU and AP
+
+def test_binarize_is_relative_to_the_range_of_the_map():
+    heat = torch.tensor([[0.0, 1.0], [2.0, 4.0]])
+    assert binarize(heat, 0.45).tolist() == [[False, False], [True, True]]  # >= 0 + 0.45 * 4 = 1.8
+    assert binarize(heat - 10, 0.45).tolist() == binarize(heat, 0.45).tolist()  # offsets change nothing
+    assert binarize(torch.full((2, 2), 7.0), 0.45).all()
+
+
+def test_iou_on_hand_made_masks():
+    prediction, target = torch.zeros(4, 4, dtype=torch.bool), torch.zeros(4, 4, dtype=torch.bool)
+    prediction[0, :4] = True  # 4 pixels
+    target[0, 2:4] = True
+    target[1, :4] = True  # 6 pixels, 2 shared
+    assert iou(prediction, target) == pytest.approx(2 / 8)
+    assert iou(target, target) == 1.0
+    assert iou(prediction, torch.zeros_like(target)) == 0.0
+    assert iou(torch.zeros_like(target), torch.zeros_like(target)) == 0.0
+
+
+def test_average_precision_on_hand_made_rankings():
+    # 5 images; the category is in images 0, 2 and 3; image 3's mask misses (IoU too low), images 1 and 4 have
+    # no instance of it (negatives). Ranking by score: 0 (TP), 1 (FP), 2 (TP), 4 (FP), 3 (FP).
+    scores = [0.9, 0.8, 0.7, 0.1, 0.6]
+    correct = [True, False, True, False, False]
+    assert average_precision(scores, correct, positives=3) == pytest.approx((1 / 1 + 2 / 3) / 3)
+    assert average_precision([0.5, 0.4, 0.3], [True, True, True], 3) == pytest.approx(1.0)
+    assert average_precision([0.1, 0.9], [True, False], 1) == pytest.approx(0.5)
+    assert average_precision([0.3, 0.3], [False, True], 1) == pytest.approx(0.5)  # ties keep the input order
+    assert average_precision([0.9, 0.8], [False, False], 2) == 0.0  # positives never found
+    assert average_precision([0.9, 0.8], [False, False], 0) is None  # no image has the category
+    with pytest.raises(ValueError):
+        average_precision([0.9, 0.8], [True, True], 1)
+
+
+def test_category_queries_are_name_and_plural():
+    from semantic_seg import query
+    assert query("cat") == "cat cats"
+    assert query("bus") == "bus buses"
+    assert query("person") == "person people"
+    assert query("wine glass") == "wine glass wine glasses"
+    assert query("teddy bear") == "teddy bear teddy bears"
+    assert query("toothbrush") == "toothbrush toothbrushes"
+    assert query("skis") == "skis" and query("sheep") == "sheep"
+
+
+# --------------------------------------------------------------------------- CLIs on the tiny demo world
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tiny_world: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random-weight tiny model in the project's checkpoint format, its word vectors the world's."""
+    torch.manual_seed(0)
+    model_config = ModelConfig(trunk="resnet18", maps_dim=32, embed_dim=32, weldon_k=0.2, word_dim=64, sru_layers=1)
+    train_config = TrainConfig(dataset="demo", test_size=64)
+    path = tmp_path_factory.mktemp("model") / "random.pth.tar"
+    checkpoint.atomic_save({"format": "dsve-loc", "version": 1,
+                            "config": {"model": asdict(model_config), "train": asdict(train_config),
+                                       "word_vectors": str(tiny_world / "words" / "demo_word2vec.bin")},
+                            "model": build_model(model_config).state_dict(), "epoch": 0, "best_rsum": 0.0,
+                            "metrics": {}}, path)
+    return path
+
+
+def copy_world(world: Path, target: Path) -> Path:
+    shutil.copytree(world, target)
+    return target
+
+
+CLI_FLAGS = ["--workers", "0", "--no-progress", "--device", "cpu"]
+
+
+def test_pointing_game_cli_counts_skips_and_matches_the_boxes(tiny_world, tiny_checkpoint, tmp_path):
+    world = copy_world(tiny_world, tmp_path / "world")
+    images = {i["image_id"]: i for i in json.loads((world / "vg" / "image_data.json").read_text())}
+    entries = json.loads((world / "vg" / "region_descriptions.json").read_text())
+    regions = [(entry["id"], region) for entry in entries for region in entry["regions"]]
+    # bad phrases: empty, punctuation only, every word out of vocabulary; and one image file removed
+    for (_, region), text in zip(regions[:3], ["", " ... ", "qzxv wvvq"]):
+        region["phrase"] = text
+    (world / "vg" / "region_descriptions.json").write_text(json.dumps(entries))
+    gone = regions[-1][0]
+    (world / "images" / "val2014" / f"COCO_val2014_{images[gone]['coco_id']:012d}.jpg").unlink()
+    in_gone = sum(vg_id == gone for vg_id, _ in regions)
+    out, results = tmp_path / "pg.json", tmp_path / "results.json"
+    run_cli("pointing_game.py", "-p", tiny_checkpoint, "--size", "128", "--json", out, "--per-phrase",
+            "--results", results, *CLI_FLAGS, world=world)
+
+    report = json.loads(out.read_text())
+    assert report["skipped_reasons"] == {"image missing": in_gone, "no words": 2, "no word in vocabulary": 1}
+    assert report["phrases"] + report["skipped"] == len(regions) and report["skipped"] == in_gone + 3
+    assert len(report["per_phrase"]) == report["phrases"] and len(report["skipped_phrases"]) == report["skipped"]
+    kept_images = {vg_id for vg_id, r in regions[3:] if vg_id != gone}
+    assert report["images"] == len({r["vg_image_id"] for r in report["per_phrase"]}) == len(kept_images)
+    assert 0 <= report["accuracy"] <= 100 and report["k"] == 2 and report["size"] == 128
+    assert report["accuracy"] == pytest.approx(100 * sum(r["hit"] for r in report["per_phrase"]) / report["phrases"])
+
+    # the centre baseline from the VG boxes alone: the VG image's centre inside the box
+    kept = {r["region_id"] for r in report["per_phrase"]}
+    centre_hits = [r["x"] <= images[vg_id]["width"] / 2 <= r["x"] + r["width"] and
+                   r["y"] <= images[vg_id]["height"] / 2 <= r["y"] + r["height"]
+                   for vg_id, r in regions if r["region_id"] in kept]
+    assert len(centre_hits) == report["phrases"]
+    assert report["center_baseline"] == pytest.approx(100 * sum(centre_hits) / len(centre_hits))
+
+    # every peak is a cell centre of the 4 x 4 map of a 128 x 128 input, and hits mean "inside the box"
+    for r in report["per_phrase"]:
+        assert set(r["peak"]) <= {16.0, 48.0, 80.0, 112.0}
+        x, y, w, h = r["box"]
+        assert r["hit"] == (x <= r["peak"][0] <= x + w and y <= r["peak"][1] <= y + h)
+    shared = json.loads(results.read_text())["pointing_game"]
+    assert {k: shared[k] for k in ("accuracy", "center_baseline", "phrases", "images", "skipped")} == \
+        {k: report[k] for k in ("accuracy", "center_baseline", "phrases", "images", "skipped")}
+
+
+def test_pointing_game_split_limit_and_tolerance(tiny_world, tiny_checkpoint, tmp_path, monkeypatch):
+    out = tmp_path / "pg.json"
+    status = run_in_process("pointing_game.py", ["-p", tiny_checkpoint, "--size", "64", "--split", "test", "--limit",
+                                                 "3", "--tolerance", "200", "--json", out, *CLI_FLAGS],
+                            tiny_world, monkeypatch)
+    report = json.loads(out.read_text())
+    assert status == 0 and report["images"] == 3 and report["images_from"] == "Karpathy split test"
+    assert report["accuracy"] == report["center_baseline"] == 100.0  # 200 px reach every box of a 64 px frame
+    assert report["tolerance"] == 200
+
+
+def test_semantic_segmentation_cli(tiny_world, tiny_checkpoint, tmp_path):
+    out, results = tmp_path / "seg.json", tmp_path / "results.json"
+    run_cli("semantic_seg.py", "-p", tiny_checkpoint, "--json", out, "--results", results, *CLI_FLAGS,
+            world=tiny_world)
+    report = json.loads(out.read_text())
+    test_ids = {e["cocoid"] for e in json.loads((tiny_world / "dataset_coco.json").read_text())["images"]
+                if e["split"] == "test"}
+    instances = json.loads((tiny_world / "annotations" / "instances_val2014.json").read_text())
+    names = {c["id"]: c["name"] for c in instances["categories"]}
+    present = {(a["image_id"], a["category_id"]) for a in instances["annotations"] if a["image_id"] in test_ids}
+    assert report["images"] == len(test_ids) and report["k"] == 1 and report["threshold"] == 0.45
+    assert set(report["per_category"]) == set(names.values())
+    for category, name in names.items():
+        entry = report["per_category"][name]
+        assert entry["query"] == (f"{name} {name}es" if name == "cross" else f"{name} {name}s")
+        assert entry["positives"] == sum(c == category for _, c in present)
+        assert all(entry[f"AP@{t}"] is None if not entry["positives"] else 0 <= entry[f"AP@{t}"] <= 1
+                   for t in (0.3, 0.4, 0.5))
+    for t in (0.3, 0.4, 0.5):
+        assert 0 <= report[f"mAP@{t}"] <= 1
+    assert report["mAP@0.3"] >= report["mAP@0.4"] >= report["mAP@0.5"]  # a stricter IoU keeps fewer positives
+    shared = json.loads(results.read_text())["semantic_segmentation"]
+    assert shared["images"] == report["images"] and shared["mAP@0.5"] == report["mAP@0.5"]
+
+
+def test_localize_writes_a_png_of_the_expected_size(tiny_world, tiny_checkpoint, tmp_path, monkeypatch, capsys):
+    image = next((tiny_world / "images" / "val2014").glob("*.jpg"))
+    out = tmp_path / "figures" / "overlay.png"
+    status = run_in_process("localize.py", ["-p", tiny_checkpoint, "-i", image, "-t", "a red circle", "-t",
+                                            "the big square", "-o", out, "--device", "cpu"], tiny_world, monkeypatch)
+    assert status == 0 and "peak of 'a red circle'" in capsys.readouterr().out
+    with Image.open(out) as png:
+        assert png.format == "PNG" and png.mode == "RGB" and png.size == figure_size(64, 64, 2)
+    assert min(panel_size(64, 64)) >= MIN_SIDE and figure_size(64, 64, 2)[0] >= 2 * MIN_SIDE
+    assert sorted(p.name for p in out.parent.iterdir()) == ["overlay.png"]  # no temporary file left behind
+
+
+def test_localize_rejects_a_query_without_words(tiny_world, tiny_checkpoint, tmp_path, monkeypatch, capsys):
+    image = next((tiny_world / "images" / "val2014").glob("*.jpg"))
+    status = run_in_process("localize.py", ["-p", tiny_checkpoint, "-i", image, "-t", "a circle", "-t", " ?! ", "-o",
+                                            tmp_path / "x.png"], tiny_world, monkeypatch)
+    assert status == 2
+    assert capsys.readouterr().err.strip().splitlines() == ["error: query ' ?! ' has no words"]
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_missing_visual_genome_file_is_a_one_line_error_naming_the_key(tiny_world, tiny_checkpoint, tmp_path,
+                                                                      monkeypatch, capsys):
+    world = copy_world(tiny_world, tmp_path / "world")
+    (world / "vg" / "region_descriptions.json").unlink()
+    status = run_in_process("pointing_game.py", ["-p", tiny_checkpoint, *CLI_FLAGS], world, monkeypatch)
+    assert status == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "'vg_dir'" in lines[0]
+    assert "region_descriptions.json" in lines[0]

@@ -1,0 +1,65 @@
+"""Embed every line of a text file into the joint space (paper eq. 4): one unit vector per caption.
+
+    python text_features_extraction.py -p runs/demo/best.pth.tar -d captions.txt -o captions.npz
+
+Empty lines, lines with no word and lines that are not valid UTF-8 are skipped and reported with their line
+numbers; out-of-vocabulary words are counted (they map to the UNK vector).
+
+Output (.npz): features (M, d) float32 unit rows; lines (M,) the embedded lines; line_numbers (M,) 1-based;
+oov (M,) unknown words per line; skipped (K, 2) line number and reason; config, a JSON string.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from misc import checkpoint
+from misc.cli import add_device_args, run
+from misc.config import ConfigError
+from misc.engine import resolve_device
+from misc.extraction import (describe_checkpoint, embed_lines, log_skipped, read_text_lines, skipped_array,
+                             text_array, write_npz)
+
+log = logging.getLogger("text_features_extraction")
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-p", "--checkpoint", type=Path, required=True, help="model checkpoint")
+    parser.add_argument("-d", "--data", type=Path, required=True, help="text file, one caption a line")
+    parser.add_argument("-o", "--out", type=Path, required=True, help="output .npz")
+    parser.add_argument("--words", type=Path, help="word-vector file (default: the checkpoint's)")
+    parser.add_argument("--batch-size", type=int, default=256)
+    add_device_args(parser)
+    return parser.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
+    text = read_text_lines(args.data)
+    if not text.lines:
+        raise ConfigError(f"{args.data}: no line to embed")
+    device = resolve_device(args.device)
+    model, state = checkpoint.load_model(args.checkpoint, device)
+    words = checkpoint.load_words(state, args.words, args.checkpoint)
+    text, features, oov, tokens = embed_lines(model, words, text, device, args.batch_size, args.amp,
+                                              not args.no_progress)
+    if not text.lines:
+        raise ConfigError(f"{args.data}: no line with a word in the vocabulary to embed")
+    log_skipped([(f"{args.data}:{number}", reason) for number, reason in text.skipped], args.out)
+    record = describe_checkpoint(args.checkpoint, state, word_vectors=str(words.source), data=str(args.data))
+    write_npz(args.out, {"features": features, "lines": text_array(text.lines),
+                         "line_numbers": np.array(text.numbers, dtype=np.int64), "oov": oov,
+                         "skipped": skipped_array([(str(number), reason) for number, reason in text.skipped]),
+                         "config": np.array(json.dumps(record))})
+    log.info("%d lines embedded, %d skipped; out-of-vocabulary words: %d of %d (%.1f%%), lines with any: %d -> %s",
+             len(text.lines), len(text.skipped), oov.sum(), tokens.sum(), 100 * oov.sum() / max(tokens.sum(), 1),
+             int((oov > 0).sum()), args.out)
+
+
+if __name__ == "__main__":
+    run(main)

@@ -15,7 +15,6 @@ Paper (d = 2400, k = 180): 33.8 % accuracy, centre baseline 19.5 %.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 from collections import Counter
 from dataclasses import dataclass, field
@@ -24,16 +23,14 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
-from visual_genome import local as vg_local
-from visual_genome import utils as vg_utils
 
 from misc import config
 from misc.cli import add_device_args, run, update_results, write_json
 from misc.config import ConfigError
-from misc.datasets import SPLITS, ImageDataset, eval_transform
+from misc.datasets import SPLITS, ImageDataset, coco_files, eval_transform, read_regions
 from misc.engine import resolve_device
 from misc.localization import (Localizer, choose_k, heatmaps, load_localizer, peak_location, pointing_hits,
-                               required_file, scale_boxes, uses_demo)
+                               scale_boxes, uses_demo)
 
 log = logging.getLogger("pointing_game")
 PAPER = {"accuracy": 33.8, "center_baseline": 19.5}
@@ -78,47 +75,6 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--results", type=Path, help="add the results as the 'pointing_game' entry of this file")
     add_device_args(parser)
     return parser.parse_args()
-
-
-def coco_files(karpathy_json: Path, images_root: Path, split: str | None) -> dict[int, Path]:
-    """cocoid -> image file for the val2014 images of Karpathy's split file, or for the images of ``split``."""
-    try:
-        entries = json.loads(karpathy_json.read_text(encoding="utf-8"))["images"]
-    except (OSError, ValueError, KeyError) as error:
-        raise ConfigError(f"{karpathy_json}: not a Karpathy split file ({error}) (config key 'coco_karpathy')") \
-            from error
-    files = {}
-    for entry in entries:
-        if "cocoid" not in entry:
-            raise ConfigError(f"{karpathy_json}: entries have no 'cocoid'; the pointing game needs COCO's split file")
-        folder = entry.get("filepath", "")
-        if (entry.get("split") in SPLITS[split]) if split else folder == "val2014":
-            files[int(entry["cocoid"])] = images_root / folder / entry["filename"]
-    return files
-
-
-def read_regions(vg_dir: Path, files: dict[int, Path], limit: int | None) -> list[tuple[object, list]]:
-    """(VG image, its regions) for the VG images whose coco_id is in ``files``, read with visual_genome.local.
-
-    Region lists are parsed only for those images: ``local.get_all_region_descriptions`` would build objects for
-    all 108k VG images (and fails on an image without regions).
-    """
-    required_file("vg_dir", vg_dir, "image_data.json")
-    regions_file = required_file("vg_dir", vg_dir, "region_descriptions.json")
-    try:
-        images = [image for image in vg_local.get_all_image_data(data_dir=str(vg_dir))
-                  if image.coco_id is not None and int(image.coco_id) in files]
-        images = images[:limit] if limit is not None else images
-        wanted = {image.id: image for image in images}
-        regions = {}
-        for entry in json.loads(regions_file.read_text(encoding="utf-8")):
-            image = wanted.get(entry.get("id", entry.get("image_id")))
-            if image is not None and entry["regions"]:
-                regions[image.id] = vg_utils.parse_region_descriptions(entry["regions"], image)
-    except (ValueError, KeyError, TypeError) as error:
-        raise ConfigError(f"{vg_dir}: not Visual Genome image_data.json / region_descriptions.json ({error!r}) "
-                          f"(config key 'vg_dir')") from error
-    return [(image, regions.get(image.id, [])) for image in images]
 
 
 def skip_reason(text: str, box: tuple[float, ...], localizer: Localizer, min_words: int) -> str | None:

@@ -3,7 +3,7 @@
     python semantic_seg.py -p runs/demo/best.pth.tar
     python semantic_seg.py -p model.pth.tar --split test --threshold 0.45 --json runs/seg.json --results results.json
 
-For each category the query is its name and plural ("cat cats", a simple English plural rule). For each image of
+For each category the query is its name and plural ("cat cats", plurals from inflect). For each image of
 the Karpathy split (default test; the images must be in instances_val2014.json, config key coco_annotations), the
 image is resized to SIZE x SIZE (default: the checkpoint's test_size, as in retrieval evaluation), the category's
 heatmap (eq. 9 with a small k: the paper's 10 of d = 2400, scaled to smaller d) is upsampled to the image's own size
@@ -20,11 +20,10 @@ curve; mAP is the mean over the categories present in the split. Paper: 0.34 / 0
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io
 import logging
 from pathlib import Path
 
+import inflect
 import torch
 from pycocotools.coco import COCO
 from torch.utils.data import DataLoader
@@ -33,18 +32,17 @@ from tqdm import tqdm
 from misc import config
 from misc.cli import add_device_args, run, update_results, write_json
 from misc.config import ConfigError
-from misc.datasets import SPLITS, ImageDataset, eval_transform, karpathy_records
+from misc.datasets import SPLITS, ImageDataset, eval_transform, karpathy_records, load_coco, truth_masks
 from misc.engine import resolve_device
 from misc.localization import (Localizer, apply_filters, average_precision, binarize, choose_k, iou, load_localizer,
-                               required_file, text_filters, upsample, uses_demo)
+                               text_filters, upsample, uses_demo)
 
 log = logging.getLogger("semantic_seg")
 PAPER = {"mAP@0.3": 0.34, "mAP@0.4": 0.24, "mAP@0.5": 0.15}
 PAPER_K = 10
+_INFLECT = inflect.engine()
+ALREADY_PLURAL = {"skis", "scissors"}  # COCO category names
 IOU_THRESHOLDS = (0.3, 0.4, 0.5)
-IRREGULAR = {"person": "people", "mouse": "mice", "knife": "knives", "sheep": "sheep", "skis": "skis",
-             "scissors": "scissors", "man": "men", "woman": "women", "child": "children", "foot": "feet",
-             "leaf": "leaves", "shelf": "shelves", "fish": "fish", "deer": "deer"}
 
 
 def parse_args() -> argparse.Namespace:
@@ -70,42 +68,14 @@ def parse_args() -> argparse.Namespace:
 
 
 def plural(noun: str) -> str:
-    """Plural of the last word of a category name: a few irregular words, then the usual -s / -es / -ies rules."""
-    head, _, last = noun.rpartition(" ")
-    if last in IRREGULAR:
-        word = IRREGULAR[last]
-    elif last.endswith(("s", "x", "z", "ch", "sh")):
-        word = last + "es"
-    elif last.endswith("y") and last[-2:-1] not in tuple("aeiou"):
-        word = last[:-1] + "ies"
-    else:
-        word = last + "s"
-    return f"{head} {word}" if head else word
+    """English plural of a category name (inflect); COCO's names that already are plurals stay as they are."""
+    return noun if noun in ALREADY_PLURAL else _INFLECT.plural_noun(noun)
 
 
 def query(name: str) -> str:
     """The paper's category query: name and plural ("cat cats"), the name once when both are the same."""
     many = plural(name)
     return name if many == name else f"{name} {many}"
-
-
-def load_coco(annotations: Path) -> COCO:
-    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints its progress
-        try:
-            return COCO(str(annotations))
-        except (ValueError, KeyError, TypeError) as error:
-            raise ConfigError(f"{annotations}: not a COCO instances file ({error!r}) (config key "
-                              f"'coco_annotations')") from error
-
-
-def truth_masks(coco: COCO, image_id: int) -> dict[int, torch.Tensor]:
-    """Category id -> union (H, W) bool mask of its instances in the image, crowd regions included."""
-    masks: dict[int, torch.Tensor] = {}
-    for ann in coco.loadAnns(coco.getAnnIds(imgIds=[image_id], iscrowd=None)):
-        mask = torch.from_numpy(coco.annToMask(ann)).bool()
-        category = ann["category_id"]
-        masks[category] = masks[category] | mask if category in masks else mask
-    return masks
 
 
 def segment(localizer: Localizer, coco: COCO, records: list, categories: list[int], texts: torch.Tensor, size: int,
@@ -145,7 +115,7 @@ def main() -> None:
     device = resolve_device(args.device)
     localizer = load_localizer(args.checkpoint, args.words, device, args.amp)
     demo = uses_demo(args.dataset or localizer.saved["train"]["dataset"])
-    annotations = required_file("coco_annotations", config.path("coco_annotations", demo=demo),
+    annotations = config.required_file("coco_annotations", config.path("coco_annotations", demo=demo),
                                 "instances_val2014.json")
     split_records = karpathy_records(config.path("coco_karpathy", demo=demo), config.path("coco_images", demo=demo),
                                      args.split)

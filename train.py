@@ -148,7 +148,7 @@ def train(args: argparse.Namespace, model_cfg: ModelConfig, cfg: TrainConfig, wo
         start, best_rsum, history = state["epoch"], state["best_rsum"], state["metrics"].get("history", [])
         log.info("resumed %s at epoch %d", args.resume, start)
 
-    dataset = PairDataset(train_records, train_transform(cfg), cfg.captions_per_image)
+    dataset = PairDataset(train_records, train_transform(cfg), cfg.captions_per_image, cfg.seed)
     sampler = DistributedSampler(dataset, num_replicas=context.world_size, rank=context.rank, shuffle=True,
                                  seed=cfg.seed, drop_last=True)
     loader = DataLoader(dataset, batch_size=cfg.batch_size // context.world_size, sampler=sampler, drop_last=True,
@@ -174,7 +174,8 @@ def train(args: argparse.Namespace, model_cfg: ModelConfig, cfg: TrainConfig, wo
         sampler.set_epoch(epoch)
         lr = optimizer.param_groups[0]["lr"]
         stats = train_one_epoch(network, loader, optimizer, loss_fn, device, amp, scaler, memory_format,
-                                progress=main_process and not args.no_progress, description=f"epoch {epoch}")
+                                cfg.grad_clip, progress=main_process and not args.no_progress,
+                                description=f"epoch {epoch}")
         scheduler.step()
         if main_process:
             metrics = evaluate_records(model, val_records, words, device, cfg.eval_size, val_protocol,

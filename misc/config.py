@@ -86,6 +86,14 @@ def missing_message(key: str, resolved: Path) -> str:
             f"and put it there or set {env_name(key)}")
 
 
+def required_file(key: str, folder: Path, name: str) -> Path:
+    """A file inside the folder of a config key, with the key's one-line error when it is missing."""
+    path = folder / name
+    if not path.is_file():
+        raise ConfigError(missing_message(key, path))
+    return path
+
+
 def configured(key: str) -> bool:
     """True when the key points at an existing file (used to fall back to the demo world)."""
     return path(key, must_exist=False).exists()
@@ -124,6 +132,7 @@ class TrainConfig:
     frozen_trunk: list[str] = field(default_factory=lambda: ["conv1", "bn1", "layer1", "layer2"])
     margin: float = 0.2
     loss: str = "hard"  # hard (eq. 7) | sum (eq. 5)
+    grad_clip: float | None = None  # cap on the gradient norm of a step (the paper has none)
     crop_size: int = 256
     crop_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])
     flip: bool = True
@@ -136,14 +145,17 @@ class TrainConfig:
 
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "paper": {"model": {}, "train": {}},
-    # Small enough to train on 2 CPU cores in minutes: a random-init ResNet-18 trains from epoch 0,
-    # no flip (the demo captions say left and right), a mild crop (they also say top and corners).
+    # Small enough to train on 2 CPU cores in about ten minutes, from no pretrained weights at all: a random ResNet-18
+    # whose layers up to layer3 stay frozen (random features, no backward through them), 96x96 crops of the 128x128
+    # images, no flip (the demo captions say left and right), a mild crop (they also say top and corners), and the
+    # sum-over-negatives loss, which gets a randomly initialised model off the ground where hardest negatives stall.
     "demo": {
         "model": {"trunk": "resnet18", "maps_dim": 256, "embed_dim": 256, "weldon_k": 0.2,
                   "word_dim": 64, "sru_layers": 2, "text_dropout": 0.1, "image_dropout": 0.2},
-        "train": {"dataset": "demo", "split": "train", "epochs": 6, "batch_size": 64, "lr": 1e-3,
-                  "lr_halve_epochs": [4, 5], "text_from_epoch": 0, "trunk_from_epoch": 0, "frozen_trunk": [],
-                  "crop_size": 128, "crop_scale": [0.85, 1.0], "flip": False, "eval_size": 128, "test_size": 128,
+        "train": {"dataset": "demo", "split": "train", "epochs": 8, "batch_size": 32, "lr": 1e-3,
+                  "lr_halve_epochs": [6, 7], "text_from_epoch": 0, "trunk_from_epoch": 0,
+                  "frozen_trunk": ["conv1", "bn1", "layer1", "layer2", "layer3"], "loss": "sum",
+                  "crop_size": 96, "crop_scale": [0.85, 1.0], "flip": False, "eval_size": 96, "test_size": 96,
                   "captions_per_image": 1, "workers": 1},
     },
 }

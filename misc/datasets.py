@@ -1,17 +1,24 @@
-"""Image-caption data: Karpathy splits (COCO, Flickr30k, the demo world), plain caption files, and the
-torch datasets, transforms and collation shared by training and evaluation."""
+"""Image-caption data: Karpathy splits (COCO, Flickr30k, the demo world), plain caption files, the torch datasets,
+transforms and collation shared by training and evaluation, and the localization data: Visual Genome regions of
+COCO images and COCO instance masks."""
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 from PIL import Image
+from pycocotools.coco import COCO
 from torch.utils.data import Dataset
 from torchvision import transforms
+from visual_genome import local as vg_local
+from visual_genome import utils as vg_utils
 
 from misc import config
 from misc.config import ConfigError, TrainConfig
@@ -139,11 +146,16 @@ def eval_transform(size: int, protocol: str = "resize") -> Callable:
 
 
 class PairDataset(Dataset):
-    """Training pairs: ``captions_per_image`` (image, caption) pairs per image and epoch, rotating through
-    each image's captions across epochs so every caption is used."""
+    """Training pairs: ``captions_per_image`` (image, caption) pairs per image and epoch.
 
-    def __init__(self, records: list[Record], transform: Callable, captions_per_image: int = 5) -> None:
-        self.records, self.transform, self.per_image = records, transform, captions_per_image
+    Each image's captions are visited in an order drawn anew for every (seed, epoch, image), so that with fewer
+    pairs than captions an epoch still mixes every caption position (datasets may order captions by style), and
+    with ``captions_per_image`` >= the caption count every caption is used.
+    """
+
+    def __init__(self, records: list[Record], transform: Callable, captions_per_image: int = 5,
+                 seed: int = 0) -> None:
+        self.records, self.transform, self.per_image, self.seed = records, transform, captions_per_image, seed
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -155,7 +167,8 @@ class PairDataset(Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, str, int]:
         image_index, slot = divmod(index, self.per_image)
         record = self.records[image_index]
-        caption = record.captions[(self.epoch * self.per_image + slot) % len(record.captions)]
+        order = np.random.default_rng([self.seed, self.epoch, image_index]).permutation(len(record.captions))
+        caption = record.captions[order[slot % len(order)]]
         return self.transform(load_image(record.image)), caption, image_index
 
 
@@ -191,3 +204,65 @@ def eval_captions(records: list[Record], per_image: int = 5) -> tuple[list[str],
         captions += kept
         owner += [index] * len(kept)
     return captions, torch.tensor(owner, dtype=torch.long)
+
+
+# --------------------------------------------------------------------------- localization data
+
+def coco_files(karpathy_json: Path, images_root: Path, split: str | None) -> dict[int, Path]:
+    """cocoid -> image file for the val2014 images of Karpathy's split file, or for the images of ``split``."""
+    try:
+        entries = json.loads(karpathy_json.read_text(encoding="utf-8"))["images"]
+    except (OSError, ValueError, KeyError) as error:
+        raise ConfigError(f"{karpathy_json}: not a Karpathy split file ({error}) (config key 'coco_karpathy')") \
+            from error
+    files = {}
+    for entry in entries:
+        if "cocoid" not in entry:
+            raise ConfigError(f"{karpathy_json}: entries have no 'cocoid'; the pointing game needs COCO's split file")
+        folder = entry.get("filepath", "")
+        if (entry.get("split") in SPLITS[split]) if split else folder == "val2014":
+            files[int(entry["cocoid"])] = images_root / folder / entry["filename"]
+    return files
+
+
+def read_regions(vg_dir: Path, files: dict[int, Path], limit: int | None) -> list[tuple[object, list]]:
+    """(VG image, its regions) for the VG images whose coco_id is in ``files``, read with visual_genome.local.
+
+    Region lists are parsed only for those images: ``local.get_all_region_descriptions`` would build objects for
+    all 108k VG images (and fails on an image without regions).
+    """
+    config.required_file("vg_dir", vg_dir, "image_data.json")
+    regions_file = config.required_file("vg_dir", vg_dir, "region_descriptions.json")
+    try:
+        images = [image for image in vg_local.get_all_image_data(data_dir=str(vg_dir))
+                  if image.coco_id is not None and int(image.coco_id) in files]
+        images = images[:limit] if limit is not None else images
+        wanted = {image.id: image for image in images}
+        regions = {}
+        for entry in json.loads(regions_file.read_text(encoding="utf-8")):
+            image = wanted.get(entry.get("id", entry.get("image_id")))
+            if image is not None and entry["regions"]:
+                regions[image.id] = vg_utils.parse_region_descriptions(entry["regions"], image)
+    except (ValueError, KeyError, TypeError) as error:
+        raise ConfigError(f"{vg_dir}: not Visual Genome image_data.json / region_descriptions.json ({error!r}) "
+                          f"(config key 'vg_dir')") from error
+    return [(image, regions.get(image.id, [])) for image in images]
+
+
+def load_coco(annotations: Path) -> COCO:
+    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints its progress
+        try:
+            return COCO(str(annotations))
+        except (ValueError, KeyError, TypeError) as error:
+            raise ConfigError(f"{annotations}: not a COCO instances file ({error!r}) (config key "
+                              f"'coco_annotations')") from error
+
+
+def truth_masks(coco: COCO, image_id: int) -> dict[int, torch.Tensor]:
+    """Category id -> union (H, W) bool mask of its instances in the image, crowd regions included."""
+    masks: dict[int, torch.Tensor] = {}
+    for ann in coco.loadAnns(coco.getAnnIds(imgIds=[image_id], iscrowd=None)):
+        mask = torch.from_numpy(coco.annToMask(ann)).bool()
+        category = ann["category_id"]
+        masks[category] = masks[category] | mask if category in masks else mask
+    return masks

@@ -44,9 +44,10 @@ def bare(model: torch.nn.Module) -> JointEmbedding:
 
 def train_one_epoch(model: torch.nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer, loss_fn: LossFn,
                     device: torch.device, amp: str | None = None, scaler: torch.amp.GradScaler | None = None,
-                    memory_format: torch.memory_format = torch.contiguous_format, progress: bool = True,
-                    description: str = "train") -> dict[str, float]:
+                    memory_format: torch.memory_format = torch.contiguous_format, grad_clip: float | None = None,
+                    progress: bool = True, description: str = "train") -> dict[str, float]:
     """One pass over ``loader`` of (images, Encoded captions, image ids); the model must already be in its stage.
+    ``grad_clip`` caps the global gradient norm of each step.
 
     Returns the mean loss, wall and data-wait seconds, pairs per second and the out-of-vocabulary rate.
     """
@@ -63,10 +64,15 @@ def train_one_epoch(model: torch.nn.Module, loader: DataLoader, optimizer: torch
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:
             scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)
+        else:
+            loss.backward()
+        if grad_clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        if scaler is not None:
             scaler.step(optimizer)
             scaler.update()
         else:
-            loss.backward()
             optimizer.step()
         total_loss += loss.item()
         steps, pairs = steps + 1, pairs + len(ids)

@@ -233,11 +233,3 @@ def uses_demo(dataset: str) -> bool:
     if dataset == "demo":
         demo.ensure(config.DEMO_DIR)
     return dataset == "demo"
-
-
-def required_file(key: str, folder: Path, name: str) -> Path:
-    """A file inside the folder of a config key, with the key's one-line error when it is missing."""
-    path = folder / name
-    if not path.is_file():
-        raise ConfigError(config.missing_message(key, path))
-    return path

@@ -42,4 +42,4 @@ class TextEncoder(nn.Module):
         outputs, _ = self.rnn(words.transpose(0, 1))  # (T, B, d)
         batch = torch.arange(words.shape[0], device=words.device)
         last = outputs[lengths.to(words.device) - 1, batch]  # (B, d)
-        return F.normalize(last, dim=-1)
+        return F.normalize(last.float(), dim=-1)  # fp32 norm under AMP

@@ -42,7 +42,7 @@ class ImageEncoder(nn.Module):
 
     def embed_maps(self, maps: torch.Tensor) -> torch.Tensor:
         """Pool, project and normalise maps G: (B, D', h, w) -> (B, d) unit vectors."""
-        return F.normalize(self.proj(self.dropout(self.pool(maps))), dim=-1)
+        return F.normalize(self.proj(self.dropout(self.pool(maps))).float(), dim=-1)  # fp32 norm under AMP
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.embed_maps(self.feature_maps(images))

@@ -32,6 +32,7 @@ bench: $(STAMP)
 	$(PY) bench/bench_heatmaps.py
 	$(PY) bench/bench_extraction.py
 	$(PY) bench/bench_search.py
+	$(PY) bench/bench_train.py
 
 clean:
 	rm -rf runs/demo data/demo

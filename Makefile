@@ -12,7 +12,6 @@ export TORCH_EXTENSIONS_DIR := $(CURDIR)/.cache/torch_extensions
 
 $(STAMP): requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements.txt
 	touch $(STAMP)
 

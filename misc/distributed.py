@@ -8,7 +8,7 @@ from typing import Callable
 
 import torch
 import torch.distributed as dist
-import torch.distributed.nn.functional as dist_fn
+import torch.distributed._functional_collectives as collectives
 
 from misc.config import ConfigError
 
@@ -61,7 +61,8 @@ def gather(tensor: torch.Tensor) -> torch.Tensor:
     """Concatenate ``tensor`` from every process in rank order; gradients flow back to each process's part."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return tensor
-    return torch.cat(dist_fn.all_gather(tensor))
+    # the autograd form of all-gather: its backward reduce-scatters (sums) the gradients back to each process
+    return collectives.all_gather_tensor_autograd(tensor, gather_dim=0, group=dist.group.WORLD)
 
 
 def global_loss(loss_fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:

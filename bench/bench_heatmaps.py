@@ -11,14 +11,13 @@ images. The script checks both give the same maps, then prints median wall times
 import argparse
 import os
 import platform
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.common import timed  # noqa: E402
 from misc.localization import heatmaps, heatmaps_full  # noqa: E402
 
 
@@ -46,16 +45,6 @@ def cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or "unknown CPU"
-
-
-def timed(fn, repeats: int) -> tuple[float, torch.Tensor]:
-    """Median wall time of ``repeats`` calls, and the last result."""
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        result = fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), result
 
 
 def main() -> None:

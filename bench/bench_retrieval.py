@@ -10,15 +10,14 @@ import argparse
 import multiprocessing
 import os
 import platform
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.common import timed  # noqa: E402
 from misc.retrieval import evaluate, rank_captions, rank_images, recall_metrics  # noqa: E402
 
 
@@ -45,16 +44,6 @@ def original_ranks(images: torch.Tensor, captions: torch.Tensor) -> tuple[np.nda
     order = np.argsort(scores.T, axis=1)[:, ::-1]
     image_ranks = np.array([np.flatnonzero(row == j // 5)[0] for j, row in enumerate(order)]) + 1
     return caption_ranks, image_ranks
-
-
-def timed(fn, repeats: int) -> tuple[float, object]:
-    """Median wall time of repeats calls, and the last result."""
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        result = fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), result
 
 
 def check_agreement(images: torch.Tensor, captions: torch.Tensor, fast_cap: np.ndarray, slow_cap: np.ndarray,

@@ -15,6 +15,7 @@ import random
 import shutil
 from dataclasses import asdict
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
@@ -89,6 +90,14 @@ def seed_for(cfg: TrainConfig, epoch: int, rank: int) -> None:
     torch.manual_seed(cfg.seed * 100_003 + epoch * 101 + rank)
 
 
+def epoch_loss(cfg: TrainConfig, epoch: int, context: distributed.Context) -> Callable[..., torch.Tensor]:
+    """The triplet loss of ``epoch``: eq. 5 (sum) during the first ``sum_loss_epochs``, then ``cfg.loss``; over
+    the global batch under DDP."""
+    hardest = cfg.loss == "hard" and epoch >= cfg.sum_loss_epochs
+    loss_fn = functools.partial(triplet_loss, margin=cfg.margin, hardest=hardest)
+    return distributed.global_loss(loss_fn) if context.distributed else loss_fn
+
+
 def main() -> None:
     args = parse_args()
     model_cfg, cfg, words_path = configure(args)
@@ -148,18 +157,16 @@ def train(args: argparse.Namespace, model_cfg: ModelConfig, cfg: TrainConfig, wo
         start, best_rsum, history = state["epoch"], state["best_rsum"], state["metrics"].get("history", [])
         log.info("resumed %s at epoch %d", args.resume, start)
 
-    dataset = PairDataset(train_records, train_transform(cfg), cfg.captions_per_image, cfg.seed)
+    dataset = PairDataset(train_records, train_transform(cfg), cfg.captions_per_image, cfg.seed,
+                          cfg.group_captions)
     sampler = DistributedSampler(dataset, num_replicas=context.world_size, rank=context.rank, shuffle=True,
                                  seed=cfg.seed, drop_last=True)
     loader = DataLoader(dataset, batch_size=cfg.batch_size // context.world_size, sampler=sampler, drop_last=True,
                         num_workers=cfg.workers, collate_fn=PairCollate(words), pin_memory=device.type == "cuda")
-    loss_fn = functools.partial(triplet_loss, margin=cfg.margin, hardest=cfg.loss == "hard")
-    if context.distributed:
-        loss_fn = distributed.global_loss(loss_fn)
     val_protocol = ("1k",) if len(val_records) >= 1000 else ("full",)
     log.info("training %s on %d %s images (%d pairs/epoch), validating on %d; %d process(es) on %s; run folder %s",
-             model_cfg.trunk, len(train_records), cfg.dataset, len(dataset), len(val_records), context.world_size,
-             device, out)
+             model_cfg.trunk, len(train_records), cfg.dataset, len(dataset) * dataset.per_item, len(val_records),
+             context.world_size, device, out)
     writer = SummaryWriter(str(out / "tensorboard")) if main_process else None
     saved_config = {"model": asdict(model_cfg), "train": asdict(cfg),
                     "word_vectors": checkpoint.portable_path(words.source)}
@@ -173,6 +180,7 @@ def train(args: argparse.Namespace, model_cfg: ModelConfig, cfg: TrainConfig, wo
         dataset.set_epoch(epoch)
         sampler.set_epoch(epoch)
         lr = optimizer.param_groups[0]["lr"]
+        loss_fn = epoch_loss(cfg, epoch, context)
         stats = train_one_epoch(network, loader, optimizer, loss_fn, device, amp, scaler, memory_format,
                                 cfg.grad_clip, progress=main_process and not args.no_progress,
                                 description=f"epoch {epoch}")

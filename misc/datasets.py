@@ -146,30 +146,34 @@ def eval_transform(size: int, protocol: str = "resize") -> Callable:
 
 
 class PairDataset(Dataset):
-    """Training pairs: ``captions_per_image`` (image, caption) pairs per image and epoch.
+    """Training pairs: ``captions_per_image`` captions per image and epoch, each a positive of the image.
 
     Each image's captions are visited in an order drawn anew for every (seed, epoch, image), so that with fewer
     pairs than captions an epoch still mixes every caption position (datasets may order captions by style), and
-    with ``captions_per_image`` >= the caption count every caption is used.
+    with ``captions_per_image`` >= the caption count every caption is used. An item is (image, captions, image
+    index): with ``group`` all the image's captions of the epoch come in one item (one crop, encoded once),
+    otherwise each caption is an item of its own with its own crop (the original release's pairs).
     """
 
     def __init__(self, records: list[Record], transform: Callable, captions_per_image: int = 5,
-                 seed: int = 0) -> None:
+                 seed: int = 0, group: bool = False) -> None:
         self.records, self.transform, self.per_image, self.seed = records, transform, captions_per_image, seed
+        self.per_item = captions_per_image if group else 1
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __len__(self) -> int:
-        return len(self.records) * self.per_image
+        return len(self.records) * (self.per_image // self.per_item)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, str, int]:
-        image_index, slot = divmod(index, self.per_image)
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, list[str], int]:
+        image_index, item = divmod(index, self.per_image // self.per_item)
         record = self.records[image_index]
         order = np.random.default_rng([self.seed, self.epoch, image_index]).permutation(len(record.captions))
-        caption = record.captions[order[slot % len(order)]]
-        return self.transform(load_image(record.image)), caption, image_index
+        slots = range(item * self.per_item, (item + 1) * self.per_item)
+        captions = [record.captions[order[slot % len(order)]] for slot in slots]
+        return self.transform(load_image(record.image)), captions, image_index
 
 
 class ImageDataset(Dataset):
@@ -186,14 +190,17 @@ class ImageDataset(Dataset):
 
 
 class PairCollate:
-    """Stack images and embed captions with the frozen word vectors: -> (images, Encoded, image ids)."""
+    """Stack images and embed captions with the frozen word vectors: -> (images (B, ...), Encoded (B * n),
+    image ids (B * n,)), n the captions per item; the captions of an item are consecutive."""
 
     def __init__(self, words: WordVectors) -> None:
         self.words = words
 
-    def __call__(self, batch: list[tuple[torch.Tensor, str, int]]) -> tuple[torch.Tensor, Encoded, torch.Tensor]:
+    def __call__(self, batch: list[tuple[torch.Tensor, list[str], int]]) -> tuple[torch.Tensor, Encoded, torch.Tensor]:
         images, captions, ids = zip(*batch)
-        return torch.stack(images), self.words.encode(list(captions)), torch.tensor(ids)
+        flat = [caption for group in captions for caption in group]
+        owners = [index for group, index in zip(captions, ids) for _ in group]
+        return torch.stack(images), self.words.encode(flat), torch.tensor(owners)
 
 
 def eval_captions(records: list[Record], per_image: int = 5) -> tuple[list[str], torch.Tensor]:

@@ -46,7 +46,8 @@ def train_one_epoch(model: torch.nn.Module, loader: DataLoader, optimizer: torch
                     device: torch.device, amp: str | None = None, scaler: torch.amp.GradScaler | None = None,
                     memory_format: torch.memory_format = torch.contiguous_format, grad_clip: float | None = None,
                     progress: bool = True, description: str = "train") -> dict[str, float]:
-    """One pass over ``loader`` of (images, Encoded captions, image ids); the model must already be in its stage.
+    """One pass over ``loader`` of (images, Encoded captions, image id of each caption); the model must already be
+    in its stage. With n captions per image (consecutive), each image embedding is the positive of its n captions.
     ``grad_clip`` caps the global gradient norm of each step.
 
     Returns the mean loss, wall and data-wait seconds, pairs per second and the out-of-vocabulary rate.
@@ -60,6 +61,7 @@ def train_one_epoch(model: torch.nn.Module, loader: DataLoader, optimizer: torch
         words, lengths = captions.words.to(device, non_blocking=True), captions.lengths
         with autocast(device, amp):
             image_emb, text_emb = model(images, words, lengths)
+        image_emb = image_emb.repeat_interleave(len(text_emb) // len(image_emb), dim=0)
         loss = loss_fn(image_emb.float(), text_emb.float(), ids=ids.to(device))
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:

@@ -19,7 +19,8 @@ class JointEmbedding(nn.Module):
         self.config = config
         self.image = ImageEncoder(config.trunk, config.maps_dim, config.embed_dim, config.pooling,
                                   config.weldon_k, config.image_dropout)
-        self.text = TextEncoder(config.word_dim, config.embed_dim, config.sru_layers, config.text_dropout)
+        self.text = TextEncoder(config.word_dim, config.embed_dim, config.sru_layers, config.text_dropout,
+                                config.forget_bias)
 
     def forward(self, images: torch.Tensor, words: torch.Tensor,
                 lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -28,12 +28,16 @@ class TextEncoder(nn.Module):
     state dict keys are ``rnn.rnn_lst.{i}.weight|weight_c|bias|scale_x``.
     """
 
-    def __init__(self, word_dim: int, embed_dim: int, layers: int, dropout: float) -> None:
+    def __init__(self, word_dim: int, embed_dim: int, layers: int, dropout: float, forget_bias: float = 0.0) -> None:
         super().__init__()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # use_tanh is deprecated in sru 2.x, but the paper's
             self.rnn = SRU(word_dim, embed_dim, num_layers=layers, dropout=dropout, use_tanh=True,
                            has_skip_term=True, rescale=False, v1=True)
+        for layer in self.rnn.rnn_lst:
+            # bias = [forget gates | reset gates]; sru initialises both to 0, so that f = 1/2 and the state
+            # halves at every token: a positive forget bias lets the last state remember the first words
+            layer.bias.data[:embed_dim] = forget_bias
 
     def forward(self, words: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """words: (B, T, word_dim) right-padded; lengths: (B,) >= 1 -> (B, d) unit vectors."""

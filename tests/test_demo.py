@@ -259,3 +259,24 @@ def test_caption_spatial_words_are_true() -> None:
                     checked += 1
         assert complete >= 4
     assert checked > 1000
+
+
+def test_whiten_separates_words_that_share_every_context() -> None:
+    # word2vec on a templated corpus: vectors near a low-rank structure, and six "colour words" with identical
+    # contexts on almost one vector; what tells them apart is the small residue off the structure
+    rng = np.random.default_rng(0)
+    structure = rng.normal(size=(6, 16))
+    colours = rng.normal(size=6) @ structure + 0.02 * rng.normal(size=(6, 16))
+    others = rng.normal(size=(30, 6)) @ structure + 0.02 * rng.normal(size=(30, 16))
+    vectors = np.concatenate([colours, others]).astype(np.float32)
+
+    def colour_cosines(m: np.ndarray) -> np.ndarray:
+        unit = m[:6] / np.linalg.norm(m[:6], axis=1, keepdims=True)
+        return (unit @ unit.T)[~np.eye(6, dtype=bool)]
+
+    assert colour_cosines(vectors).min() > 0.99
+    white = demo.whiten(vectors)
+    assert white.dtype == np.float32
+    np.testing.assert_allclose(white.mean(axis=0), 0, atol=1e-4)
+    np.testing.assert_allclose(np.cov(white, rowvar=False), np.eye(16), atol=1e-3)
+    assert np.abs(colour_cosines(white)).max() < 0.6

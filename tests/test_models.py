@@ -113,3 +113,20 @@ def test_build_model_from_plain_dict_and_config_agree():
     from_dict = build_model({**config.__dict__})
     assert from_config.state_dict().keys() == from_dict.state_dict().keys()
     assert from_dict.config == config
+
+
+def test_forget_bias_initialises_the_forget_gates_and_lengthens_memory():
+    torch.manual_seed(0)
+    words = torch.randn(4, 12, 16)
+    changed = words.clone()
+    changed[:, 0] = torch.randn(4, 16)  # only the first word differs
+    lengths = torch.full((4,), 12)
+    effect = {}
+    for bias in (0.0, 3.0):
+        torch.manual_seed(1)
+        encoder = TextEncoder(16, 32, layers=2, dropout=0.0, forget_bias=bias).eval()
+        for layer in encoder.rnn.rnn_lst:
+            assert torch.all(layer.bias[:32] == bias) and torch.all(layer.bias[32:] == 0)
+        with torch.no_grad():
+            effect[bias] = (encoder(words, lengths) - encoder(changed, lengths)).norm(dim=1).mean()
+    assert effect[3.0] > 10 * effect[0.0]

@@ -83,3 +83,21 @@ def test_eval_rejects_bad_files(tmp_path: Path):
     np.savez(tmp_path / "f.npz", images=np.zeros((3, 4)), captions=np.zeros((7, 4)))
     result = run_cli("eval_retrieval.py", "--features", tmp_path / "f.npz", check=False)
     assert result.returncode == 2 and "not 5 per image" in result.stderr
+
+
+def test_sum_loss_warm_up_then_the_configured_loss():
+    import train
+    from misc.config import TrainConfig
+    from misc.distributed import Context
+    from misc.loss import triplet_loss
+
+    torch.manual_seed(0)
+    images, captions = torch.nn.functional.normalize(torch.randn(2, 6, 8), dim=-1)
+    ids = torch.arange(6)
+    summed, hardest = (triplet_loss(images, captions, hardest=h, ids=ids) for h in (False, True))
+    assert summed > hardest
+    context = Context(0, 1, torch.device("cpu"))
+    for cfg, expected in ((TrainConfig(loss="hard", sum_loss_epochs=2), [summed, summed, hardest, hardest]),
+                          (TrainConfig(loss="hard"), [hardest] * 4), (TrainConfig(loss="sum"), [summed] * 4)):
+        got = [train.epoch_loss(cfg, epoch, context)(images, captions, ids=ids) for epoch in range(4)]
+        assert torch.stack(got).tolist() == torch.stack(expected).tolist()

@@ -1,6 +1,6 @@
 # make demo  - create .venv, generate the demo world, train the demo model, evaluate it, print results
 # make test  - create .venv and run the test suite
-# make bench - benchmarks (not part of the tests)
+# make bench - run the benchmarks and write bench/RESULTS.md (not part of the tests)
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -27,11 +27,7 @@ test: $(STAMP)
 	$(PY) -m pytest
 
 bench: $(STAMP)
-	$(PY) bench/bench_retrieval.py
-	$(PY) bench/bench_heatmaps.py
-	$(PY) bench/bench_extraction.py
-	$(PY) bench/bench_search.py
-	$(PY) bench/bench_train.py
+	$(PY) bench/run.py
 
 clean:
 	rm -rf runs/demo data/demo

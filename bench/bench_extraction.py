@@ -13,7 +13,6 @@ same DataLoader with no model: if its images/s is well above the model's, the lo
 """
 import argparse
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -26,6 +25,7 @@ from PIL import Image, ImageDraw
 from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.common import machine  # noqa: E402
 from misc.config import ModelConfig, preset  # noqa: E402
 from misc.extraction import ImageFiles, Timing, collate_images, embed_image_batches  # noqa: E402
 from models.visual import ImageEncoder  # noqa: E402
@@ -80,15 +80,6 @@ def loader_alone(folder: Path, names: list[str], size: int, batch_size: int, wor
         times.append(now - tick)
         tick = now
     return batch_size / statistics.median(times[1:])
-
-
-def machine() -> str:
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor() or "unknown CPU")
-    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
-    return (f"{cpu}; {usable} usable cores; torch {torch.__version__} with {torch.get_num_threads()} threads; "
-            f"Python {platform.python_version()}; load average {load}")
 
 
 def main() -> None:

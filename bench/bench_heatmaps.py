@@ -9,15 +9,13 @@ images. The script checks both give the same maps, then prints median wall times
 4 minutes on 2 shared CPU cores, nearly all of it the reference).
 """
 import argparse
-import os
-import platform
 import sys
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import timed  # noqa: E402
+from bench.common import machine, timed, verdict  # noqa: E402
 from misc.localization import heatmaps, heatmaps_full  # noqa: E402
 
 
@@ -37,16 +35,6 @@ def reference(maps: torch.Tensor, weight: torch.Tensor, texts: torch.Tensor, k: 
     return torch.cat([heatmaps_full(maps[i:i + 1], weight, texts[i:i + 1], k) for i in range(len(maps))])
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="50 images (smoke run)")
@@ -62,8 +50,7 @@ def main() -> None:
     args = parser.parse_args()
     images = args.images or (50 if args.quick else 1000)
 
-    print(f"machine: {platform.machine()} {cpu_name()}, {os.cpu_count()} CPUs, "
-          f"torch {torch.__version__} ({torch.get_num_threads()} threads), python {platform.python_version()}")
+    print(f"machine: {machine()}")
     print(f"inputs: {images} maps of D'={args.maps_dim} x {args.side}x{args.side}, {args.phrases} phrases each, "
           f"d={args.dim}, k={args.k}, float32 CPU, seed {args.seed}")
     maps, weight, texts = make_inputs(images, args.phrases, args.maps_dim, args.dim, args.side, args.seed)
@@ -82,7 +69,8 @@ def main() -> None:
           f"{macs_slow / 1e9:>8.1f}")
     print(f"{'misc.localization.heatmaps: k rows of A, then f·G, batched':<58}{args.repeats:>5}{fast_time:>10.3f}"
           f"{macs_fast / 1e9:>8.1f}")
-    print(f"speed ratio reference / project: {slow_time / fast_time:.1f}x (target >= 20x)")
+    ratio = slow_time / fast_time
+    print(f"speed ratio reference / project: {ratio:.1f}x ({verdict(ratio, 20)})")
 
 
 if __name__ == "__main__":

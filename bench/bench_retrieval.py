@@ -8,8 +8,6 @@ ties exactly with negatives, then prints wall times, the speed ratio and the pea
 """
 import argparse
 import multiprocessing
-import os
-import platform
 import sys
 from pathlib import Path
 
@@ -17,7 +15,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import timed  # noqa: E402
+from bench.common import machine, timed, verdict  # noqa: E402
 from misc.retrieval import evaluate, rank_captions, rank_images, recall_metrics  # noqa: E402
 
 
@@ -37,12 +35,27 @@ def original_ranks(images: torch.Tensor, captions: torch.Tensor) -> tuple[np.nda
     Caption j belongs to image j // 5. The scores come from the same float32 GEMM as misc.retrieval (torch),
     so the two paths differ only in how they rank; another BLAS rounds differently and flips near-ties.
     """
-    scores = (images @ captions.T).numpy()  # (N, M)
+    return original_ranking((images @ captions.T).numpy())
+
+
+def original_ranking(scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The original's ranking step on a score matrix (N, M): full descending argsort, first positive per row."""
     order = np.argsort(scores, axis=1)[:, ::-1]
     caption_ranks = np.array([np.flatnonzero(np.isin(row, np.arange(5 * i, 5 * i + 5)))[0]
                               for i, row in enumerate(order)]) + 1
     order = np.argsort(scores.T, axis=1)[:, ::-1]
     image_ranks = np.array([np.flatnonzero(row == j // 5)[0] for j, row in enumerate(order)]) + 1
+    return caption_ranks, image_ranks
+
+
+def counting_ranking(scores: torch.Tensor, owner: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """misc.retrieval's ranking step on the same score matrix: count the candidates above the positive (the
+    comparison rank_captions / rank_images run on each score block), no sort."""
+    n_images, n_captions = scores.shape
+    positives = torch.arange(n_captions).view(n_images, -1)  # caption j belongs to image j // 5
+    best = scores.gather(1, positives).amax(1, keepdim=True)
+    caption_ranks = 1 + (scores > best).sum(1)
+    image_ranks = 1 + (scores > scores[owner, torch.arange(n_captions)]).sum(0)
     return caption_ranks, image_ranks
 
 
@@ -98,8 +111,7 @@ def main() -> None:
     n_images = 1000 if args.quick else 5000
     n_captions = 5 * n_images
 
-    print(f"machine: {platform.machine()} {platform.processor() or ''}, {os.cpu_count()} CPUs, "
-          f"torch {torch.__version__} ({torch.get_num_threads()} threads), numpy {np.__version__}")
+    print(f"machine: {machine()}; numpy {np.__version__}")
     print(f"inputs: {n_images} images × {n_captions} captions, d={args.dim}, float32 CPU, seed {args.seed}")
     images, captions = make_inputs(n_images, n_captions, args.dim, args.seed)
     owner = torch.arange(n_captions) // 5
@@ -107,6 +119,11 @@ def main() -> None:
     gemm_time, _ = timed(lambda: images @ captions.T, args.repeats)
     fast_time, fast = timed(lambda: evaluate(images, captions, protocols=("full",))["full"], args.repeats)
     slow_time, (slow_cap, slow_img) = timed(lambda: original_ranks(images, captions), args.slow_repeats)
+    scores = images @ captions.T
+    sort_time, sorted_ranks = timed(lambda: original_ranking(scores.numpy()), args.slow_repeats)
+    count_time, counted_ranks = timed(lambda: counting_ranking(scores, owner), args.repeats)
+    check_agreement(images, captions, counted_ranks[0].numpy(), sorted_ranks[0], counted_ranks[1].numpy(),
+                    sorted_ranks[1])
 
     fast_cap = rank_captions(images, captions, owner).numpy()
     fast_img = rank_images(images, captions, owner).numpy()
@@ -131,10 +148,20 @@ def main() -> None:
     print(f"{'  reference: one N×M float32 GEMM (both paths need it)':<52}{args.repeats:>5}{gemm_time:>10.2f}")
     print(f"time beyond the GEMM: original {slow_time - gemm_time:.2f} s (one GEMM), "
           f"misc.retrieval {fast_time - 2 * gemm_time:.2f} s (two chunked GEMMs: one per direction)")
-    print(f"speed ratio original / misc.retrieval: {slow_time / fast_time:.1f}× (target ≥ 30×)")
+    ratio = slow_time / fast_time
+    print(f"speed ratio original / misc.retrieval, scores included: {ratio:.1f}× ({verdict(ratio, 30)})")
+    print(f"{'ranking step only, on one precomputed score matrix':<52}")
+    print(f"{'  original: full argsort per row, first positive':<52}{args.slow_repeats:>5}{sort_time:>10.2f}")
+    print(f"{'  misc.retrieval: count candidates above positive':<52}{args.repeats:>5}{count_time:>10.2f}")
+    ranking_ratio = sort_time / count_time
+    print(f"speed ratio of the ranking step: {ranking_ratio:.1f}× ({verdict(ranking_ratio, 30)})")
+    if ratio < 30:
+        print("why not 30× end to end here: both paths need the N×M score product, which on a CPU costs about as "
+              "much as the original's sort; what the project changes (the ranking step) is the ratio above; on a "
+              "GPU the product takes milliseconds and the end-to-end ratio approaches the ranking ratio")
     print(f"peak memory of the {n_images}-image full protocol (fresh process): inputs {memory['inputs']:.0f} MiB, "
           f"RSS after inputs {memory['baseline']:.0f} MiB, extra peak during evaluate {memory['extra']:.0f} MiB "
-          f"(target ≤ 2048 MiB)")
+          f"({verdict(memory['extra'], 2048, ' MiB', at_least=False)})")
 
 
 if __name__ == "__main__":

@@ -22,7 +22,6 @@ available on this shared machine, and the output says so.
 import argparse
 import math
 import os
-import platform
 import statistics
 import sys
 import time
@@ -32,6 +31,7 @@ import faiss
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.common import machine  # noqa: E402
 from misc.extraction import build_index, default_nlist, default_nprobe, exact_search, index_search  # noqa: E402
 
 K = 10
@@ -82,15 +82,6 @@ def memory_available() -> int:
     return 0
 
 
-def machine() -> str:
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor() or "unknown CPU")
-    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return (f"{cpu}; {usable} usable cores; faiss {faiss.__version__} with {faiss.omp_get_max_threads()} threads; "
-            f"numpy {np.__version__}; {memory_available() / 1e9:.1f} GB memory available; "
-            f"load average {', '.join(f'{x:.1f}' for x in os.getloadavg())}")
-
-
 def bench(kind: str, count: int, dim: int, queries: int, nlist: int, repeats: int) -> list[tuple]:
     started = time.perf_counter()
     features, query = make_collection(kind, count, dim, queries, seed=0 if kind == "uniform" else 1)
@@ -136,6 +127,8 @@ def main() -> None:
         nlist = int(round(math.sqrt(count)))
         notes.append(f"N < 100k would get an exact flat index in search.py; IVF with {nlist} lists forced here")
     print(f"machine: {machine()}")
+    print(f"faiss {faiss.__version__} with {faiss.omp_get_max_threads()} threads, numpy {np.__version__}, "
+          f"{memory_available() / 1e9:.1f} GB memory available")
     print(f"N = {count}, d = {dim}, {args.queries} queries, top-{K}, medians of {args.repeats} runs")
     for note in notes:
         print(f"note: {note}")

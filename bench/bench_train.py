@@ -1,7 +1,8 @@
 """Training-step throughput (images/s): the demo preset and the paper model at 256x256, on 1 and 2 processes.
 
-One step = forward of both paths, the hard-negative loss over the global batch, backward, Adam. Inputs are random
-(images and word vectors), so data loading is not measured here (see bench_extraction.py for the loader).
+One step = forward of both paths (each image with its preset's captions per image), the preset's loss over the
+global batch, backward, Adam. Inputs are random (images and word vectors), so data loading is not measured here
+(see bench_extraction.py for the loader).
 With 2 processes (gloo on the CPU, the same code path as torchrun) each process takes half of the global batch and
 the embeddings are gathered with their gradients, as in train.py.
 
@@ -13,7 +14,6 @@ from __future__ import annotations
 import argparse
 import functools
 import os
-import platform
 import socket
 import statistics
 import sys
@@ -28,6 +28,7 @@ import torch.distributed as dist  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
 from torch.nn.parallel import DistributedDataParallel  # noqa: E402
 
+from bench.common import machine  # noqa: E402
 from misc.config import preset  # noqa: E402
 from misc.distributed import global_loss  # noqa: E402
 from misc.loss import triplet_loss  # noqa: E402
@@ -52,15 +53,16 @@ def step_times(rank: int, world_size: int, name: str, steps: int, size: int | No
     if world_size > 1:
         network, loss_fn = DistributedDataParallel(model), global_loss(loss_fn)
     local = batch // world_size
+    per_image = train_cfg.captions_per_image if train_cfg.group_captions else 1  # captions encoded per image
     images = torch.randn(local, 3, size, size)
-    words = torch.randn(local, WORDS, model_cfg.word_dim)
-    lengths = torch.full((local,), WORDS)
-    ids = torch.arange(local) + rank * local
+    words = torch.randn(local * per_image, WORDS, model_cfg.word_dim)
+    lengths = torch.full((local * per_image,), WORDS)
+    ids = (torch.arange(local) + rank * local).repeat_interleave(per_image)
     times = []
     for _ in range(steps + 1):  # the first step warms up
         start = time.perf_counter()
         image_emb, text_emb = network(images, words, lengths)
-        loss = loss_fn(image_emb, text_emb, ids=ids)
+        loss = loss_fn(image_emb.repeat_interleave(per_image, dim=0), text_emb, ids=ids)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -99,8 +101,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="demo preset only")
     args = parser.parse_args()
     cases = CASES[:1] if args.quick else CASES
-    print(f"machine: {platform.machine()} {platform.processor() or ''}, {os.cpu_count()} CPUs, torch "
-          f"{torch.__version__} ({torch.get_num_threads()} threads), python {platform.python_version()}")
+    print(f"machine: {machine()}")
     print(f"{'model':<14}{'size':>6}{'batch':>7}{'procs':>7}{'steps':>7}{'median s/step':>15}{'images/s':>10}")
     for case in cases:
         label, name, size, batch, steps = case

@@ -27,10 +27,11 @@ from tqdm import tqdm
 from misc import config
 from misc.cli import add_device_args, run, update_results, write_json
 from misc.config import ConfigError
-from misc.datasets import SPLITS, ImageDataset, coco_files, eval_transform, read_regions
+from misc.datasets import SPLITS, ImageDataset, coco_files, eval_transform, load_image, read_regions
 from misc.engine import resolve_device
 from misc.localization import (Localizer, choose_k, heatmaps, load_localizer, peak_location, pointing_hits,
                                scale_boxes, uses_demo)
+from misc.visualize import overlays, save_png
 
 log = logging.getLogger("pointing_game")
 PAPER = {"accuracy": 33.8, "center_baseline": 19.5}
@@ -73,6 +74,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--json", type=Path, help="write the full results here")
     parser.add_argument("--per-phrase", action="store_true", help="with --json: include every phrase's result")
     parser.add_argument("--results", type=Path, help="add the results as the 'pointing_game' entry of this file")
+    parser.add_argument("--overlays", type=Path, metavar="DIR",
+                        help="also write DIR/pointing_<cocoid>.png: every phrase's heatmap and peak, hit or miss")
+    parser.add_argument("--overlay-images", type=int, default=3, metavar="N",
+                        help="with --overlays: the first N images (default 3)")
     add_device_args(parser)
     return parser.parse_args()
 
@@ -139,6 +144,24 @@ def point(localizer: Localizer, items: list[Item], size: int, k: int, tolerance:
     return results
 
 
+def write_overlays(localizer: Localizer, items: list[Item], per_phrase: list[dict], size: int, k: int,
+                   folder: Path) -> list[Path]:
+    """One figure per image (misc.visualize): each phrase's heatmap over the image with its peak, the caption
+    saying whether the peak hit the phrase's box."""
+    hit = {r["region_id"]: r["hit"] for r in per_phrase}
+    written = []
+    for item in items:
+        image = load_image(item.path)
+        texts = [p.text for p in item.phrases]
+        maps = localizer.maps(eval_transform(size)(image)[None])
+        heat = heatmaps(maps, localizer.weight, localizer.encode(texts), k)[0].cpu()  # (P, h, w)
+        captions = [f"{p.text} ({'hit' if hit[p.region_id] else 'miss'})" for p in item.phrases]
+        path = folder / f"pointing_{item.coco_id}.png"
+        save_png(overlays(image, heat, peak_location(heat, *image.size), captions), path)
+        written.append(path)
+    return written
+
+
 def main() -> None:
     args = parse_args()
     if args.size < 32:
@@ -179,6 +202,9 @@ def main() -> None:
         if args.per_phrase:
             full["per_phrase"], full["skipped_phrases"] = per_phrase, skipped
         write_json(args.json, full)
+    if args.overlays:
+        written = write_overlays(localizer, items[:args.overlay_images], per_phrase, args.size, k, args.overlays)
+        print(f"  overlays: {', '.join(str(path) for path in written)}")
     if args.results:
         update_results(args.results, "pointing_game", {key: summary[key] for key in (
             "accuracy", "center_baseline", "phrases", "images", "skipped", "skipped_reasons", "tolerance", "k",

@@ -1,6 +1,6 @@
 """Run every benchmark in turn and write bench/RESULTS.md: the machine, then each benchmark's printed tables.
 
-    python bench/run.py            # what `make bench` runs (about 20 minutes on 2 CPU cores)
+    python bench/run.py            # what `make bench` runs (7 minutes on 2 idle CPU cores)
     python bench/run.py --quick    # smoke sizes, written to bench/RESULTS-quick.md
 
 Each benchmark runs in its own process, its output shown as it comes and kept verbatim in the results file, which

@@ -62,7 +62,7 @@ def gather(tensor: torch.Tensor) -> torch.Tensor:
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return tensor
     # the autograd form of all-gather: its backward reduce-scatters (sums) the gradients back to each process
-    return collectives.all_gather_tensor_autograd(tensor, gather_dim=0, group=dist.group.WORLD)
+    return collectives.all_gather_single_autograd(tensor, gather_dim=0, group=dist.group.WORLD)
 
 
 def global_loss(loss_fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:

@@ -254,12 +254,19 @@ def test_pointing_game_cli_counts_skips_and_matches_the_boxes(tiny_world, tiny_c
 def test_pointing_game_split_limit_and_tolerance(tiny_world, tiny_checkpoint, tmp_path, monkeypatch):
     out = tmp_path / "pg.json"
     status = run_in_process("pointing_game.py", ["-p", tiny_checkpoint, "--size", "64", "--split", "test", "--limit",
-                                                 "3", "--tolerance", "200", "--json", out, *CLI_FLAGS],
+                                                 "3", "--tolerance", "200", "--json", out, "--per-phrase",
+                                                 "--overlays", tmp_path / "png", "--overlay-images", "2", *CLI_FLAGS],
                             tiny_world, monkeypatch)
     report = json.loads(out.read_text())
     assert status == 0 and report["images"] == 3 and report["images_from"] == "Karpathy split test"
     assert report["accuracy"] == report["center_baseline"] == 100.0  # 200 px reach every box of a 64 px frame
     assert report["tolerance"] == 200
+    first_two = list(dict.fromkeys(r["coco_id"] for r in report["per_phrase"]))[:2]
+    assert sorted((tmp_path / "png").iterdir()) == sorted(tmp_path / "png" / f"pointing_{c}.png" for c in first_two)
+    for coco_id in first_two:
+        phrases = sum(r["coco_id"] == coco_id for r in report["per_phrase"])
+        with Image.open(tmp_path / "png" / f"pointing_{coco_id}.png") as figure:
+            assert figure.format == "PNG" and figure.size == figure_size(64, 64, phrases)
 
 
 def test_semantic_segmentation_cli(tiny_world, tiny_checkpoint, tmp_path):

@@ -166,6 +166,10 @@ def main() -> None:
     args = parse_args()
     if args.size < 32:
         raise ConfigError(f"--size {args.size}: images must be at least 32 pixels (one cell of the maps)")
+    if args.overlays and args.overlays.exists() and not args.overlays.is_dir():
+        raise ConfigError(f"--overlays {args.overlays}: exists and is not a folder; give a folder for the PNGs")
+    if args.overlay_images < 1:
+        raise ConfigError(f"--overlay-images {args.overlay_images}: must be at least 1")
     device = resolve_device(args.device)
     localizer = load_localizer(args.checkpoint, args.words, device, args.amp)
     demo = uses_demo(args.dataset or localizer.saved["train"]["dataset"])

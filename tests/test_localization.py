@@ -269,6 +269,18 @@ def test_pointing_game_split_limit_and_tolerance(tiny_world, tiny_checkpoint, tm
             assert figure.format == "PNG" and figure.size == figure_size(64, 64, phrases)
 
 
+@pytest.mark.parametrize("flags, message", [(["--overlays", "FILE"], "exists and is not a folder"),
+                                            (["--overlays", "DIR", "--overlay-images", "0"], "at least 1")])
+def test_pointing_game_bad_overlay_flags_fail_before_work(tiny_world, tiny_checkpoint, tmp_path, monkeypatch, capsys,
+                                                          flags, message):
+    (tmp_path / "FILE").write_text("not a folder")
+    flags = [str(tmp_path / f) if f in ("FILE", "DIR") else f for f in flags]
+    status = run_in_process("pointing_game.py", ["-p", tiny_checkpoint, *flags, *CLI_FLAGS], tiny_world, monkeypatch)
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert status == 2 and len(lines) == 1 and lines[0].startswith("error: --overlay") and message in lines[0]
+    assert not (tmp_path / "DIR").exists()
+
+
 def test_semantic_segmentation_cli(tiny_world, tiny_checkpoint, tmp_path):
     out, results = tmp_path / "seg.json", tmp_path / "results.json"
     run_cli("semantic_seg.py", "-p", tiny_checkpoint, "--json", out, "--results", results, *CLI_FLAGS,

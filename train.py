@@ -90,11 +90,14 @@ def seed_for(cfg: TrainConfig, epoch: int, rank: int) -> None:
     torch.manual_seed(cfg.seed * 100_003 + epoch * 101 + rank)
 
 
+def loss_kind(cfg: TrainConfig, epoch: int) -> str:
+    """'sum' (eq. 5) during the first ``sum_loss_epochs``, then ``cfg.loss`` ('hard', eq. 7, or 'sum')."""
+    return cfg.loss if epoch >= cfg.sum_loss_epochs else "sum"
+
+
 def epoch_loss(cfg: TrainConfig, epoch: int, context: distributed.Context) -> Callable[..., torch.Tensor]:
-    """The triplet loss of ``epoch``: eq. 5 (sum) during the first ``sum_loss_epochs``, then ``cfg.loss``; over
-    the global batch under DDP."""
-    hardest = cfg.loss == "hard" and epoch >= cfg.sum_loss_epochs
-    loss_fn = functools.partial(triplet_loss, margin=cfg.margin, hardest=hardest)
+    """The triplet loss of ``epoch`` (see :func:`loss_kind`), over the global batch under DDP."""
+    loss_fn = functools.partial(triplet_loss, margin=cfg.margin, hardest=loss_kind(cfg, epoch) == "hard")
     return distributed.global_loss(loss_fn) if context.distributed else loss_fn
 
 
@@ -189,7 +192,8 @@ def train(args: argparse.Namespace, model_cfg: ModelConfig, cfg: TrainConfig, wo
             metrics = evaluate_records(model, val_records, words, device, cfg.eval_size, val_protocol,
                                        workers=cfg.workers, amp=amp, progress=not args.no_progress)
             rsum = metrics[val_protocol[0]]["rsum"]
-            history.append({"epoch": epoch, "lr": lr, "trained": parts, **stats, "val_rsum": rsum})
+            history.append({"epoch": epoch, "lr": lr, "trained": parts, "loss_kind": loss_kind(cfg, epoch), **stats,
+                            "val_rsum": rsum})
             log_epoch(writer, epoch, lr, stats, metrics[val_protocol[0]])
             is_best = rsum > best_rsum
             best_rsum = max(best_rsum, rsum)
@@ -201,9 +205,9 @@ def train(args: argparse.Namespace, model_cfg: ModelConfig, cfg: TrainConfig, wo
             if is_best:
                 with atomic_path(out / "best.pth.tar") as temporary:
                     shutil.copyfile(out / "last.pth.tar", temporary)
-            log.info("epoch %d: lr %.2e, trained %s, loss %.4f, %.0f s (%.0f pairs/s, data wait %.0f s), "
-                     "val rsum %.1f%s", epoch, lr, "+".join(parts), stats["loss"], stats["seconds"],
-                     stats["pairs_per_s"], stats["data_seconds"], rsum, " (best)" if is_best else "")
+            log.info("epoch %d: lr %.2e, trained %s, %s loss %.4f, %.0f s (%.0f pairs/s, data wait %.0f s), "
+                     "val rsum %.1f%s", epoch, lr, "+".join(parts), loss_kind(cfg, epoch), stats["loss"],
+                     stats["seconds"], stats["pairs_per_s"], stats["data_seconds"], rsum, " (best)" if is_best else "")
         distributed.barrier(context)
     if writer is not None:
         writer.close()

@@ -52,16 +52,17 @@ def main() -> None:
     sections, failed, total = [], [], 0.0
     for name in BENCHMARKS:
         script = HERE / name
-        print(f"==> python bench/{name} {' '.join(flags)}".rstrip(), flush=True)
+        command = " ".join(["python", f"bench/{name}", *flags])
+        print(f"==> {command}", flush=True)
         status, seconds, output = run(script, flags)
         total += seconds
         outcome = f"{seconds:.0f} s" if status == 0 else f"FAILED with exit status {status} after {seconds:.0f} s"
         if status:
             failed.append(name)
-        sections.append(f"## {title(script)}\n\n`python bench/{name} {' '.join(flags)}`".rstrip()
-                        + f" ({outcome})\n\n```\n{output.rstrip()}\n```\n")
-    header = (f"# Benchmark results\n\nWritten by `make bench` (`python bench/run.py{' --quick' if args.quick else ''}`)"
-              f" on {started:%Y-%m-%d %H:%M} UTC; all benchmarks took {total / 60:.1f} min.\n\n"
+        sections.append(f"## {title(script)}\n\n`{command}` ({outcome})\n\n```\n{output.rstrip()}\n```\n")
+    runner = " ".join(["python", "bench/run.py", *flags])
+    header = (f"# Benchmark results\n\nWritten by `make bench` (`{runner}`) on {started:%Y-%m-%d %H:%M} UTC; all "
+              f"benchmarks took {total / 60:.1f} min.\n\n"
               f"Machine: {machine()}.\n\nEach section is the benchmark's own output: both paths run in the same "
               f"process on the same seeded inputs, times are medians of the stated runs, and every target line "
               f"says whether it is met. `bench/README.md` explains what each benchmark measures.\n")

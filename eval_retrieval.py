@@ -1,6 +1,6 @@
 """Cross-modal retrieval on COCO-style splits: R@1/5/10, median and mean rank (1-based), rsum.
 
-    python eval_retrieval.py -p runs/demo/best.pth.tar -te            # test split of the checkpoint's dataset
+    python eval_retrieval.py -p runs/demo/best.pth.tar                # test split of the checkpoint's dataset
     python eval_retrieval.py -p model.pth.tar --dataset coco --split test --json results.json
     python eval_retrieval.py --features features.npz                  # images (N, d), captions (5N, d)
 
@@ -16,36 +16,34 @@ import numpy as np
 import torch
 
 from misc import checkpoint, config, demo
-from misc.cli import add_device_args, run, update_results, write_json
+from misc.cli import (add_checkpoint_args, add_device_args, add_output_args, add_size_arg, add_words_arg, parser_for,
+                      positive_int, run)
 from misc.config import ConfigError
 from misc.datasets import EVAL_PROTOCOLS, load_records
-from misc.files import atomic_path
 from misc.engine import encode_records, resolve_device
+from misc.files import atomic_path, update_results, write_json
 from misc.retrieval import caption_owner_default, evaluate, format_table
 
 log = logging.getLogger("eval_retrieval")
 
 
-def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = parser_for(__doc__)
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("-p", "--checkpoint", type=Path, help="model checkpoint")
+    add_checkpoint_args(source, required=False)
     source.add_argument("--features", type=Path, help="precomputed features .npz (images, captions[, owner])")
-    parser.add_argument("-te", "--test", action="store_true", help="evaluate the test split (same as --split test)")
-    parser.add_argument("--split", default=None, help="split to evaluate (default: test)")
+    parser.add_argument("--split", default="test", help="split to evaluate (default: test)")
     parser.add_argument("--dataset", help="coco | flickr30k | demo | JSON-lines file (default: the checkpoint's)")
     parser.add_argument("--protocol", choices=EVAL_PROTOCOLS, default="resize",
                         help="resize: SIZE x SIZE (default); crop: smaller side SIZE, centre crop 224/256 of it")
-    parser.add_argument("--size", type=int,
-                        help="image size (default: the checkpoint's test_size for resize, 256 for crop)")
-    parser.add_argument("--words", type=Path, help="word-vector file (default: the checkpoint's)")
-    parser.add_argument("--batch-size", type=int, default=64)
+    add_size_arg(parser, "the checkpoint's test_size for resize, 256 for crop")
+    add_words_arg(parser)
+    parser.add_argument("--batch-size", type=positive_int, default=64)
     parser.add_argument("--protocols", nargs="+", default=["1k", "full"], choices=["1k", "full"])
     parser.add_argument("--save-features", type=Path, help="also write the embeddings to this .npz")
-    parser.add_argument("--json", type=Path, help="write the full results here")
-    parser.add_argument("--results", type=Path, help="add the results as the 'retrieval' entry of this JSON file")
+    add_output_args(parser, "retrieval")
     add_device_args(parser)
-    return parser.parse_args()
+    return parser.parse_args(argv)
 
 
 def load_features(path: Path) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -75,7 +73,7 @@ def embed_split(args: argparse.Namespace) -> tuple[torch.Tensor, torch.Tensor, t
     if dataset == "demo":
         demo.ensure(config.DEMO_DIR)
     words = checkpoint.load_words(state, args.words, args.checkpoint)
-    records = load_records(dataset, "test" if args.test else (args.split or "test"))
+    records = load_records(dataset, args.split)
     size = args.size or (256 if args.protocol == "crop" else saved["train"]["test_size"])
     log.info("embedding %d images (%dx%d) and their captions from %s on %s", len(records), size, size, dataset, device)
     return encode_records(model, records, words, device, size, batch_size=args.batch_size,
@@ -84,8 +82,8 @@ def embed_split(args: argparse.Namespace) -> tuple[torch.Tensor, torch.Tensor, t
                           protocol=args.protocol)
 
 
-def main() -> None:
-    args = parse_args()
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     if args.features:
         images, captions, owner = load_features(args.features)
     else:

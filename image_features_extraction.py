@@ -22,33 +22,34 @@ import logging
 from pathlib import Path
 
 from misc import checkpoint
-from misc.cli import add_device_args, run
+from misc.cli import add_checkpoint_args, add_device_args, add_size_arg, parser_for, positive_int, run
 from misc.config import ConfigError
 from misc.engine import resolve_device
-from misc.extraction import describe_checkpoint, extract_images, list_images, log_skipped, maps_bytes, read_list
+from misc.extraction import describe_checkpoint, extract_images, log_skipped, maps_bytes
+from misc.images import list_images, read_list
 
 log = logging.getLogger("image_features_extraction")
 
 
-def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("-p", "--checkpoint", type=Path, required=True, help="model checkpoint")
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = parser_for(__doc__)
+    add_checkpoint_args(parser)
     parser.add_argument("-d", "--folder", type=Path, required=True, help="image folder (searched recursively)")
     parser.add_argument("-o", "--out", type=Path, required=True, help="output .npz")
     parser.add_argument("--list", type=Path, help="embed the files of this list (one path a line) instead")
-    parser.add_argument("--size", type=int, help="resize to SIZE x SIZE (default: the checkpoint's test_size)")
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--chunk-size", type=int, default=1000, help="images per flushed part (default: 1000)")
+    add_size_arg(parser)
+    parser.add_argument("--batch-size", type=positive_int, default=32)
+    parser.add_argument("--chunk-size", type=positive_int, default=1000, help="images per flushed part (default: 1000)")
     parser.add_argument("--maps", action="store_true", help="also store the maps G (float16) for localization")
     parser.add_argument("--resume", action="store_true", help="continue an interrupted run into the same --out")
     add_device_args(parser)
-    return parser.parse_args()
+    return parser.parse_args(argv)
 
 
-def main() -> None:
-    args = parse_args()
-    if min(args.batch_size, args.chunk_size) < 1 or (args.size is not None and args.size < 32):
-        raise ConfigError("--batch-size and --chunk-size must be positive and --size at least 32")
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.size is not None and args.size < 32:
+        raise ConfigError(f"--size {args.size}: at least 32 (the trunk divides it by 32)")
     device = resolve_device(args.device)
     model, state = checkpoint.load_model(args.checkpoint, device)
     size = args.size or state["config"]["train"]["test_size"]

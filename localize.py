@@ -12,7 +12,8 @@ import argparse
 import logging
 from pathlib import Path
 
-from misc.cli import add_device_args, run
+from misc.cli import (add_checkpoint_args, add_device_args, add_size_arg, add_words_arg, parser_for, positive_int,
+                      run)
 from misc.config import ConfigError
 from misc.datasets import eval_transform, load_image
 from misc.engine import resolve_device
@@ -24,25 +25,25 @@ log = logging.getLogger("localize")
 PAPER_K = 180
 
 
-def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("-p", "--checkpoint", type=Path, required=True, help="model checkpoint")
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = parser_for(__doc__)
+    add_checkpoint_args(parser)
     parser.add_argument("-i", "--image", type=Path, required=True, help="image file")
     parser.add_argument("-t", "--text", action="append", required=True, metavar="QUERY",
                         help="a text query; repeat for several")
     parser.add_argument("-o", "--out", type=Path, default=Path("localize.png"), help="PNG to write")
-    parser.add_argument("--size", type=int, help="resize the image to SIZE x SIZE (default: the checkpoint's "
-                                                 "test_size)")
-    parser.add_argument("--k", type=int, help=f"maps summed per query (default {PAPER_K}, the paper's for d = 2400; "
-                                              f"round(0.075 d) for smaller d)")
+    add_size_arg(parser)
+    parser.add_argument("--k", type=positive_int,
+                        help=f"maps summed per query (default {PAPER_K}, the paper's for d = 2400; round(0.075 d) for "
+                             f"smaller d)")
     parser.add_argument("--alpha", type=float, default=0.5, help="heatmap opacity (default 0.5)")
-    parser.add_argument("--words", type=Path, help="word-vector file (default: the checkpoint's)")
+    add_words_arg(parser)
     add_device_args(parser)
-    return parser.parse_args()
+    return parser.parse_args(argv)
 
 
-def main() -> None:
-    args = parse_args()
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     for text in args.text:
         if not any(any(c.isalnum() for c in token) for token in tokenize(text)):
             raise ConfigError(f"query {text!r} has no words")

@@ -26,32 +26,35 @@ import numpy as np
 import torch
 
 from misc import checkpoint
-from misc.cli import run, write_json
+from misc.cli import add_checkpoint_args, add_words_arg, parser_for, positive_int, run, write_json
 from misc.config import ConfigError
 from misc.engine import encode_captions, resolve_device
-from misc.extraction import (Collection, ImageFiles, count_oov, exact_search, file_sha256, index_search,
-                             load_collection, load_or_build_index)
+from misc.arrays import file_sha256
+from misc.extraction import ImageFiles
+from misc.search import Collection, exact_search, index_search, load_collection, load_or_build_index
+from misc.texts import count_oov
 from models.joint import JointEmbedding
 
 log = logging.getLogger("search")
 
 
-def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = parser_for(__doc__)
     parser.add_argument("--images", type=Path, help="image features (.npz from image_features_extraction.py)")
     parser.add_argument("--texts", type=Path, help="text features (.npz from text_features_extraction.py)")
     query = parser.add_mutually_exclusive_group(required=True)
     query.add_argument("-q", "--query", action="append", help="text query (repeat for several); needs -p")
     query.add_argument("--image", help="image query: a row number (digits) or stored path of --images, or an "
                                       "image file")
-    parser.add_argument("-p", "--checkpoint", type=Path, help="model checkpoint (to embed text or image files)")
-    parser.add_argument("--words", type=Path, help="word-vector file (default: the checkpoint's)")
-    parser.add_argument("-k", type=int, default=10, help="results per query (default: 10)")
+    add_checkpoint_args(parser, required=False)
+    add_words_arg(parser)
+    parser.add_argument("-k", type=positive_int, default=10, help="results per query (default: 10)")
     parser.add_argument("--index", choices=["exact", "faiss"], default="exact")
-    parser.add_argument("--nprobe", type=int, help="faiss IVF lists visited per query (default: nlist/16, >= 8)")
+    parser.add_argument("--nprobe", type=positive_int,
+                        help="faiss IVF lists visited per query (default: nlist/16, >= 8)")
     parser.add_argument("--device", default="auto", help="to embed queries: auto | cpu | cuda | cuda:N")
     parser.add_argument("--json", help="write the results as JSON to this file ('-' for standard output)")
-    return parser.parse_args()
+    return parser.parse_args(argv)
 
 
 def load_model(args: argparse.Namespace, why: str) -> tuple[JointEmbedding, dict[str, Any], torch.device]:
@@ -130,10 +133,8 @@ def result_entry(collection: Collection, rank: int, score: float, row: int) -> d
     return entry
 
 
-def main() -> None:
-    args = parse_args()
-    if args.k < 1:
-        raise ConfigError("-k must be at least 1")
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     if args.texts is None and args.images is None:
         raise ConfigError("pass the features to search: --images and/or --texts")
     images = load_collection(args.images) if args.images else None

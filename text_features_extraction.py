@@ -18,28 +18,29 @@ from pathlib import Path
 import numpy as np
 
 from misc import checkpoint
-from misc.cli import add_device_args, run
+from misc.cli import add_checkpoint_args, add_device_args, add_words_arg, parser_for, positive_int, run
 from misc.config import ConfigError
+from misc.arrays import skipped_array, text_array, write_npz
 from misc.engine import resolve_device
-from misc.extraction import (describe_checkpoint, embed_lines, log_skipped, read_text_lines, skipped_array,
-                             text_array, write_npz)
+from misc.extraction import describe_checkpoint, log_skipped
+from misc.texts import embed_lines, read_text_lines
 
 log = logging.getLogger("text_features_extraction")
 
 
-def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("-p", "--checkpoint", type=Path, required=True, help="model checkpoint")
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = parser_for(__doc__)
+    add_checkpoint_args(parser)
     parser.add_argument("-d", "--data", type=Path, required=True, help="text file, one caption a line")
     parser.add_argument("-o", "--out", type=Path, required=True, help="output .npz")
-    parser.add_argument("--words", type=Path, help="word-vector file (default: the checkpoint's)")
-    parser.add_argument("--batch-size", type=int, default=256)
+    add_words_arg(parser)
+    parser.add_argument("--batch-size", type=positive_int, default=256)
     add_device_args(parser)
-    return parser.parse_args()
+    return parser.parse_args(argv)
 
 
-def main() -> None:
-    args = parse_args()
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     text = read_text_lines(args.data)
     if not text.lines:
         raise ConfigError(f"{args.data}: no line to embed")

@@ -32,7 +32,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import machine  # noqa: E402
-from misc.extraction import build_index, default_nlist, default_nprobe, exact_search, index_search  # noqa: E402
+from misc.search import build_index, default_nlist, default_nprobe, exact_search, index_search  # noqa: E402
 
 K = 10
 

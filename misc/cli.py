@@ -1,15 +1,56 @@
-"""What every command-line script shares: logging, device flags, one-line errors, atomic JSON results."""
+"""What every command-line script shares: its common arguments (defined once here), checked numbers, logging, and
+one-line errors. Library code never imports this module."""
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from pathlib import Path
 from typing import Any, Callable
 
 from misc.config import ConfigError
-from misc.files import atomic_path
+from misc.files import update_results, write_json
+
+__all__ = ["add_checkpoint_args", "add_device_args", "add_output_args", "add_set_arg", "add_size_arg", "parser_for",
+           "positive_float", "positive_int", "run", "update_results", "write_json"]
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: a whole number >= 1 (argparse names the flag in its one-line error)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {value}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """An argparse type: a finite number > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text}")
+    return value
+
+
+def parser_for(doc: str | None) -> argparse.ArgumentParser:
+    """The parser of a CLI: its module docstring as the description, kept as written."""
+    return argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
+def add_checkpoint_args(parser: argparse.ArgumentParser | Any, required: bool = True) -> None:
+    """``-p/--checkpoint`` (this project's or the original release's file) and ``--words`` (overrides the stored
+    word-vector file). ``parser`` may be a mutually exclusive group for the checkpoint."""
+    parser.add_argument("-p", "--checkpoint", type=Path, required=required,
+                        help="model checkpoint (this project's, or the original release's model.pth.tar)")
+
+
+def add_words_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--words", type=Path, help="word-vector file (default: the checkpoint's)")
 
 
 def add_device_args(parser: argparse.ArgumentParser) -> None:
@@ -20,29 +61,33 @@ def add_device_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
-def run(main: Callable[[], Any]) -> None:
-    """Run a CLI's ``main``; user mistakes print one line ``error: ...`` and exit with status 2."""
+def add_size_arg(parser: argparse.ArgumentParser, default: str = "the checkpoint's test_size") -> None:
+    parser.add_argument("--size", type=positive_int, help=f"resize images to SIZE x SIZE (default: {default})")
+
+
+def add_output_args(parser: argparse.ArgumentParser, results_key: str | None = None) -> None:
+    """``--json PATH`` (the full results) and, with ``results_key``, ``--results PATH`` (add them under that key
+    to a shared results file)."""
+    parser.add_argument("--json", type=Path, help="write the full results here")
+    if results_key:
+        parser.add_argument("--results", type=Path,
+                            help=f"add the results as the '{results_key}' entry of this JSON file")
+
+
+def add_set_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override a config field, e.g. model.pooling=gap or train.lr=5e-4 (repeatable)")
+
+
+def run(main: Callable[..., Any], argv: list[str] | None = None) -> None:
+    """Run a CLI's ``main(argv)``; user mistakes print one line ``error: ...`` and exit with status 2."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.getLogger("gensim").setLevel(logging.WARNING)
     try:
-        main()
+        main() if argv is None else main(argv)
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
-
-
-def write_json(path: Path | str, data: Any) -> None:
-    """Write JSON atomically (temporary file in the same folder, then rename)."""
-    with atomic_path(path) as temporary:
-        temporary.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
-
-
-def update_results(path: Path | str, key: str, value: Any) -> None:
-    """Set ``key`` in a shared results JSON file (e.g. runs/demo/results.json), keeping the other entries."""
-    path = Path(path)
-    results = json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
-    results[key] = value
-    write_json(path, results)

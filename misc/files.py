@@ -2,10 +2,11 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import uuid
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 
 @contextlib.contextmanager
@@ -23,3 +24,17 @@ def atomic_path(path: Path | str) -> Iterator[Path]:
     except BaseException:
         temporary.unlink(missing_ok=True)
         raise
+
+
+def write_json(path: Path | str, data: Any) -> None:
+    """Write JSON atomically (temporary file in the same folder, then rename)."""
+    with atomic_path(path) as temporary:
+        temporary.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+
+
+def update_results(path: Path | str, key: str, value: Any) -> None:
+    """Set ``key`` in a shared results JSON file (e.g. runs/demo/results.json), keeping the other entries."""
+    path = Path(path)
+    results = json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
+    results[key] = value
+    write_json(path, results)

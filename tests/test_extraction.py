@@ -21,9 +21,12 @@ from misc.checkpoint import atomic_save, load_model
 from misc.config import ModelConfig, TrainConfig
 from misc.datasets import eval_transform, load_image
 from misc.engine import encode_captions
-from misc.extraction import (ImageFiles, PartStore, Streamed, collate_images, decode_image, exact_search,
-                             extract_images, index_search, list_images, load_collection, load_or_build_index,
-                             npz_array, read_list, read_text_lines, write_npz)
+from misc import search
+from misc.arrays import Streamed, npz_array, write_npz
+from misc.extraction import ImageFiles, PartStore, collate_images, extract_images
+from misc.images import decode_image, list_images, read_list
+from misc.search import exact_search, index_search, load_collection, load_or_build_index
+from misc.texts import read_text_lines
 from misc.words import load_word_vectors
 from models.joint import build_model
 from tests.conftest import run_cli
@@ -296,11 +299,11 @@ def test_exact_search_agrees_with_full_sort_and_faiss():
     np.testing.assert_array_equal(rows, order)
     np.testing.assert_allclose(scores, np.take_along_axis(queries @ features.T, order, 1), rtol=1e-6)
     for nlist, nprobe in ((1, None), (16, 16)):  # flat, and IVF visiting every list: both exact
-        index = extraction.build_index(features, nlist)
+        index = search.build_index(features, nlist)
         faiss_scores, faiss_rows = index_search(index, queries, 10, nprobe)
         np.testing.assert_array_equal(faiss_rows, order)
         np.testing.assert_allclose(faiss_scores, scores, atol=1e-5)
-    ivf_rows = index_search(extraction.build_index(features, 16), queries, 10, 4)[1]
+    ivf_rows = index_search(search.build_index(features, 16), queries, 10, 4)[1]
     assert np.mean([len(set(a) & set(b)) / 10 for a, b in zip(ivf_rows, order)]) > 0.3
 
 

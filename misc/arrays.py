@@ -1,0 +1,109 @@
+"""Array files: plain uncompressed ``.npz`` written atomically (optionally streamed block by block), arrays
+memory-mapped out of them, and fingerprints of files."""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import struct
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import numpy as np
+
+from misc.files import atomic_path
+
+
+@dataclass
+class Streamed:
+    """An array written to an .npz chunk by chunk: its full shape, dtype and a function yielding the row blocks."""
+
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    blocks: Callable[[], Iterable[np.ndarray]]
+
+
+def write_npz(path: Path, arrays: dict[str, np.ndarray | Streamed]) -> None:
+    """Write an uncompressed .npz (what ``np.load`` reads) atomically: temporary file in the same folder, then rename.
+
+    :class:`Streamed` arrays are written block by block, so an output larger than memory can be assembled.
+    """
+    with atomic_path(path) as temporary, zipfile.ZipFile(temporary, "w", zipfile.ZIP_STORED,
+                                                        allowZip64=True) as archive:
+        for name, value in arrays.items():
+            with archive.open(f"{name}.npy", "w", force_zip64=True) as member:
+                if isinstance(value, Streamed):
+                    _write_streamed(member, value, name)
+                else:
+                    np.lib.format.write_array(member, np.asanyarray(value), allow_pickle=False)
+
+
+def _write_streamed(member: Any, value: Streamed, name: str) -> None:
+    dtype = np.dtype(value.dtype)
+    header = {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": tuple(value.shape)}
+    np.lib.format.write_array_header_2_0(member, header)
+    rows = 0
+    for block in value.blocks():
+        block = np.ascontiguousarray(block, dtype=dtype)
+        if block.shape[1:] != tuple(value.shape[1:]):
+            raise ValueError(f"{name}: block of shape {block.shape} in an array of shape {value.shape}")
+        member.write(block.tobytes())
+        rows += len(block)
+    if rows != value.shape[0]:
+        raise ValueError(f"{name}: {rows} rows written for an array of shape {value.shape}")
+
+
+def npz_array(path: Path, name: str, mmap: bool = False) -> np.ndarray:
+    """One array of an .npz; with ``mmap`` an uncompressed one is memory-mapped (read-only) instead of read."""
+    with zipfile.ZipFile(path) as archive:
+        info = archive.getinfo(f"{name}.npy")
+        if not mmap or info.compress_type != zipfile.ZIP_STORED:
+            with archive.open(info) as member:
+                return np.lib.format.read_array(member, allow_pickle=False)
+    with open(path, "rb") as handle:
+        handle.seek(info.header_offset)
+        local = handle.read(30)  # the member's local header: name and extra-field lengths at bytes 26-29
+        name_length, extra_length = struct.unpack("<HH", local[26:30])
+        handle.seek(info.header_offset + 30 + name_length + extra_length)
+        version = np.lib.format.read_magic(handle)
+        reader = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, fortran, dtype = reader(handle)
+        offset = handle.tell()
+    if dtype.hasobject:
+        raise ValueError(f"{path}: {name} holds Python objects")
+    if math.prod(shape) == 0:
+        return np.empty(shape, dtype=dtype)
+    return np.memmap(path, dtype=dtype, mode="r", shape=shape, offset=offset, order="F" if fortran else "C")
+
+
+def npz_names(path: Path) -> set[str]:
+    """Names of the arrays an .npz holds."""
+    with zipfile.ZipFile(path) as archive:
+        return {name[:-4] for name in archive.namelist() if name.endswith(".npy")}
+
+
+def npz_fingerprint(path: Path) -> str:
+    """A content fingerprint of an .npz that reads only its directory: every member's name, size and CRC-32."""
+    with zipfile.ZipFile(path) as archive:
+        entries = sorted((i.filename, i.file_size, i.CRC) for i in archive.infolist())
+    return hashlib.sha256(json.dumps(entries).encode()).hexdigest()
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def text_array(values: list[str]) -> np.ndarray:
+    """Strings as a fixed-width unicode array (loads without pickle); an empty list keeps a width of 1."""
+    return np.array(values, dtype=str) if values else np.empty(0, dtype="<U1")
+
+
+def skipped_array(skipped: list[tuple[str, str]]) -> np.ndarray:
+    """(K, 2) strings: where (a path or a line number) and why."""
+    return np.array(skipped, dtype=str).reshape(-1, 2) if skipped else np.empty((0, 2), dtype="<U1")

@@ -327,7 +327,7 @@ def test_init_from_a_joint_model_loads_every_weight(original, tmp_path, source):
 # --------------------------------------------------------------------------- every CLI takes the original files
 
 def test_eval_retrieval_accepts_the_original_model(original, tiny_world):
-    result = run_cli("eval_retrieval.py", "-p", original.model, "--dataset", "demo", "-te", "--words", original.words,
+    result = run_cli("eval_retrieval.py", "-p", original.model, "--dataset", "demo", "--words", original.words,
                      "--size", "128", "--batch-size", "8", "--protocols", "full", *CLI_FLAGS, world=tiny_world)
     assert "12 images, 60 captions" in result.stdout and "rsum" in result.stdout
 
@@ -370,7 +370,7 @@ def test_bad_checkpoint_files_are_one_line_errors(original, tiny_world, tmp_path
         with pytest.raises(ConfigError, match=message) as error:
             checkpoint.load(path)
         assert "\n" not in str(error.value)
-    result = run_cli("eval_retrieval.py", "-p", truncated, "--dataset", "demo", "-te", *CLI_FLAGS, world=tiny_world,
+    result = run_cli("eval_retrieval.py", "-p", truncated, "--dataset", "demo", *CLI_FLAGS, world=tiny_world,
                      check=False)
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 2 and len(lines) == 1 and "truncated" in lines[0], result.stderr
@@ -384,7 +384,7 @@ def test_word_vector_problems_are_one_line_errors(original, tiny_world, tmp_path
     saved = checkpoint.load(original.model)
     with pytest.raises(ConfigError, match=r"utable\.npy are 16-d but \S*model\.pth\.tar expects 64-d"):
         checkpoint.load_words(saved, small / "utable.npy", original.model)
-    args = ["-p", original.model, "--dataset", "demo", "-te", "--words", small / "utable.npy", *CLI_FLAGS]
+    args = ["-p", original.model, "--dataset", "demo", "--words", small / "utable.npy", *CLI_FLAGS]
     assert run_in_process("eval_retrieval.py", args, tiny_world, monkeypatch) == 2
     error = capsys.readouterr().err.strip().splitlines()
     assert len(error) == 1 and "16-d" in error[0] and "64-d" in error[0]

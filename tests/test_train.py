@@ -48,7 +48,7 @@ def test_kill_and_resume_gives_the_same_next_epoch_state(two_epochs: Path, tiny_
 
 
 def test_eval_retrieval_json_matches_features_path(two_epochs: Path, tiny_world: Path, tmp_path: Path):
-    run_cli("eval_retrieval.py", "-p", two_epochs / "best.pth.tar", "-te", "--device", "cpu", "--workers", "0",
+    run_cli("eval_retrieval.py", "-p", two_epochs / "best.pth.tar", "--device", "cpu", "--workers", "0",
             "--json", tmp_path / "r.json", "--results", tmp_path / "results.json",
             "--save-features", tmp_path / "f.npz", "--no-progress", world=tiny_world)
     results = json.loads((tmp_path / "r.json").read_text())
@@ -77,7 +77,7 @@ def test_train_bad_input_is_one_line(tiny_world: Path, tmp_path: Path, args: lis
 
 def test_eval_rejects_bad_files(tmp_path: Path):
     (tmp_path / "junk.pth.tar").write_bytes(b"not a checkpoint")
-    result = run_cli("eval_retrieval.py", "-p", tmp_path / "junk.pth.tar", "-te", check=False)
+    result = run_cli("eval_retrieval.py", "-p", tmp_path / "junk.pth.tar", check=False)
     assert result.returncode == 2 and "not a readable checkpoint" in result.stderr
     import numpy as np
     np.savez(tmp_path / "f.npz", images=np.zeros((3, 4)), captions=np.zeros((7, 4)))

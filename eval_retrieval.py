@@ -15,12 +15,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from misc import checkpoint, config, demo
+from misc import config, demo
 from misc.cli import (add_checkpoint_args, add_device_args, add_output_args, add_size_arg, add_words_arg, parser_for,
                       positive_int, run)
 from misc.config import ConfigError
 from misc.datasets import EVAL_PROTOCOLS, load_records
-from misc.engine import encode_records, resolve_device
+from misc.engine import encode_records
+from misc.inference import Inference
 from misc.files import atomic_path, update_results, write_json
 from misc.retrieval import caption_owner_default, evaluate, format_table
 
@@ -66,20 +67,17 @@ def load_features(path: Path) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 
 def embed_split(args: argparse.Namespace) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    device = resolve_device(args.device)
-    model, state = checkpoint.load_model(args.checkpoint, device)
-    saved = state["config"]
-    dataset = args.dataset or saved["train"]["dataset"]
+    model = Inference.load(args.checkpoint, args.words, args.device, args.amp)
+    dataset = args.dataset or model.config["train"]["dataset"]
     if dataset == "demo":
         demo.ensure(config.DEMO_DIR)
-    words = checkpoint.load_words(state, args.words, args.checkpoint)
     records = load_records(dataset, args.split)
-    size = args.size or (256 if args.protocol == "crop" else saved["train"]["test_size"])
-    log.info("embedding %d images (%dx%d) and their captions from %s on %s", len(records), size, size, dataset, device)
-    return encode_records(model, records, words, device, size, batch_size=args.batch_size,
-                          workers=args.workers if args.workers is not None else 2,
-                          amp=args.amp if device.type == "cuda" else None, progress=not args.no_progress,
-                          protocol=args.protocol)
+    size = args.size or (256 if args.protocol == "crop" else model.test_size)
+    log.info("embedding %d images (%dx%d) and their captions from %s on %s", len(records), size, size, dataset,
+             model.device)
+    return encode_records(model.model, records, model.words, model.device, size, batch_size=args.batch_size,
+                          workers=args.workers if args.workers is not None else 2, amp=model.amp,
+                          progress=not args.no_progress, protocol=args.protocol)
 
 
 def main(argv: list[str] | None = None) -> None:

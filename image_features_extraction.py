@@ -21,10 +21,9 @@ import argparse
 import logging
 from pathlib import Path
 
-from misc import checkpoint
 from misc.cli import add_checkpoint_args, add_device_args, add_size_arg, parser_for, positive_int, run
 from misc.config import ConfigError
-from misc.engine import resolve_device
+from misc.inference import Inference
 from misc.extraction import describe_checkpoint, extract_images, log_skipped, maps_bytes
 from misc.images import list_images, read_list
 
@@ -50,25 +49,24 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.size is not None and args.size < 32:
         raise ConfigError(f"--size {args.size}: at least 32 (the trunk divides it by 32)")
-    device = resolve_device(args.device)
-    model, state = checkpoint.load_model(args.checkpoint, device)
-    size = args.size or state["config"]["train"]["test_size"]
+    model = Inference.load(args.checkpoint, device=args.device, amp=args.amp)
+    size = args.size or model.test_size
     entries = read_list(args.list, args.folder) if args.list else list_images(args.folder)
     if not entries:
         raise ConfigError(f"no images in {args.list or args.folder} (extensions: jpg, jpeg, png, bmp, webp)")
     if args.maps:
-        estimate = maps_bytes(len(entries), model.config.maps_dim, size)
+        estimate = maps_bytes(len(entries), model.model.config.maps_dim, size)
         log.warning("--maps: the maps G of %d images take about %.2f GB (%d bytes) in %s, and %.2f GB of memory per "
                     "chunk of %d images (lower --chunk-size if that is too much)", len(entries), estimate / 1e9,
-                    estimate, args.out, maps_bytes(args.chunk_size, model.config.maps_dim, size) / 1e9,
+                    estimate, args.out, maps_bytes(args.chunk_size, model.model.config.maps_dim, size) / 1e9,
                     args.chunk_size)
-    record = describe_checkpoint(args.checkpoint, state, size=size, folder=str(args.folder.resolve()),
+    record = describe_checkpoint(args.checkpoint, model.state, size=size, folder=str(args.folder.resolve()),
                                  maps=args.maps)
-    log.info("embedding %d images from %s at %dx%d on %s", len(entries), args.folder, size, size, device)
-    result = extract_images(model.image, args.folder, entries, args.out, size, record, device=device, amp=args.amp,
-                            batch_size=args.batch_size, workers=2 if args.workers is None else args.workers,
-                            chunk_size=args.chunk_size, maps=args.maps, resume=args.resume,
-                            progress=not args.no_progress)
+    log.info("embedding %d images from %s at %dx%d on %s", len(entries), args.folder, size, size, model.device)
+    result = extract_images(model.model.image, args.folder, entries, args.out, size, record, device=model.device,
+                            amp=model.amp, batch_size=args.batch_size,
+                            workers=2 if args.workers is None else args.workers, chunk_size=args.chunk_size,
+                            maps=args.maps, resume=args.resume, progress=not args.no_progress)
     log_skipped(result.skipped, args.out)
     resumed = f", {result.resumed_chunks} chunks resumed" if result.resumed_chunks else ""
     log.info("%d images embedded, %d skipped%s (%.1f images/s) -> %s", result.count, len(result.skipped), resumed,

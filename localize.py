@@ -15,9 +15,9 @@ from pathlib import Path
 from misc.cli import (add_checkpoint_args, add_device_args, add_size_arg, add_words_arg, parser_for, positive_int,
                       run)
 from misc.config import ConfigError
-from misc.datasets import eval_transform, load_image
-from misc.engine import resolve_device
-from misc.localization import choose_k, heatmaps, load_localizer, peak_location
+from misc.images import decode_image
+from misc.inference import Inference
+from misc.localization import choose_k, heatmaps, peak_location
 from misc.visualize import figure_size, overlays, save_png
 from misc.words import tokenize
 
@@ -50,19 +50,18 @@ def main(argv: list[str] | None = None) -> None:
     if not args.image.is_file():
         raise ConfigError(f"image {args.image} not found")
     try:
-        image = load_image(args.image)
-    except OSError as error:
+        image = decode_image(args.image)
+    except (OSError, ValueError) as error:
         raise ConfigError(f"{args.image} is not a readable image ({error})") from error
-    device = resolve_device(args.device)
-    localizer = load_localizer(args.checkpoint, args.words, device, args.amp)
+    model = Inference.load(args.checkpoint, args.words, args.device, args.amp)
     for text in args.text:
-        if localizer.known_words(text) == 0:
+        if model.known_words(text) == 0:
             log.warning("no word of %r is in the vocabulary: its heatmap means little", text)
-    size = args.size or localizer.saved["train"]["test_size"]
-    k = choose_k(args.k, localizer.dim, PAPER_K)
+    size = args.size or model.test_size
+    k = choose_k(args.k, model.dim, PAPER_K)
 
-    maps = localizer.maps(eval_transform(size)(image)[None])  # (1, D', h, w)
-    heat = heatmaps(maps, localizer.weight, localizer.encode(args.text), k)[0].cpu()  # (T, h, w)
+    maps = model.maps(model.transform(size)(image)[None])  # (1, D', h, w)
+    heat = heatmaps(maps, model.weight, model.embed_texts(args.text), k)[0].cpu()  # (T, h, w)
     peaks = peak_location(heat, *image.size)  # (T, 2) in the image's pixels
     save_png(overlays(image, heat, peaks, args.text, args.alpha), args.out)
     width, height = figure_size(*image.size, len(args.text))

@@ -23,17 +23,14 @@ from pathlib import Path
 from typing import Any, TextIO
 
 import numpy as np
-import torch
 
-from misc import checkpoint
+from misc.arrays import file_sha256
 from misc.cli import add_checkpoint_args, add_words_arg, parser_for, positive_int, run, write_json
 from misc.config import ConfigError
-from misc.engine import encode_captions, resolve_device
-from misc.arrays import file_sha256
 from misc.extraction import ImageFiles
+from misc.inference import Inference
 from misc.search import Collection, exact_search, index_search, load_collection, load_or_build_index
 from misc.texts import count_oov
-from models.joint import JointEmbedding
 
 log = logging.getLogger("search")
 
@@ -57,28 +54,25 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def load_model(args: argparse.Namespace, why: str) -> tuple[JointEmbedding, dict[str, Any], torch.device]:
+def load_model(args: argparse.Namespace, why: str) -> Inference:
     if args.checkpoint is None:
         raise ConfigError(f"{why} needs the model: pass -p CHECKPOINT")
-    device = resolve_device(args.device)
-    model, state = checkpoint.load_model(args.checkpoint, device)
-    return model, state, device
+    return Inference.load(args.checkpoint, args.words, args.device)
 
 
 def text_queries(args: argparse.Namespace) -> tuple[np.ndarray, list[str], str]:
     """Embeddings (Q, d) of the -q texts, their labels and the sha256 of the checkpoint that embedded them."""
-    model, state, device = load_model(args, "a text query")
-    words = checkpoint.load_words(state, args.words, args.checkpoint)
-    oov, tokens = count_oov(words, args.query)
+    model = load_model(args, "a text query")
+    oov, tokens = count_oov(model.words, args.query)
     for text, count in zip(args.query, tokens):
         if not count:
             raise ConfigError(f"query {text!r} has no words")
     if oov.sum():
         log.warning("%d of %d query words are not in the vocabulary (mapped to UNK)", oov.sum(), tokens.sum())
-    features = encode_captions(model, args.query, words, device, progress=False).numpy()
+    features = model.embed_texts(args.query).cpu().numpy()
     for text, norm in zip(args.query, np.linalg.norm(features, axis=1)):
         if norm < 0.5:
-            raise ConfigError(f"query {text!r}: none of its words is in the vocabulary of {words.source}")
+            raise ConfigError(f"query {text!r}: none of its words is in the vocabulary of {model.words.source}")
     return features, list(args.query), file_sha256(args.checkpoint)
 
 
@@ -99,13 +93,12 @@ def image_query(args: argparse.Namespace, images: Collection | None) -> tuple[np
     if not path.is_file():
         where = f"a row or stored path of {images.path}, nor " if images is not None else ""
         raise ConfigError(f"--image {args.image}: not {where}an image file")
-    model, state, device = load_model(args, "an image file query")
-    size = (images.config.get("size") if images is not None else None) or state["config"]["train"]["test_size"]
+    model = load_model(args, "an image file query")
+    size = (images.config.get("size") if images is not None else None) or model.test_size
     _, image, reason = ImageFiles(Path.cwd(), [str(path)], size)[0]
     if image is None:
         raise ConfigError(f"--image {path}: cannot decode it ({reason})")
-    with torch.no_grad():
-        features = model.image(image[None].to(device)).float().cpu().numpy()
+    features = model.embed_images(image[None]).numpy()
     return features, str(path), None, file_sha256(args.checkpoint)
 
 

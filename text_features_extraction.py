@@ -17,12 +17,11 @@ from pathlib import Path
 
 import numpy as np
 
-from misc import checkpoint
 from misc.cli import add_checkpoint_args, add_device_args, add_words_arg, parser_for, positive_int, run
 from misc.config import ConfigError
 from misc.arrays import skipped_array, text_array, write_npz
-from misc.engine import resolve_device
 from misc.extraction import describe_checkpoint, log_skipped
+from misc.inference import Inference
 from misc.texts import embed_lines, read_text_lines
 
 log = logging.getLogger("text_features_extraction")
@@ -44,15 +43,14 @@ def main(argv: list[str] | None = None) -> None:
     text = read_text_lines(args.data)
     if not text.lines:
         raise ConfigError(f"{args.data}: no line to embed")
-    device = resolve_device(args.device)
-    model, state = checkpoint.load_model(args.checkpoint, device)
-    words = checkpoint.load_words(state, args.words, args.checkpoint)
-    text, features, oov, tokens = embed_lines(model, words, text, device, args.batch_size, args.amp,
-                                              not args.no_progress)
+    model = Inference.load(args.checkpoint, args.words, args.device, args.amp)
+    text, features, oov, tokens = embed_lines(model.model, model.words, text, model.device, args.batch_size,
+                                              model.amp, not args.no_progress)
     if not text.lines:
         raise ConfigError(f"{args.data}: no line with a word in the vocabulary to embed")
     log_skipped([(f"{args.data}:{number}", reason) for number, reason in text.skipped], args.out)
-    record = describe_checkpoint(args.checkpoint, state, word_vectors=str(words.source), data=str(args.data))
+    record = describe_checkpoint(args.checkpoint, model.state, word_vectors=str(model.words.source),
+                                 data=str(args.data))
     write_npz(args.out, {"features": features, "lines": text_array(text.lines),
                          "line_numbers": np.array(text.numbers, dtype=np.int64), "oov": oov,
                          "skipped": skipped_array([(str(number), reason) for number, reason in text.skipped]),

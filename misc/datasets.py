@@ -22,6 +22,7 @@ from visual_genome import utils as vg_utils
 
 from misc import config
 from misc.config import ConfigError, TrainConfig
+from misc.images import decode_image
 from misc.words import Encoded, WordVectors, tokenize
 
 log = logging.getLogger(__name__)
@@ -114,8 +115,8 @@ def check_images(records: list[Record], key: str = "") -> None:
 
 
 def load_image(path: Path) -> Image.Image:
-    with Image.open(path) as image:
-        return image.convert("RGB")
+    """An image of an annotated dataset: full scale, stored orientation (see :func:`misc.images.decode_image`)."""
+    return decode_image(path, exif=False)
 
 
 def train_transform(cfg: TrainConfig) -> Callable:

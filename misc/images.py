@@ -68,28 +68,32 @@ def read_list(list_file: Path, folder: Path) -> list[str]:
 
 # --------------------------------------------------------------------------- decoding
 
-def decode_image(path: Path, size: int) -> Image.Image:
+def decode_image(path: Path | str, size: int | None = None, *, exif: bool = True) -> Image.Image:
     """Decode any image file into RGB, ready to be resized to ``size`` x ``size``; raise on undecodable files.
 
     Policy:
-    - JPEGs are decoded at the smallest DCT scale (1/2, 1/4, 1/8) still at least ``size`` on both sides
-      (``Image.draft``): a 40-megapixel photo costs little memory and time;
-    - the EXIF orientation is applied;
+    - with ``size``, JPEGs are decoded at the smallest DCT scale (1/2, 1/4, 1/8) still at least ``size`` on both
+      sides (``Image.draft``): a 40-megapixel photo costs little memory and time. Without it, at full scale, as the
+      original release decoded its datasets (evaluation protocols keep that);
+    - with ``exif``, the EXIF orientation is applied, as a photo viewer shows the picture. Annotated datasets
+      (COCO, Visual Genome) pass ``exif=False``: their boxes and masks are drawn on the stored pixels;
     - 16-bit grey (``I;16``, ``I``) is scaled to 8 bits (value / 257), not clipped;
     - transparency (RGBA, LA, PA, P or L/RGB with a transparent colour) is composited onto white;
     - CMYK, grey, palette and bilevel images are converted by PIL;
     - empty files, unknown formats and truncated files raise; so do images above PIL's decompression-bomb limit
       (``2 * PIL.Image.MAX_IMAGE_PIXELS``, about 179 megapixels), which PIL refuses before decoding anything.
     """
+    path = Path(path)
     if path.stat().st_size == 0:
         raise ValueError("empty file (0 bytes)")
     with warnings.catch_warnings():
         # Between MAX_IMAGE_PIXELS and twice that PIL only warns; such images are decoded (JPEGs at reduced scale).
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         with Image.open(path) as image:
-            image.draft(image.mode, (size, size))
+            if size is not None:
+                image.draft(image.mode, (size, size))
             image.load()
-            return to_rgb(ImageOps.exif_transpose(image))
+            return to_rgb(ImageOps.exif_transpose(image) if exif else image)
 
 
 def to_rgb(image: Image.Image) -> Image.Image:

@@ -1,0 +1,100 @@
+"""A trained model ready to use: its network, word vectors and image preprocessing, loaded from one checkpoint.
+
+Every CLI that uses a trained model goes through :class:`Inference`::
+
+    model = Inference.load("runs/demo/best.pth.tar", device="cpu")
+    texts = model.embed_texts(["a red circle"])        # (T, d) unit rows, eq. 4
+    maps = model.maps(model.transform()(image)[None])  # (1, D', h, w): the maps G of eq. 1, for eq. 8-9
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from misc import checkpoint
+from misc.datasets import eval_transform
+from misc.engine import autocast, encode_captions, resolve_device
+from misc.words import WordVectors
+from models.joint import JointEmbedding
+
+
+@dataclass
+class Inference:
+    """A model in eval mode on ``device``, with the word vectors and text preprocessing it was trained with (read
+    on first use, so that image-only work needs no word-vector file)."""
+
+    model: JointEmbedding
+    state: dict[str, Any]  # the checkpoint as loaded: "config", "model", ...
+    checkpoint: Path
+    device: torch.device
+    amp: str | None = None  # mixed precision on CUDA; None on the CPU
+    words_path: Path | None = None  # overrides the word-vector file the checkpoint names
+
+    @classmethod
+    def load(cls, path: Path | str, words: Path | str | None = None, device: torch.device | str = "auto",
+             amp: str | None = None) -> Inference:
+        """Load a checkpoint (this project's or the original release's); ``words`` overrides the stored
+        word-vector file; ``device`` is a torch device or ``auto``."""
+        device = resolve_device(device) if isinstance(device, str) else device
+        network, state = checkpoint.load_model(path, device)
+        return cls(network, state, Path(path), device, amp if device.type == "cuda" else None,
+                   Path(words) if words else None)
+
+    @cached_property
+    def words(self) -> WordVectors:
+        """The word vectors and text preprocessing of the checkpoint (eq. 4's frozen input)."""
+        return checkpoint.load_words(self.state, self.words_path, self.checkpoint)
+
+    @property
+    def config(self) -> dict[str, Any]:
+        """The checkpoint's configuration: {"model", "train", "word_vectors", ...}."""
+        return self.state["config"]
+
+    @property
+    def dim(self) -> int:
+        """d, the joint space's dimension."""
+        return self.model.config.embed_dim
+
+    @property
+    def test_size(self) -> int:
+        """The image side the checkpoint evaluates at (SIZE x SIZE)."""
+        return int(self.config["train"]["test_size"])
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """A (d, D') of eq. 1, float32: the projection that eq. 8 applies at every position."""
+        return self.model.image.proj.weight.detach().float()
+
+    def transform(self, size: int | None = None, protocol: str = "resize") -> Callable:
+        """The evaluation preprocessing of a PIL image (default size: :attr:`test_size`)."""
+        return eval_transform(size or self.test_size, protocol)
+
+    @torch.no_grad()
+    def maps(self, images: torch.Tensor) -> torch.Tensor:
+        """Feature maps G (B, D', h, w) float32 of a batch of normalised images."""
+        with autocast(self.device, self.amp):
+            return self.model.image.feature_maps(images.to(self.device, non_blocking=True)).float()
+
+    @torch.no_grad()
+    def embed_maps(self, maps: torch.Tensor) -> torch.Tensor:
+        """Unit image embeddings (B, d) from maps G (eq. 1-3)."""
+        return self.model.image.embed_maps(maps).float()
+
+    @torch.no_grad()
+    def embed_images(self, images: torch.Tensor) -> torch.Tensor:
+        """Unit image embeddings (B, d) float32 of a batch of normalised images, on the CPU."""
+        with autocast(self.device, self.amp):
+            return self.model.image(images.to(self.device, non_blocking=True)).float().cpu()
+
+    def embed_texts(self, texts: list[str], batch_size: int = 256, progress: bool = False) -> torch.Tensor:
+        """Unit text embeddings (T, d) float32 on the device (eq. 4); every text must have a word."""
+        return encode_captions(self.model, texts, self.words, self.device, batch_size=batch_size, amp=self.amp,
+                               progress=progress).to(self.device)
+
+    def known_words(self, text: str) -> int:
+        """How many of the tokens the text path would embed are in the vocabulary."""
+        return sum(self.words.index(token) is not None for token in self.words.tokens(text))

@@ -94,8 +94,8 @@ def bench(kind: str, count: int, dim: int, queries: int, nlist: int, repeats: in
     built = time.perf_counter() - started
     print(f"{kind}: IVF-flat with {nlist} lists built in {built:.1f} s", flush=True)
     for nprobe in sorted({max(1, nlist // 64), nlist // 32, default_nprobe(nlist), nlist // 8, nlist // 4}):
-        batch_s, (_, found) = timed(lambda: index_search(index, query, K, nprobe), repeats)
-        one_s, _ = timed(lambda: index_search(index, query[:1], K, nprobe), repeats)
+        batch_s, (_, found) = timed(lambda nprobe=nprobe: index_search(index, query, K, nprobe), repeats)
+        one_s, _ = timed(lambda nprobe=nprobe: index_search(index, query[:1], K, nprobe), repeats)
         default = " (default)" if nprobe == default_nprobe(nlist) else ""
         rows.append((kind, f"IVF-flat nlist={nlist} (built in {built:.0f} s)", f"{nprobe}{default}", batch_s, one_s,
                      recall(found, truth), float("nan")))

@@ -48,7 +48,7 @@ def main() -> None:
     args = parser.parse_args()
     flags = ["--quick"] if args.quick else []
     out = HERE / ("RESULTS-quick.md" if args.quick else "RESULTS.md")
-    started = datetime.datetime.now(datetime.timezone.utc)
+    started = datetime.datetime.now(datetime.UTC)
     sections, failed, total = [], [], 0.0
     for name in BENCHMARKS:
         script = HERE / name

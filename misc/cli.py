@@ -6,7 +6,8 @@ import argparse
 import logging
 import sys
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 from misc.config import ConfigError
 from misc.files import update_results, write_json

@@ -92,8 +92,8 @@ def test_visual_genome_files_load(world: Path, karpathy: list[dict]) -> None:
         boxes = [a["bbox"] for a in instances.loadAnns(instances.getAnnIds(imgIds=[coco_id]))]
         assert len(image_regions) == len(boxes)
         for region in image_regions:
-            assert 0 <= region.x and region.x + region.width <= IMAGE_SIZE
-            assert 0 <= region.y and region.y + region.height <= IMAGE_SIZE
+            assert region.x >= 0 and region.x + region.width <= IMAGE_SIZE
+            assert region.y >= 0 and region.y + region.height <= IMAGE_SIZE
             assert any(abs(region.x - x) <= 1 and abs(region.width - w) <= 2 and abs(region.y - y) <= 1
                        for x, y, w, h in boxes)
 
@@ -191,7 +191,7 @@ def test_scenes_fill_the_image_without_overlap() -> None:
     assert {demo.position_word(o.bbox, 128) for s in scenes for o in s} == set(demo.POSITION_PHRASES)
     for scene in scenes:
         for i, a in enumerate(scene):
-            assert 0 <= a.x and a.x + a.side <= 128 and 0 <= a.y and a.y + a.side <= 128
+            assert a.x >= 0 and a.x + a.side <= 128 and a.y >= 0 and a.y + a.side <= 128
             assert demo.SIZES[a.size][0] * 128 - 1 <= a.side <= demo.SIZES[a.size][1] * 128 + 1
             for b in scene[i + 1:]:
                 demo.relation(a.bbox, b.bbox)  # raises if the boxes overlap
@@ -220,7 +220,9 @@ def _true_relation(phrase: str, a: list[float], b: list[float]) -> bool:
 
 def test_caption_spatial_words_are_true() -> None:
     rng = np.random.default_rng(1)
-    words = lambda table: "|".join(sorted({w for ws in table.values() for w in ws}, key=len, reverse=True))
+    def words(table: dict) -> str:
+        return "|".join(sorted({w for ws in table.values() for w in ws}, key=len, reverse=True))
+
     mention = re.compile(rf"\b(?:a|an) (?:({words(demo.SIZE_WORDS)}) )?({words(demo.COLOUR_WORDS)}) "
                          rf"({words(demo.SHAPE_WORDS)})")
     positions = sorted({p for ps in demo.POSITION_PHRASES.values() for p in ps}, key=len, reverse=True)

@@ -8,7 +8,7 @@ import subprocess
 import zlib
 from dataclasses import asdict
 from pathlib import Path
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
 import pytest

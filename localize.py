@@ -15,7 +15,7 @@ from pathlib import Path
 from misc.cli import (add_checkpoint_args, add_device_args, add_size_arg, add_words_arg, parser_for, positive_int,
                       run)
 from misc.config import ConfigError
-from misc.images import decode_image
+from misc.images import read_image
 from misc.inference import Inference
 from misc.localization import choose_k, heatmaps, peak_location
 from misc.visualize import figure_size, overlays, save_png
@@ -47,12 +47,7 @@ def main(argv: list[str] | None = None) -> None:
     for text in args.text:
         if not any(any(c.isalnum() for c in token) for token in tokenize(text)):
             raise ConfigError(f"query {text!r} has no words")
-    if not args.image.is_file():
-        raise ConfigError(f"image {args.image} not found")
-    try:
-        image = decode_image(args.image)
-    except (OSError, ValueError) as error:
-        raise ConfigError(f"{args.image} is not a readable image ({error})") from error
+    image = read_image(args.image)
     model = Inference.load(args.checkpoint, args.words, args.device, args.amp)
     for text in args.text:
         if model.known_words(text) == 0:

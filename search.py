@@ -27,7 +27,7 @@ import numpy as np
 from misc.arrays import file_sha256
 from misc.cli import add_checkpoint_args, add_words_arg, parser_for, positive_int, run, write_json
 from misc.config import ConfigError
-from misc.extraction import ImageFiles
+from misc.images import read_image
 from misc.inference import Inference
 from misc.search import Collection, exact_search, index_search, load_collection, load_or_build_index
 from misc.texts import count_oov
@@ -95,10 +95,7 @@ def image_query(args: argparse.Namespace, images: Collection | None) -> tuple[np
         raise ConfigError(f"--image {args.image}: not {where}an image file")
     model = load_model(args, "an image file query")
     size = (images.config.get("size") if images is not None else None) or model.test_size
-    _, image, reason = ImageFiles(Path.cwd(), [str(path)], size)[0]
-    if image is None:
-        raise ConfigError(f"--image {path}: cannot decode it ({reason})")
-    features = model.embed_images(image[None]).numpy()
+    features = model.embed_images(model.transform(size)(read_image(path, size))[None]).numpy()
     return features, str(path), None, file_sha256(args.checkpoint)
 
 

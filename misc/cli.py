@@ -6,7 +6,7 @@ import argparse
 import logging
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 from collections.abc import Callable
 
 from misc.config import ConfigError
@@ -38,9 +38,17 @@ def positive_float(text: str) -> float:
     return value
 
 
-def parser_for(doc: str | None) -> argparse.ArgumentParser:
+class Parser(argparse.ArgumentParser):
+    """argparse with the house's error format: one line ``error: ...`` on standard error, exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        print(f"error: {message} (see {self.prog} --help)", file=sys.stderr)
+        sys.exit(2)
+
+
+def parser_for(doc: str | None) -> Parser:
     """The parser of a CLI: its module docstring as the description, kept as written."""
-    return argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    return Parser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
 
 
 def add_checkpoint_args(parser: argparse.ArgumentParser | Any, required: bool = True) -> None:

@@ -6,13 +6,14 @@ into ``OUT.npz`` (streamed, temporary file + rename) when every chunk is done.
 """
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 from collections.abc import Iterable, Iterator
 
 import numpy as np
@@ -25,7 +26,7 @@ from misc.files import write_json
 from misc.config import ConfigError
 from misc.datasets import eval_transform
 from misc.engine import autocast
-from misc.images import decode_image, failure_reason
+from misc.images import decode_image, failure_reason, printable, utf8_name
 from models.visual import ImageEncoder
 
 log = logging.getLogger(__name__)
@@ -47,6 +48,8 @@ class ImageFiles(Dataset):
         return len(self.entries)
 
     def __getitem__(self, index: int) -> tuple[int, torch.Tensor | None, str | None]:
+        if not utf8_name(self.entries[index]):  # its path could not be stored as text in the output
+            return index, None, "file name is not valid UTF-8; rename the file to embed it"
         try:
             return index, self.transform(decode_image(self.folder / self.entries[index], self.size)), None
         except Exception as error:  # any failure of one user file is reported, never fatal to the run
@@ -156,7 +159,8 @@ class PartStore:
     """The finished chunks of an extraction into ``OUT``: ``OUT.parts/manifest.json`` and ``part-NNNNNN.npz``.
 
     The manifest fingerprints what the results depend on (checkpoint bytes, image size, maps or not, the file
-    list); a run only resumes parts whose manifest matches. Every file is written atomically.
+    list); a run only resumes parts whose manifest matches. Every file is written atomically. A run holds an
+    exclusive lock on ``OUT.parts/lock`` from :meth:`start` to :meth:`close`, so a second process refuses to start.
     """
 
     CHECKED = {"checkpoint_sha256": "checkpoint", "size": "image size", "maps": "--maps setting",
@@ -164,24 +168,45 @@ class PartStore:
 
     def __init__(self, out: Path) -> None:
         self.folder = Path(out).with_name(Path(out).name + ".parts")
+        self.lock: TextIO | None = None
 
     def start(self, manifest: dict[str, Any], resume: bool) -> dict[str, Any]:
         """Open the store for a run; returns the manifest in force (a resumed run keeps its chunk size)."""
         path = self.folder / "manifest.json"
         if self.folder.exists() and not resume:
             raise ConfigError(f"{self.folder} holds an unfinished run; pass --resume to continue it, or delete it")
-        if resume and path.exists():
-            stored = json.loads(path.read_text(encoding="utf-8"))
-            for key, what in self.CHECKED.items():
-                if stored.get(key) != manifest[key]:
-                    raise ConfigError(f"cannot resume {self.folder}: it was made with a different {what} "
-                                      f"({stored.get(key)} vs {manifest[key]} now); delete it to start over")
-            return stored
-        if resume:
-            log.info("nothing to resume in %s; starting", self.folder)
+        self._lock()
+        try:
+            if resume and path.exists():
+                stored = json.loads(path.read_text(encoding="utf-8"))
+                for key, what in self.CHECKED.items():
+                    if stored.get(key) != manifest[key]:
+                        raise ConfigError(f"cannot resume {self.folder}: it was made with a different {what} "
+                                          f"({stored.get(key)} vs {manifest[key]} now); delete it to start over")
+                return stored
+            if resume:
+                log.info("nothing to resume in %s; starting", self.folder)
+            write_json(path, manifest)
+            return manifest
+        except BaseException:
+            self.close()
+            raise
+
+    def _lock(self) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
-        write_json(path, manifest)
-        return manifest
+        self.lock = open(self.folder / "lock", "w")  # noqa: SIM115 - held open for the whole run
+        try:
+            fcntl.flock(self.lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.close()
+            raise ConfigError(f"another process is extracting into {self.folder}; let it finish, or stop it and "
+                              f"run again with --resume") from None
+
+    def close(self) -> None:
+        """Release the run's lock (the parts stay for a later --resume)."""
+        if self.lock is not None:
+            self.lock.close()
+            self.lock = None
 
     def part(self, chunk: int) -> Path:
         return self.folder / f"part-{chunk:06d}.npz"
@@ -196,9 +221,11 @@ class PartStore:
         return npz_array(self.part(chunk), name)
 
     def remove(self) -> None:
+        """Delete the parts once the output is complete, and release the lock."""
         for path in self.folder.iterdir():
             path.unlink()
         self.folder.rmdir()
+        self.close()
 
 
 @dataclass
@@ -215,8 +242,8 @@ def run_manifest(checkpoint_sha256: str, size: int, maps: bool, entries: list[st
                  chunk_size: int) -> dict[str, Any]:
     """What the parts of a run depend on (see :attr:`PartStore.CHECKED`), and their chunk size."""
     return {"version": PART_VERSION, "checkpoint_sha256": checkpoint_sha256, "size": size, "maps": maps,
-            "files": len(entries), "files_sha256": hashlib.sha256("\n".join(entries).encode()).hexdigest(),
-            "chunk_size": chunk_size}
+            "files": len(entries), "chunk_size": chunk_size,
+            "files_sha256": hashlib.sha256("\n".join(entries).encode("utf-8", "surrogateescape")).hexdigest()}
 
 
 def chunk_batches(chunks: list[range], batch_size: int) -> list[list[int]]:
@@ -237,31 +264,34 @@ def extract_images(encoder: ImageEncoder, folder: Path, entries: list[str], out:
     store = PartStore(out)
     manifest = run_manifest(config_record["checkpoint_sha256"], size, maps, entries, chunk_size)
     chunk_size = store.start(manifest, resume)["chunk_size"]
-    chunks = [range(start, min(start + chunk_size, len(entries))) for start in range(0, len(entries), chunk_size)]
-    done = set(store.finished(len(chunks)))
-    if done:
-        log.info("resuming: %d of %d chunks already done", len(done), len(chunks))
-    batches = chunk_batches([chunk for number, chunk in enumerate(chunks) if number not in done], batch_size)
-    loader = DataLoader(ImageFiles(folder, entries, size), batch_sampler=batches, num_workers=workers,
-                        collate_fn=collate_images, pin_memory=device.type == "cuda")
-    timing = Timing()
-    pending: dict[str, list] = {"indices": [], "features": [], "maps": [], "failed": [], "reasons": []}
-    seen = 0
-    for batch, features, grids in embed_image_batches(encoder, loader, device, amp, maps, timing, progress):
-        pending["indices"].append(batch.indices.numpy())
-        pending["features"].append(features)
-        if grids is not None:
-            pending["maps"].append(grids)
-        pending["failed"] += [index for index, _ in batch.failures]
-        pending["reasons"] += [reason for _, reason in batch.failures]
-        seen += len(batch.indices) + len(batch.failures)
-        number = (int(batch.indices[0]) if len(batch.indices) else batch.failures[0][0]) // chunk_size
-        if seen == len(chunks[number]):
-            store.save(number, _chunk_arrays(pending, maps))
-            pending = {key: [] for key in pending}
-            seen = 0
-    count, skipped = _assemble(store, entries, len(chunks), out, config_record, encoder.proj.out_features, maps)
-    store.remove()
+    try:
+        chunks = [range(start, min(start + chunk_size, len(entries))) for start in range(0, len(entries), chunk_size)]
+        done = set(store.finished(len(chunks)))
+        if done:
+            log.info("resuming: %d of %d chunks already done", len(done), len(chunks))
+        batches = chunk_batches([chunk for number, chunk in enumerate(chunks) if number not in done], batch_size)
+        loader = DataLoader(ImageFiles(folder, entries, size), batch_sampler=batches, num_workers=workers,
+                            collate_fn=collate_images, pin_memory=device.type == "cuda")
+        timing = Timing()
+        pending: dict[str, list] = {"indices": [], "features": [], "maps": [], "failed": [], "reasons": []}
+        seen = 0
+        for batch, features, grids in embed_image_batches(encoder, loader, device, amp, maps, timing, progress):
+            pending["indices"].append(batch.indices.numpy())
+            pending["features"].append(features)
+            if grids is not None:
+                pending["maps"].append(grids)
+            pending["failed"] += [index for index, _ in batch.failures]
+            pending["reasons"] += [reason for _, reason in batch.failures]
+            seen += len(batch.indices) + len(batch.failures)
+            number = (int(batch.indices[0]) if len(batch.indices) else batch.failures[0][0]) // chunk_size
+            if seen == len(chunks[number]):
+                store.save(number, _chunk_arrays(pending, maps))
+                pending = {key: [] for key in pending}
+                seen = 0
+        count, skipped = _assemble(store, entries, len(chunks), out, config_record, encoder.proj.out_features, maps)
+        store.remove()
+    finally:
+        store.close()
     return Extraction(count, skipped, len(done), timing)
 
 
@@ -280,7 +310,7 @@ def _assemble(store: PartStore, entries: list[str], chunks: int, out: Path, conf
     indices = [store.load(chunk, "indices") for chunk in range(chunks)]
     filled = [chunk for chunk in range(chunks) if len(indices[chunk])]
     count = sum(len(i) for i in indices)
-    skipped = [(entries[index], str(reason)) for chunk in range(chunks)
+    skipped = [(printable(entries[index]), str(reason)) for chunk in range(chunks)
                for index, reason in zip(store.load(chunk, "failed"), store.load(chunk, "reasons"))]
     arrays: dict[str, np.ndarray | Streamed] = {
         "features": Streamed((count, embed_dim), np.float32,

@@ -66,6 +66,20 @@ def read_list(list_file: Path, folder: Path) -> list[str]:
     return list(entries)
 
 
+def utf8_name(entry: str) -> bool:
+    """Whether a listed path is valid UTF-8 (the OS may hand out any bytes; Python keeps the rest as surrogates)."""
+    try:
+        entry.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def printable(entry: str) -> str:
+    """A listed path as text, its bytes that are not UTF-8 written as ``\\xNN``."""
+    return entry.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 # --------------------------------------------------------------------------- decoding
 
 def decode_image(path: Path | str, size: int | None = None, *, exif: bool = True) -> Image.Image:
@@ -113,3 +127,12 @@ def failure_reason(error: Exception) -> str:
         return "file not found"
     message = str(error).strip().splitlines()[0] if str(error).strip() else ""
     return f"{type(error).__name__}: {message}" if message else type(error).__name__
+
+
+def read_image(path: Path | str, size: int | None = None) -> Image.Image:
+    """:func:`decode_image` for one file a user named (a photo: EXIF orientation applied); a file that cannot be
+    decoded is a one-line error naming it."""
+    try:
+        return decode_image(path, size)
+    except Exception as error:  # any failure to decode the user's file is reported in one line
+        raise ConfigError(f"{path}: cannot read it as an image ({failure_reason(error)})") from error

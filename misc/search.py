@@ -132,11 +132,17 @@ def load_or_build_index(collection: Collection, nlist: int | None = None) -> tup
             log.warning("unreadable index %s (%s); rebuilding", index_path, error)
     started = time.perf_counter()
     index = build_index(collection.features, wanted["nlist"])
-    with atomic_path(index_path) as temporary:
-        faiss.write_index(index, str(temporary))
-    write_json(sidecar, wanted)
-    log.info("built %s index of %d vectors in %.1f s: %s", type(index).__name__, index.ntotal,
-             time.perf_counter() - started, index_path)
+    log.info("built %s index of %d vectors in %.1f s", type(index).__name__, index.ntotal,
+             time.perf_counter() - started)
+    try:
+        with atomic_path(index_path) as temporary:
+            faiss.write_index(index, str(temporary))
+        write_json(sidecar, wanted)
+    except (OSError, RuntimeError) as error:  # faiss reports a failed write as a RuntimeError
+        log.warning("could not save the index to %s (%s); it is used for this search only, and built again next "
+                    "time", index_path, str(error).strip().splitlines()[0])
+    else:
+        log.info("saved the index to %s", index_path)
     return index, True
 
 

@@ -3,6 +3,7 @@ three CLIs end to end on a tiny random-weight checkpoint."""
 from __future__ import annotations
 
 import json
+import os
 import struct
 import subprocess
 import zlib
@@ -214,7 +215,7 @@ def test_resume_after_interruption_gives_the_uninterrupted_result(zoo, tiny_chec
         extract_images(model.image, zoo, entries, out, SIZE, record, **options)
     monkeypatch.setattr(PartStore, "save", saved)
     assert not out.exists() and sorted(p.name for p in PartStore(out).folder.iterdir()) == [
-        "manifest.json", "part-000000.npz"]
+        "lock", "manifest.json", "part-000000.npz"]
 
     with pytest.raises(extraction.ConfigError, match="unfinished run; pass --resume"):
         extract_images(model.image, zoo, entries, out, SIZE, record, **options)
@@ -342,3 +343,45 @@ def test_search_cli_all_directions(demo_features, demo_texts, tiny_checkpoint):
     result = cli("search.py", "--images", demo_features, "--image", paths[3], "-k", "3", "--index", "faiss")
     assert paths[3] not in result.stdout.split("\n", 1)[1]  # an image is not its own neighbour
     assert result.stdout.splitlines()[1].endswith(paths[int(np.argsort(-(images @ images[3]))[1])])
+
+
+def test_a_file_name_that_is_not_utf8_is_skipped_with_a_report_and_the_rest_embedded(tiny_checkpoint, tmp_path):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    photo = Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 40, 3), dtype=np.uint8))
+    photo.save(folder / "fine.jpg")
+    photo.save(folder / os.fsdecode(b"caf\xe9.jpg"))  # Latin-1 bytes: not UTF-8
+    out = tmp_path / "photos.npz"
+    result = cli("image_features_extraction.py", "-p", tiny_checkpoint, "-d", folder, "-o", out, "--size", "64",
+                 "--workers", "0", "--no-progress", "--device", "cpu")
+    with np.load(out) as data:
+        assert data["paths"].tolist() == ["fine.jpg"] and data["features"].shape[0] == 1
+        assert data["skipped"].tolist() == [["caf\\xe9.jpg", "file name is not valid UTF-8; rename the file to "
+                                                             "embed it"]]
+    assert "1 images embedded, 1 skipped" in result.stderr
+
+
+def test_a_second_process_on_the_same_extraction_is_refused_in_one_line(tmp_path):
+    out = tmp_path / "out.npz"
+    manifest = extraction.run_manifest("0" * 64, SIZE, False, ["a.jpg"], 5)
+    first = PartStore(out)
+    first.start(manifest, resume=False)
+    with pytest.raises(extraction.ConfigError, match="another process is extracting into"):
+        PartStore(out).start(manifest, resume=True)
+    first.close()  # as when the first process ends, killed or not
+    assert PartStore(out).start(manifest, resume=True) == manifest
+
+
+def test_an_index_that_cannot_be_saved_is_still_searched(tmp_path, monkeypatch, caplog):
+    path = tmp_path / "images.npz"
+    features = random_unit(50, 8, 0)
+    write_npz(path, {"features": features, "paths": np.array([f"{i}.jpg" for i in range(50)])})
+
+    def read_only(index: object, name: str) -> None:
+        raise RuntimeError(f"Error: fopen({name}, 'wb') failed: Read-only file system")
+
+    monkeypatch.setattr(search.faiss, "write_index", read_only)
+    index, built = load_or_build_index(load_collection(path))
+    assert built and not list(tmp_path.glob("*.faiss*")) and "could not save the index" in caplog.text
+    queries = random_unit(3, 8, 1)
+    np.testing.assert_array_equal(index_search(index, queries, 5)[1], exact_search(queries, features, 5)[1])

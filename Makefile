@@ -19,7 +19,9 @@ demo: $(STAMP)
 	$(PY) train.py --preset demo --out $(RUN) --channels-last --no-progress
 	$(PY) eval_retrieval.py -p $(RUN)/best.pth.tar --json $(RUN)/retrieval.json --results $(RUN)/results.json --no-progress
 	$(PY) pointing_game.py -p $(RUN)/best.pth.tar --split test --size 96 --json $(RUN)/pointing_game.json --results $(RUN)/results.json --overlays $(RUN) --no-progress
+	$(PY) pointing_game.py -p $(RUN)/best.pth.tar --split test --size 96 --protocol centre --json $(RUN)/pointing_game_centre.json --results $(RUN)/results.json --results-key pointing_game_centre --no-progress
 	$(PY) semantic_seg.py -p $(RUN)/best.pth.tar --split test --json $(RUN)/semantic_seg.json --results $(RUN)/results.json --no-progress
+	$(PY) semantic_seg.py -p $(RUN)/best.pth.tar --split test --protocol ranked --json $(RUN)/semantic_seg_ranked.json --results $(RUN)/results.json --results-key semantic_segmentation_ranked --no-progress
 	$(PY) localize.py -p $(RUN)/best.pth.tar -i "$$(ls data/demo/images/val2014/*.jpg | head -n 1)" -t "a red diamond" -t "a green rhombus" -t "a blue circle" -o $(RUN)/localize.png
 	@echo "results: $(RUN)/results.json"
 

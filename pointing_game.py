@@ -7,8 +7,15 @@
 Phrases are the Visual Genome region descriptions (config key vg_dir) of images that are also COCO val2014 images
 (or, with --split, images of that Karpathy split, to keep clear of training images). The image file is the COCO one,
 found through the cocoid of Karpathy's split file. Each image is resized to SIZE x SIZE (default 416, a 13 x 13 map);
-its phrase's box is rescaled from the VG image frame to the same frame as the peak (see misc/localization.py for the
-pixel convention). The centre baseline points at the image centre for the same phrases. Skipped phrases (no words,
+its phrase's box is rescaled from the VG image frame to the same frame as the peak.
+
+--protocol says where the heatmap's arg-max cell points and what a hit is (misc/localization.py):
+  original (default)  the original release's rule: the cell's top-left pixel (col W/w, row H/h), a hit only
+                      strictly inside the box (bx < x < bx + w, by < y < by + h); arg-max ties in column-major order
+  centre              the cell's centre ((col + .5) W/w, (row + .5) H/h), a hit inside the box, edges included
+The centre baseline is a map that always peaks at the cell holding the image centre (h // 2, w // 2), put through
+the same rule (the original code has no baseline; at 416 px it points at (192, 192) under original, (208, 208)
+under centre). Skipped phrases (no words,
 shorter than --min-words, no word in the vocabulary, an empty box, the image file missing) are counted by reason.
 Paper (d = 2400, k = 180): 33.8 % accuracy, centre baseline 19.5 %.
 """
@@ -29,8 +36,8 @@ from misc.cli import add_device_args, run, update_results, write_json
 from misc.config import ConfigError
 from misc.datasets import SPLITS, ImageDataset, coco_files, eval_transform, load_image, read_regions
 from misc.engine import resolve_device
-from misc.localization import (Localizer, choose_k, heatmaps, load_localizer, peak_location, pointing_hits,
-                               scale_boxes, uses_demo)
+from misc.localization import (POINTING_PROTOCOLS, Localizer, cell_points, choose_k, heatmaps, load_localizer,
+                               peak_cells, pointing_hits, scale_boxes, uses_demo)
 from misc.visualize import overlays, save_png
 
 log = logging.getLogger("pointing_game")
@@ -65,6 +72,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--size", type=int, default=416, help="resize images to SIZE x SIZE (default 416)")
     parser.add_argument("--k", type=int, help=f"maps summed per phrase (default {PAPER_K}, the paper's for d = 2400; "
                                               f"round(0.075 d) for smaller d)")
+    parser.add_argument("--protocol", choices=POINTING_PROTOCOLS, default="original",
+                        help="where a peak cell points and what a hit is (default original; see above)")
     parser.add_argument("--tolerance", type=float, default=0.0, metavar="PX",
                         help="also count a peak within PX pixels (SIZE x SIZE frame) of the box as a hit")
     parser.add_argument("--min-words", type=int, default=1, help="skip phrases with fewer words (default 1)")
@@ -73,7 +82,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=16, help="images per batch")
     parser.add_argument("--json", type=Path, help="write the full results here")
     parser.add_argument("--per-phrase", action="store_true", help="with --json: include every phrase's result")
-    parser.add_argument("--results", type=Path, help="add the results as the 'pointing_game' entry of this file")
+    parser.add_argument("--results", type=Path, help="add the results to this shared JSON file, under --results-key")
+    parser.add_argument("--results-key", default="pointing_game",
+                        help="entry of --results to write (default pointing_game)")
     parser.add_argument("--overlays", type=Path, metavar="DIR",
                         help="also write DIR/pointing_<cocoid>.png: every phrase's heatmap and peak, hit or miss")
     parser.add_argument("--overlay-images", type=int, default=3, metavar="N",
@@ -116,38 +127,45 @@ def select(vg: list[tuple[object, list]], files: dict[int, Path], localizer: Loc
     return items, skipped
 
 
-def point(localizer: Localizer, items: list[Item], size: int, k: int, tolerance: float, batch_size: int,
-          workers: int, progress: bool) -> list[dict]:
-    """Peak of every phrase's heatmap in the size x size frame, and whether it and the centre hit the box."""
+def point(localizer: Localizer, items: list[Item], size: int, k: int, protocol: str, tolerance: float,
+          batch_size: int, workers: int, progress: bool) -> list[dict]:
+    """Peak cell of every phrase's heatmap, the point the protocol makes of it in the size x size frame, and whether
+    it and the centre baseline hit the phrase's box."""
     loader = DataLoader(ImageDataset([item.path for item in items], eval_transform(size)), batch_size=batch_size,
                         num_workers=workers, pin_memory=localizer.device.type == "cuda")
+    strict = protocol == "original"
     weight, results, start = localizer.weight, [], 0
     for images in tqdm(loader, desc="images", disable=not progress, leave=False, dynamic_ncols=True):
         batch = items[start:start + len(images)]
         start += len(images)
         maps = localizer.maps(images)  # (B, D', h, w)
+        grid = tuple(maps.shape[-2:])
         texts = localizer.encode([p.text for item in batch for p in item.phrases])  # (M, d)
         padded = texts.new_zeros(len(batch), max(len(item.phrases) for item in batch), texts.shape[1])
         row = 0
         for b, item in enumerate(batch):
             padded[b, :len(item.phrases)] = texts[row:row + len(item.phrases)]
             row += len(item.phrases)
-        peaks = peak_location(heatmaps(maps, weight, padded, k), size, size).cpu()  # (B, P, 2)
+        cells = peak_cells(heatmaps(maps, weight, padded, k), column_major=strict).cpu()  # (B, P, 2)
+        points = cell_points(cells, grid, size, size, protocol)
+        centre = cell_points(torch.tensor([grid[0] // 2, grid[1] // 2]), grid, size, size, protocol)
         for b, item in enumerate(batch):
+            n = len(item.phrases)
             boxes = scale_boxes(torch.tensor([p.box for p in item.phrases]), item.vg_size, (size, size))
-            hits = pointing_hits(peaks[b, :len(item.phrases)], boxes, tolerance)
-            centre = pointing_hits(torch.full((len(boxes), 2), size / 2), boxes, tolerance)
-            for p, box, peak, hit, centre_hit in zip(item.phrases, boxes, peaks[b], hits, centre):
-                results.append({"region_id": p.region_id, "coco_id": item.coco_id, "vg_image_id": item.vg_id,
-                                "phrase": p.text, "box": [round(v, 3) for v in box.tolist()],
-                                "peak": peak.tolist(), "hit": bool(hit), "center_hit": bool(centre_hit)})
+            hits = pointing_hits(points[b, :n], boxes, tolerance, strict)
+            centre_hits = pointing_hits(centre.expand(n, 2), boxes, tolerance, strict)
+            for p, box, cell, xy, hit, centre_hit in zip(item.phrases, boxes, cells[b], points[b], hits, centre_hits):
+                results.append({"region_id": p.region_id, "image_id": item.coco_id, "vg_image_id": item.vg_id,
+                                "phrase": p.text, "grid": list(grid), "peak_cell": cell.tolist(),
+                                "point": xy.tolist(), "box": box.tolist(), "hit": bool(hit),
+                                "center_hit": bool(centre_hit)})
     return results
 
 
 def write_overlays(localizer: Localizer, items: list[Item], per_phrase: list[dict], size: int, k: int,
-                   folder: Path) -> list[Path]:
-    """One figure per image (misc.visualize): each phrase's heatmap over the image with its peak, the caption
-    saying whether the peak hit the phrase's box."""
+                   protocol: str, folder: Path) -> list[Path]:
+    """One figure per image (misc.visualize): each phrase's heatmap over the image with the point the protocol
+    makes of its peak, the caption saying whether that point hit the phrase's box."""
     hit = {r["region_id"]: r["hit"] for r in per_phrase}
     written = []
     for item in items:
@@ -157,7 +175,9 @@ def write_overlays(localizer: Localizer, items: list[Item], per_phrase: list[dic
         heat = heatmaps(maps, localizer.weight, localizer.encode(texts), k)[0].cpu()  # (P, h, w)
         captions = [f"{p.text} ({'hit' if hit[p.region_id] else 'miss'})" for p in item.phrases]
         path = folder / f"pointing_{item.coco_id}.png"
-        save_png(overlays(image, heat, peak_location(heat, *image.size), captions), path)
+        cells = peak_cells(heat, column_major=protocol == "original")
+        save_png(overlays(image, heat, cell_points(cells, tuple(heat.shape[-2:]), *image.size, protocol).float(),
+                          captions), path)
         written.append(path)
     return written
 
@@ -183,20 +203,23 @@ def main() -> None:
     k = choose_k(args.k, localizer.dim, PAPER_K)
     log.info("pointing game: %d phrases of %d images, %dx%d, k=%d on %s", sum(len(i.phrases) for i in items),
              len(items), args.size, args.size, k, device)
-    per_phrase = point(localizer, items, args.size, k, args.tolerance, args.batch_size,
+    per_phrase = point(localizer, items, args.size, k, args.protocol, args.tolerance, args.batch_size,
                        args.workers if args.workers is not None else 2, not args.no_progress)
 
     n = len(per_phrase)
     summary = {"accuracy": 100.0 * sum(r["hit"] for r in per_phrase) / n,
                "center_baseline": 100.0 * sum(r["center_hit"] for r in per_phrase) / n,
                "phrases": n, "images": len(items), "skipped": len(skipped), "skipped_reasons": reasons,
-               "tolerance": args.tolerance, "k": k, "size": args.size,
+               "protocol": args.protocol, "tolerance": args.tolerance, "k": k, "size": args.size,
+               "grid": per_phrase[0]["grid"],
                "images_from": f"Karpathy split {args.split}" if args.split else "COCO val2014",
                "checkpoint": str(args.checkpoint), "paper": PAPER}
-    hit_rule = (f"peak within {args.tolerance:g} px of the box (TorchRay convention)" if args.tolerance
-                else "peak inside the box")
+    hit_rule = {"original": "cell's top-left corner strictly inside the box",
+                "centre": "cell's centre inside the box"}[args.protocol]
+    if args.tolerance:
+        hit_rule += f", or within {args.tolerance:g} px of it (TorchRay convention)"
     print(f"pointing game: {n} phrases of {len(items)} images ({summary['images_from']}), {args.size}x{args.size}, "
-          f"k={k}, hit = {hit_rule}")
+          f"k={k}, protocol {args.protocol}: hit = {hit_rule}")
     print(f"  accuracy        {summary['accuracy']:6.2f} %   (paper {PAPER['accuracy']} %)")
     print(f"  centre baseline {summary['center_baseline']:6.2f} %   (paper {PAPER['center_baseline']} %)")
     if skipped:
@@ -207,12 +230,13 @@ def main() -> None:
             full["per_phrase"], full["skipped_phrases"] = per_phrase, skipped
         write_json(args.json, full)
     if args.overlays:
-        written = write_overlays(localizer, items[:args.overlay_images], per_phrase, args.size, k, args.overlays)
+        written = write_overlays(localizer, items[:args.overlay_images], per_phrase, args.size, k, args.protocol,
+                                 args.overlays)
         print(f"  overlays: {', '.join(str(path) for path in written)}")
     if args.results:
-        update_results(args.results, "pointing_game", {key: summary[key] for key in (
-            "accuracy", "center_baseline", "phrases", "images", "skipped", "skipped_reasons", "tolerance", "k",
-            "size", "images_from")})
+        update_results(args.results, args.results_key, {key: summary[key] for key in (
+            "accuracy", "center_baseline", "phrases", "images", "skipped", "skipped_reasons", "protocol",
+            "tolerance", "k", "size", "grid", "images_from")})
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""Localization (paper §3.3, eq. 8-9): text-conditioned heatmaps, peaks, pointing hits, masks, IoU and AP.
+"""Localization (paper §3.3, eq. 8-9): text-conditioned heatmaps, peaks and the pointing rules (masks, IoU and AP
+are in misc/segmentation.py).
 
 Heatmaps. The image path pools the maps G (D', h, w) and projects them with A (d, D') (eq. 1). Applying A at
 every position instead gives d maps G' = A·G (eq. 8, a 1x1 convolution without the bias b). For a text
@@ -15,6 +16,11 @@ rectangle [j W/w, (j+1) W/w) x [i H/h, (i+1) H/h), whose centre ((j + .5) W/w, (
 upsampling of :func:`upsample` (``align_corners=False``) puts that sample. A bilinear interpolant is a convex
 combination of samples, so its maximum is the largest sample: the peak of a map, in image coordinates, is the
 centre of its largest cell (:func:`peak_location`), whatever the upsampling resolution.
+
+Pointing protocols. ``centre`` points at that cell centre and counts a hit when the point is in the box, edges
+included. ``original`` follows the original release's pointing game: the cell's top-left corner (col W/w, row H/h),
+ties of the arg-max broken in column-major order, and a hit only strictly inside the box (:func:`cell_points`,
+:func:`pointing_hits`).
 """
 from __future__ import annotations
 
@@ -35,6 +41,7 @@ from models.joint import JointEmbedding
 log = logging.getLogger(__name__)
 
 PAPER_DIM = 2400  # d of the paper's model; the paper's k values are for it
+POINTING_PROTOCOLS = ("original", "centre")  # where a grid cell points, see cell_points
 
 
 # --------------------------------------------------------------------------- heatmaps (eq. 8-9)
@@ -117,13 +124,34 @@ def upsample(maps: torch.Tensor, height: int, width: int) -> torch.Tensor:
         *lead, height, width)
 
 
+def peak_cells(maps: torch.Tensor, column_major: bool = False) -> torch.Tensor:
+    """(row, col) of the largest cell of maps (..., h, w) -> (..., 2) long. Ties go to the first cell in row-major
+    order, or with ``column_major`` in column-major order (the original's argmax of the transposed map)."""
+    h, w = maps.shape[-2:]
+    if column_major:
+        index = maps.transpose(-1, -2).reshape(*maps.shape[:-2], h * w).argmax(dim=-1)
+        return torch.stack([index % h, index // h], dim=-1)
+    index = maps.reshape(*maps.shape[:-2], h * w).argmax(dim=-1)
+    return torch.stack([index // w, index % w], dim=-1)
+
+
+def cell_points(cells: torch.Tensor, grid: tuple[int, int], width: float, height: float,
+                protocol: str = "centre") -> torch.Tensor:
+    """Cells (..., 2) as (row, col) of an h x w grid spread over a width x height image -> (..., 2) points (x, y):
+    the cell's centre ((col + .5) W/w, (row + .5) H/h) for ``centre``, its top-left corner (col W/w, row H/h) for
+    ``original`` (the original release's pointing game)."""
+    if protocol not in POINTING_PROTOCOLS:
+        raise ValueError(f"protocol {protocol!r}: one of {', '.join(POINTING_PROTOCOLS)}")
+    offset = 0.5 if protocol == "centre" else 0.0
+    h, w = grid
+    rows, cols = cells[..., 0].double(), cells[..., 1].double()
+    return torch.stack([(cols + offset) * (width / w), (rows + offset) * (height / h)], dim=-1)
+
+
 def peak_location(maps: torch.Tensor, width: float, height: float) -> torch.Tensor:
     """Peak of maps (..., h, w) spread over a width x height image -> (..., 2) as (x, y) in continuous pixel
     coordinates: the centre of the largest cell (first in row-major order on ties), see the module docstring."""
-    h, w = maps.shape[-2:]
-    index = maps.reshape(*maps.shape[:-2], h * w).argmax(dim=-1)
-    rows, cols = index // w, index % w
-    return torch.stack([(cols + 0.5) * (width / w), (rows + 0.5) * (height / h)], dim=-1)
+    return cell_points(peak_cells(maps), tuple(maps.shape[-2:]), width, height).float()
 
 
 # --------------------------------------------------------------------------- pointing game
@@ -134,44 +162,20 @@ def scale_boxes(boxes: torch.Tensor, source: tuple[float, float], target: tuple[
     return boxes.float() * torch.tensor([sx, sy, sx, sy])
 
 
-def pointing_hits(points: torch.Tensor, boxes: torch.Tensor, tolerance: float = 0.0) -> torch.Tensor:
-    """Whether each point (N, 2) as (x, y) lies in its box (N, 4) as (x, y, width, height), edges included, or within
-    ``tolerance`` pixels of it (Euclidean distance to the rectangle, the TorchRay convention) -> (N,) bool."""
-    points, boxes = points.float(), boxes.float()
+def pointing_hits(points: torch.Tensor, boxes: torch.Tensor, tolerance: float = 0.0,
+                  strict: bool = False) -> torch.Tensor:
+    """Whether each point (N, 2) as (x, y) lies in its box (N, 4) as (x, y, width, height) -> (N,) bool.
+
+    Inside means bx <= x <= bx + w and by <= y <= by + h, or with ``strict`` bx < x < bx + w and by < y < by + h
+    (the original release's rule). With ``tolerance`` > 0 a point within that Euclidean distance of the rectangle
+    also counts (the TorchRay convention).
+    """
+    points, boxes = points.double(), boxes.double()
     low, high = boxes[:, :2], boxes[:, :2] + boxes[:, 2:]
+    inside = ((points > low) & (points < high)) if strict else ((points >= low) & (points <= high))
     outside = torch.clamp(torch.maximum(low - points, points - high), min=0)  # (N, 2) per-axis distance
-    return outside.norm(dim=1) <= tolerance
-
-
-# --------------------------------------------------------------------------- masks, IoU, AP
-
-def binarize(heatmap: torch.Tensor, threshold: float) -> torch.Tensor:
-    """Mask of the heatmap where it reaches min + threshold · (max - min) (relative to its own range, so a
-    constant offset of the map changes nothing; a constant map is all foreground)."""
-    low, high = heatmap.min(), heatmap.max()
-    return heatmap >= low + threshold * (high - low)
-
-
-def iou(prediction: torch.Tensor, target: torch.Tensor) -> float:
-    """Intersection over union of two boolean masks; 0 when both are empty (no object: never a true positive)."""
-    union = int((prediction | target).sum())
-    return int((prediction & target).sum()) / union if union else 0.0
-
-
-def average_precision(scores: Sequence[float] | torch.Tensor, correct: Sequence[bool] | torch.Tensor,
-                      positives: int) -> float | None:
-    """Non-interpolated AP: predictions ranked by decreasing score (stable on ties), the mean over the
-    ``positives`` ground-truth items of the precision at the rank where each is found (0 for those never
-    found). None when there is no positive."""
-    if positives <= 0:
-        return None
-    scores, correct = torch.as_tensor(scores, dtype=torch.float64), torch.as_tensor(correct, dtype=torch.bool)
-    if int(correct.sum()) > positives:
-        raise ValueError(f"{int(correct.sum())} correct predictions but only {positives} positives")
-    order = torch.sort(scores, descending=True, stable=True).indices
-    hits = correct[order].double()
-    precision = hits.cumsum(0) / torch.arange(1, len(hits) + 1, dtype=torch.float64)
-    return float((precision * hits).sum() / positives)
+    near = outside.norm(dim=1) <= tolerance if tolerance > 0 else torch.zeros(len(points), dtype=torch.bool)
+    return inside.all(dim=1) | near
 
 
 # --------------------------------------------------------------------------- model, words and data paths

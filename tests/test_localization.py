@@ -7,14 +7,17 @@ import shutil
 from dataclasses import asdict
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
 
 from misc import checkpoint
 from misc.config import ModelConfig, TrainConfig
-from misc.localization import (apply_filters, average_precision, binarize, default_k, heatmaps, heatmaps_full, iou,
+from misc.localization import (apply_filters, cell_points, default_k, heatmaps, heatmaps_full, peak_cells,
                                peak_location, pointing_hits, scale_boxes, text_filters, top_k, upsample)
+from misc.segmentation import (average_precision, binarize, bytescale, iou, original_average_precision, original_iou,
+                               original_prediction, original_truth)
 from misc.visualize import MIN_SIDE, figure_size, panel_size
 from models.joint import build_model
 from tests.conftest import run_cli, run_in_process
@@ -131,6 +134,39 @@ def test_pointing_hits_inside_edges_outside_and_tolerance():
     assert pointing_hits(points, boxes, tolerance=4.9).tolist() == [True, True, True, True, False, False]
 
 
+def test_original_protocol_points_at_the_top_left_corner_of_the_cell():
+    cells = torch.tensor([[0, 0], [2, 3], [12, 12]])
+    assert cell_points(cells, (13, 13), 416, 416, "original").tolist() == [[0, 0], [96, 64], [384, 384]]
+    assert cell_points(cells, (13, 13), 416, 416, "centre").tolist() == [[16, 16], [112, 80], [400, 400]]
+    assert cell_points(torch.tensor([1, 2]), (3, 4), 400, 300, "original").tolist() == [200, 100]
+    with pytest.raises(ValueError):
+        cell_points(cells, (13, 13), 416, 416, "corner")
+
+
+def test_arg_max_ties_row_major_or_column_major():
+    heat = torch.zeros(3, 4)
+    heat[0, 2] = heat[1, 0] = 5.0  # a tie: (0, 2) first in row-major order, (1, 0) first in column-major order
+    assert peak_cells(heat).tolist() == [0, 2]
+    assert peak_cells(heat, column_major=True).tolist() == [1, 0]
+    batch = torch.rand(2, 5, 3, 4)
+    assert torch.equal(peak_cells(batch), peak_cells(batch, column_major=True))  # no tie: the same cell
+    assert peak_cells(batch).shape == (2, 5, 2)
+
+
+def test_strict_rule_at_cell_boundaries():
+    # 416 px, 13 x 13 cells of 32 px: cell (2, 3) points at (96, 64) under original, (112, 80) under centre
+    points = cell_points(torch.tensor([[2, 3]] * 4), (13, 13), 416, 416, "original")
+    boxes = torch.tensor([[96.0, 64.0, 32.0, 32.0],  # the cell itself: its corner is on the box's edge
+                          [95.9, 63.9, 32.0, 32.0],  # a hair up and left: strictly inside
+                          [64.0, 32.0, 32.0, 32.0],  # the cell up-left: the corner is its bottom-right corner
+                          [80.0, 60.0, 16.0, 40.0]])  # right edge at x = 96
+    assert pointing_hits(points, boxes, strict=True).tolist() == [False, True, False, False]
+    assert pointing_hits(points, boxes).tolist() == [True, True, True, True]
+    centres = cell_points(torch.tensor([[2, 3]] * 4), (13, 13), 416, 416, "centre")
+    assert pointing_hits(centres, boxes).tolist() == [True, True, False, False]
+    assert pointing_hits(points, boxes, tolerance=0.5, strict=True).tolist() == [True] * 4  # on the edge: 0 px
+
+
 def test_boxes_are_rescaled_to_the_frame_of_the_peak():
     boxes = torch.tensor([[100.0, 60.0, 200.0, 300.0]])  # in an 800 x 600 VG image
     torch.testing.assert_close(scale_boxes(boxes, (800, 600), (416, 416)),
@@ -170,6 +206,45 @@ def test_average_precision_on_hand_made_rankings():
     assert average_precision([0.9, 0.8], [False, False], 0) is None  # no image has the category
     with pytest.raises(ValueError):
         average_precision([0.9, 0.8], [True, True], 1)
+
+
+def test_original_average_precision_on_a_hand_made_case():
+    """Five images, two categories, the original's rule (IoU threshold 0.4 unless said).
+
+    Category A is in images 0, 2, 3, 4 with IoUs 0.8, 0.5, 0.2, 0.6; image 1 lacks it (IoU 0). Sorted by IoU:
+    0.8, 0.6, 0.5, 0.2, 0. The first item (0.8) is never counted. Then 0.6 > 0.4: tp = 1, fp = 0, precision 1/1;
+    0.5: tp = 2, precision 2/2; 0.2 and 0: false positives, recall unchanged. P = 4 images have A, each true
+    positive adds precision / P: AP = (1 + 1) / 4 = 0.5. (The ranked AP over the same masks would credit 0.8 too.)
+
+    Category B is in images 1 and 4 with IoUs 0.45 and 0.35. Sorted: 0.45, 0.35, 0, 0, 0. At 0.4 the only item
+    above the threshold is the first, which is skipped: AP = 0. At 0.3: 0.35 is a true positive at rank 1 with
+    precision 1/1: AP = 1 / 2. So mAP@0.4 = (0.5 + 0) / 2 = 0.25.
+    """
+    a_ious, a_present = [0.8, 0.0, 0.5, 0.2, 0.6], [True, False, True, True, True]
+    b_ious, b_present = [0.0, 0.45, 0.0, 0.0, 0.35], [False, True, False, False, True]
+    assert original_average_precision(a_ious, a_present, 0.4) == pytest.approx(0.5)
+    assert original_average_precision(b_ious, b_present, 0.4) == 0.0
+    assert original_average_precision(b_ious, b_present, 0.3) == pytest.approx(0.5)
+    assert original_average_precision(a_ious, a_present, 0.6) == 0.0  # 0.6 is not strictly above 0.6
+    assert original_average_precision([0.0, 0.0], [False, False], 0.3) is None
+    assert (original_average_precision(a_ious, a_present, 0.4) + original_average_precision(b_ious, b_present, 0.4)
+            ) / 2 == pytest.approx(0.25)
+
+
+def test_original_masks_rescale_to_uint8_and_threshold_without_the_minimum():
+    assert bytescale(np.array([[1.0, 2.0], [3.0, 5.0]], dtype=np.float32)).tolist() == [[0, 64], [128, 255]]
+    assert bytescale(np.full((2, 2), 7.0)).tolist() == [[0, 0], [0, 0]]  # a constant map rescales to 0
+    heat = torch.tensor([[0.0, 1.0], [2.0, 4.0]])
+    assert original_prediction(heat, 0.45, side=2).tolist() == [[False, False], [True, True]]  # > 0.45 * 255
+    assert original_prediction(heat + 10, 0.45, side=2).tolist() == [[False, False], [True, True]]
+    assert original_prediction(torch.ones(3, 3), 0.45, side=4).sum() == 0  # 0 > 0 nowhere
+    square = [[1.0, 1.0, 5.0, 1.0, 5.0, 5.0, 1.0, 5.0]]  # a polygon covering pixels 1..4 of an 8 x 8 image
+    truth = original_truth([square], 8, 8, side=4)  # nearest 8 -> 4 samples source pixels 1, 3, 5, 7
+    assert truth.tolist() == [[True, True, False, False], [True, True, False, False]] + [[False] * 4] * 2
+    everything = [[0.0, 0.0, 8.0, 0.0, 8.0, 8.0, 0.0, 8.0]]  # the whole image: rescales to 0 everywhere
+    assert not original_truth([everything], 8, 8, side=4).any()
+    assert np.isnan(original_iou(np.zeros((2, 2), bool), np.zeros((2, 2), bool)))
+    assert original_iou(np.eye(2, dtype=bool), np.ones((2, 2), bool)) == 0.5
 
 
 def test_category_queries_are_name_and_plural():
@@ -233,19 +308,24 @@ def test_pointing_game_cli_counts_skips_and_matches_the_boxes(tiny_world, tiny_c
     assert 0 <= report["accuracy"] <= 100 and report["k"] == 2 and report["size"] == 128
     assert report["accuracy"] == pytest.approx(100 * sum(r["hit"] for r in report["per_phrase"]) / report["phrases"])
 
-    # the centre baseline from the VG boxes alone: the VG image's centre inside the box
+    # the centre baseline from the VG boxes alone: at 128 px the central cell (2, 2) of the 4 x 4 map has its
+    # top-left corner at the image centre, which must lie strictly inside the box (original protocol)
     kept = {r["region_id"] for r in report["per_phrase"]}
-    centre_hits = [r["x"] <= images[vg_id]["width"] / 2 <= r["x"] + r["width"] and
-                   r["y"] <= images[vg_id]["height"] / 2 <= r["y"] + r["height"]
+    centre_hits = [r["x"] < images[vg_id]["width"] / 2 < r["x"] + r["width"] and
+                   r["y"] < images[vg_id]["height"] / 2 < r["y"] + r["height"]
                    for vg_id, r in regions if r["region_id"] in kept]
-    assert len(centre_hits) == report["phrases"]
+    assert len(centre_hits) == report["phrases"] and report["protocol"] == "original"
     assert report["center_baseline"] == pytest.approx(100 * sum(centre_hits) / len(centre_hits))
 
-    # every peak is a cell centre of the 4 x 4 map of a 128 x 128 input, and hits mean "inside the box"
+    # re-derived from the rows: the peak cell's top-left corner, strictly inside the box
+    strict_hits = 0
     for r in report["per_phrase"]:
-        assert set(r["peak"]) <= {16.0, 48.0, 80.0, 112.0}
+        assert r["grid"] == [4, 4] and r["point"] == [32.0 * r["peak_cell"][1], 32.0 * r["peak_cell"][0]]
         x, y, w, h = r["box"]
-        assert r["hit"] == (x <= r["peak"][0] <= x + w and y <= r["peak"][1] <= y + h)
+        inside = x < r["point"][0] < x + w and y < r["point"][1] < y + h
+        assert r["hit"] == inside
+        strict_hits += inside
+    assert report["accuracy"] == pytest.approx(100 * strict_hits / report["phrases"])
     shared = json.loads(results.read_text())["pointing_game"]
     assert {k: shared[k] for k in ("accuracy", "center_baseline", "phrases", "images", "skipped")} == \
         {k: report[k] for k in ("accuracy", "center_baseline", "phrases", "images", "skipped")}
@@ -261,12 +341,33 @@ def test_pointing_game_split_limit_and_tolerance(tiny_world, tiny_checkpoint, tm
     assert status == 0 and report["images"] == 3 and report["images_from"] == "Karpathy split test"
     assert report["accuracy"] == report["center_baseline"] == 100.0  # 200 px reach every box of a 64 px frame
     assert report["tolerance"] == 200
-    first_two = list(dict.fromkeys(r["coco_id"] for r in report["per_phrase"]))[:2]
+    first_two = list(dict.fromkeys(r["image_id"] for r in report["per_phrase"]))[:2]
     assert sorted((tmp_path / "png").iterdir()) == sorted(tmp_path / "png" / f"pointing_{c}.png" for c in first_two)
     for coco_id in first_two:
-        phrases = sum(r["coco_id"] == coco_id for r in report["per_phrase"])
+        phrases = sum(r["image_id"] == coco_id for r in report["per_phrase"])
         with Image.open(tmp_path / "png" / f"pointing_{coco_id}.png") as figure:
             assert figure.format == "PNG" and figure.size == figure_size(64, 64, phrases)
+
+
+def test_pointing_game_centre_protocol_points_at_cell_centres(tiny_world, tiny_checkpoint, tmp_path, monkeypatch):
+    out, results = tmp_path / "pg.json", tmp_path / "results.json"
+    status = run_in_process("pointing_game.py", ["-p", tiny_checkpoint, "--size", "128", "--protocol", "centre",
+                                                 "--limit", "4", "--json", out, "--per-phrase", "--results", results,
+                                                 "--results-key", "pointing_game_centre", *CLI_FLAGS],
+                            tiny_world, monkeypatch)
+    report = json.loads(out.read_text())
+    assert status == 0 and report["protocol"] == "centre" and report["size"] == 128
+    hits = centre_hits = 0
+    for r in report["per_phrase"]:
+        row, col = r["peak_cell"]
+        assert r["point"] == [32.0 * col + 16, 32.0 * row + 16]
+        x, y, w, h = r["box"]
+        assert r["hit"] == (x <= r["point"][0] <= x + w and y <= r["point"][1] <= y + h)
+        assert r["center_hit"] == (x <= 80 <= x + w and y <= 80 <= y + h)  # the centre of cell (2, 2)
+        hits, centre_hits = hits + r["hit"], centre_hits + r["center_hit"]
+    assert report["accuracy"] == pytest.approx(100 * hits / report["phrases"])
+    assert report["center_baseline"] == pytest.approx(100 * centre_hits / report["phrases"])
+    assert set(json.loads(results.read_text())) == {"pointing_game_centre"}
 
 
 @pytest.mark.parametrize("flags, message", [(["--overlays", "FILE"], "exists and is not a folder"),
@@ -281,29 +382,67 @@ def test_pointing_game_bad_overlay_flags_fail_before_work(tiny_world, tiny_check
     assert not (tmp_path / "DIR").exists()
 
 
-def test_semantic_segmentation_cli(tiny_world, tiny_checkpoint, tmp_path):
+def original_map_from_rows(rows: list[dict], threshold: float) -> float:
+    """The original's mAP re-derived from --per-image rows: per category, IoUs sorted decreasing (null = NaN), the
+    first skipped, precision counted at every later IoU above the threshold, over the images having the category."""
+    by_category: dict[str, list[dict]] = {}
+    for row in rows:
+        by_category.setdefault(row["category"], []).append(row)
+    aps = []
+    for items in by_category.values():
+        positives = sum(row["present"] for row in items)
+        if not positives:
+            continue
+        values = sorted((float("nan") if row["iou"] is None else row["iou"] for row in items), reverse=True)
+        above = [value > threshold for value in values]
+        aps.append(sum(sum(above[1:i + 1]) / i for i in range(1, len(values)) if above[i]) / positives)
+    return sum(aps) / len(aps)
+
+
+def test_semantic_segmentation_cli_original_protocol(tiny_world, tiny_checkpoint, tmp_path):
     out, results = tmp_path / "seg.json", tmp_path / "results.json"
-    run_cli("semantic_seg.py", "-p", tiny_checkpoint, "--json", out, "--results", results, *CLI_FLAGS,
+    run_cli("semantic_seg.py", "-p", tiny_checkpoint, "--json", out, "--per-image", "--results", results, *CLI_FLAGS,
             world=tiny_world)
+    report = json.loads(out.read_text())
+    instances = json.loads((tiny_world / "annotations" / "instances_val2014.json").read_text())
+    names = {c["id"]: c["name"] for c in instances["categories"]}
+    present = {(a["image_id"], names[a["category_id"]]) for a in instances["annotations"]}
+    assert report["protocol"] == "original" and report["images"] == len(instances["images"])  # every val image
+    assert report["k"] == 1 and report["threshold"] == 0.45 and report["mask_side"] == 200
+    assert report["queries"] == {name: f"{name} {name}s" for name in names.values()}
+    rows = report["per_image"]
+    assert len(rows) == len(instances["images"]) * len(names)
+    assert {(r["image_id"], r["category"]) for r in rows if r["present"]} == present
+    assert all(r["iou"] == 0 for r in rows if not r["present"])
+    for t in (0.3, 0.4, 0.5):
+        assert report[f"mAP@{t}"] == pytest.approx(original_map_from_rows(rows, t))
+    assert json.loads(results.read_text())["semantic_segmentation"]["mAP@0.5"] == report["mAP@0.5"]
+
+
+def test_semantic_segmentation_cli_ranked_protocol(tiny_world, tiny_checkpoint, tmp_path, monkeypatch):
+    out, results = tmp_path / "seg.json", tmp_path / "results.json"
+    status = run_in_process("semantic_seg.py", ["-p", tiny_checkpoint, "--protocol", "ranked", "--json", out,
+                                                "--per-image", "--results", results, "--results-key",
+                                                "semantic_segmentation_ranked", *CLI_FLAGS], tiny_world, monkeypatch)
     report = json.loads(out.read_text())
     test_ids = {e["cocoid"] for e in json.loads((tiny_world / "dataset_coco.json").read_text())["images"]
                 if e["split"] == "test"}
     instances = json.loads((tiny_world / "annotations" / "instances_val2014.json").read_text())
     names = {c["id"]: c["name"] for c in instances["categories"]}
     present = {(a["image_id"], a["category_id"]) for a in instances["annotations"] if a["image_id"] in test_ids}
-    assert report["images"] == len(test_ids) and report["k"] == 1 and report["threshold"] == 0.45
+    assert status == 0 and report["protocol"] == "ranked" and report["images"] == len(test_ids)
     assert set(report["per_category"]) == set(names.values())
     for category, name in names.items():
         entry = report["per_category"][name]
         assert entry["query"] == (f"{name} {name}es" if name == "cross" else f"{name} {name}s")
         assert entry["positives"] == sum(c == category for _, c in present)
-        assert all(entry[f"AP@{t}"] is None if not entry["positives"] else 0 <= entry[f"AP@{t}"] <= 1
-                   for t in (0.3, 0.4, 0.5))
-    for t in (0.3, 0.4, 0.5):
-        assert 0 <= report[f"mAP@{t}"] <= 1
+        rows = [r for r in report["per_image"] if r["category"] == name]
+        for t in (0.3, 0.4, 0.5):
+            expected = average_precision([r["score"] for r in rows],
+                                         [r["present"] and r["iou"] >= t for r in rows], entry["positives"])
+            assert entry[f"AP@{t}"] == (None if expected is None else pytest.approx(expected))
     assert report["mAP@0.3"] >= report["mAP@0.4"] >= report["mAP@0.5"]  # a stricter IoU keeps fewer positives
-    shared = json.loads(results.read_text())["semantic_segmentation"]
-    assert shared["images"] == report["images"] and shared["mAP@0.5"] == report["mAP@0.5"]
+    assert set(json.loads(results.read_text())) == {"semantic_segmentation_ranked"}
 
 
 def test_localize_writes_a_png_of_the_expected_size(tiny_world, tiny_checkpoint, tmp_path, monkeypatch, capsys):

@@ -34,6 +34,7 @@ from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -51,6 +52,13 @@ VERSION = 1
 # its ResNet children are numbered, 2 (relu) and 3 (maxpool) have no weights.
 ORIGINAL_TRUNK = {"0": "conv1", "1": "bn1", "4": "layer1", "5": "layer2", "6": "layer3", "7": "layer4"}
 ORIGINAL_WELDON_K = 15  # k highest and k lowest regions (paper §3)
+# Besides plain data, the original release's model.pth.tar pickles its training arguments (argparse.Namespace) and
+# ``best_rec``, a numpy float64 (a sum of numpy recalls): numpy's scalar constructor under the name a file of 2018
+# (numpy 1) or of numpy 2 gives it, and the dtype it is built with. The weights-only unpickler still refuses any
+# other global.
+READABLE_GLOBALS: list[Any] = [argparse.Namespace, np.dtype, np.dtypes.Float64DType,
+                               (np._core.multiarray.scalar, "numpy.core.multiarray.scalar"),
+                               (np._core.multiarray.scalar, "numpy._core.multiarray.scalar")]
 # (bottleneck blocks?, blocks per stage) -> torchvision ResNet
 RESNETS = {(False, (2, 2, 2, 2)): "resnet18", (False, (3, 4, 6, 3)): "resnet34", (True, (3, 4, 6, 3)): "resnet50",
            (True, (3, 4, 23, 3)): "resnet101", (True, (3, 8, 36, 3)): "resnet152"}
@@ -80,14 +88,14 @@ def resolve_path(stored: str | None) -> Path | None:
 def read(path: Path | str) -> dict[str, Any]:
     """Load any checkpoint file as plain data, with a one-line error for files that are not one.
 
-    ``argparse.Namespace`` is the one class allowed besides plain data: the original release pickles its
-    training arguments as one.
+    Only :data:`READABLE_GLOBALS` are allowed besides plain data, through ``torch.load(weights_only=True)``, for
+    both torch file formats (the original release's torch 1.0 files are the legacy, non-zip one).
     """
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"checkpoint {path} not found")
     try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
+        with torch.serialization.safe_globals(READABLE_GLOBALS):
             data = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
         unsupported = re.search(r"Unsupported global: GLOBAL (\S+)", str(error))
@@ -96,7 +104,7 @@ def read(path: Path | str) -> dict[str, Any]:
                               f"checkpoint this code reads") from error
         raise ConfigError(f"{path} is not a readable checkpoint (truncated or not a torch file?): "
                           f"{first_line(error)}") from error
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, KeyError) as error:
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, TypeError, KeyError) as error:
         raise ConfigError(f"{path} is not a readable checkpoint (truncated or not a torch file?): "
                           f"{first_line(error)}") from error
     if not isinstance(data, dict):
@@ -344,7 +352,7 @@ def plain(value: Any) -> Any:
         return {str(key): plain(item) for key, item in value.items()}
     if isinstance(value, (list, tuple)):
         return [plain(item) for item in value]
-    if isinstance(value, torch.Tensor):
+    if isinstance(value, (torch.Tensor, np.ndarray, np.generic)):
         return value.tolist()
     if value is None or isinstance(value, (str, int, float, bool)):
         return value

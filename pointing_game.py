@@ -32,12 +32,15 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from misc import config
-from misc.cli import add_device_args, run, update_results, write_json
+from misc.cli import (add_checkpoint_args, add_device_args, add_output_args, add_size_arg, add_words_arg, parser_for,
+                      positive_int, run)
 from misc.config import ConfigError
-from misc.datasets import SPLITS, ImageDataset, coco_files, eval_transform, load_image, read_regions
-from misc.engine import resolve_device
-from misc.localization import (POINTING_PROTOCOLS, Localizer, cell_points, choose_k, heatmaps, load_localizer,
-                               peak_cells, pointing_hits, scale_boxes, uses_demo)
+from misc.datasets import SPLITS, ImageDataset, coco_files, read_regions, uses_demo
+from misc.files import update_results, write_json
+from misc.images import decode_image
+from misc.inference import Inference
+from misc.localization import (POINTING_PROTOCOLS, cell_points, choose_k, heatmaps, peak_cells, pointing_hits,
+                               scale_boxes)
 from misc.visualize import overlays, save_png
 
 log = logging.getLogger("pointing_game")
@@ -63,50 +66,48 @@ class Item:
     phrases: list[Phrase] = field(default_factory=list)
 
 
-def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("-p", "--checkpoint", type=Path, required=True, help="model checkpoint")
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = parser_for(__doc__)
+    add_checkpoint_args(parser)
     parser.add_argument("--dataset", choices=["coco", "demo"], help="data paths (default: the checkpoint's dataset)")
     parser.add_argument("--split", choices=list(SPLITS),
                         help="only images of this Karpathy split (default: every COCO val2014 image)")
-    parser.add_argument("--size", type=int, default=416, help="resize images to SIZE x SIZE (default 416)")
-    parser.add_argument("--k", type=int, help=f"maps summed per phrase (default {PAPER_K}, the paper's for d = 2400; "
-                                              f"round(0.075 d) for smaller d)")
+    add_size_arg(parser, default=416)
+    parser.add_argument("--k", type=positive_int,
+                        help=f"maps summed per phrase (default {PAPER_K}, the paper's for d = 2400; round(0.075 d) "
+                             f"for smaller d)")
     parser.add_argument("--protocol", choices=POINTING_PROTOCOLS, default="original",
                         help="where a peak cell points and what a hit is (default original; see above)")
     parser.add_argument("--tolerance", type=float, default=0.0, metavar="PX",
                         help="also count a peak within PX pixels (SIZE x SIZE frame) of the box as a hit")
-    parser.add_argument("--min-words", type=int, default=1, help="skip phrases with fewer words (default 1)")
-    parser.add_argument("--limit", type=int, help="evaluate the first N images only")
-    parser.add_argument("--words", type=Path, help="word-vector file (default: the checkpoint's)")
-    parser.add_argument("--batch-size", type=int, default=16, help="images per batch")
-    parser.add_argument("--json", type=Path, help="write the full results here")
+    parser.add_argument("--min-words", type=positive_int, default=1, help="skip phrases with fewer words (default 1)")
+    parser.add_argument("--limit", type=positive_int, help="evaluate the first N images only")
+    add_words_arg(parser)
+    parser.add_argument("--batch-size", type=positive_int, default=16, help="images per batch")
+    add_output_args(parser, "pointing_game")
     parser.add_argument("--per-phrase", action="store_true", help="with --json: include every phrase's result")
-    parser.add_argument("--results", type=Path, help="add the results to this shared JSON file, under --results-key")
-    parser.add_argument("--results-key", default="pointing_game",
-                        help="entry of --results to write (default pointing_game)")
     parser.add_argument("--overlays", type=Path, metavar="DIR",
                         help="also write DIR/pointing_<cocoid>.png: every phrase's heatmap and peak, hit or miss")
-    parser.add_argument("--overlay-images", type=int, default=3, metavar="N",
+    parser.add_argument("--overlay-images", type=positive_int, default=3, metavar="N",
                         help="with --overlays: the first N images (default 3)")
     add_device_args(parser)
-    return parser.parse_args()
+    return parser.parse_args(argv)
 
 
-def skip_reason(text: str, box: tuple[float, ...], localizer: Localizer, min_words: int) -> str | None:
-    words = [token for token in localizer.words.tokens(text) if any(c.isalnum() for c in token)]
+def skip_reason(text: str, box: tuple[float, ...], model: Inference, min_words: int) -> str | None:
+    words = [token for token in model.words.tokens(text) if any(c.isalnum() for c in token)]
     if not words:
         return "no words"
     if len(words) < min_words:
         return "too short"
-    if localizer.known_words(text) == 0:
+    if model.known_words(text) == 0:
         return "no word in vocabulary"
     if box[2] <= 0 or box[3] <= 0:
         return "empty box"
     return None
 
 
-def select(vg: list[tuple[object, list]], files: dict[int, Path], localizer: Localizer,
+def select(vg: list[tuple[object, list]], files: dict[int, Path], model: Inference,
            min_words: int) -> tuple[list[Item], list[dict]]:
     """The images and phrases to evaluate, and the skipped phrases with their reasons."""
     items, skipped = [], []
@@ -116,7 +117,7 @@ def select(vg: list[tuple[object, list]], files: dict[int, Path], localizer: Loc
         missing = not item.path.is_file()
         for region in regions:
             box = (float(region.x), float(region.y), float(region.width), float(region.height))
-            reason = "image missing" if missing else skip_reason(region.phrase or "", box, localizer, min_words)
+            reason = "image missing" if missing else skip_reason(region.phrase or "", box, model, min_words)
             if reason:
                 skipped.append({"region_id": int(region.id), "coco_id": item.coco_id, "phrase": region.phrase,
                                 "reason": reason})
@@ -127,20 +128,20 @@ def select(vg: list[tuple[object, list]], files: dict[int, Path], localizer: Loc
     return items, skipped
 
 
-def point(localizer: Localizer, items: list[Item], size: int, k: int, protocol: str, tolerance: float,
+def point(model: Inference, items: list[Item], size: int, k: int, protocol: str, tolerance: float,
           batch_size: int, workers: int, progress: bool) -> list[dict]:
     """Peak cell of every phrase's heatmap, the point the protocol makes of it in the size x size frame, and whether
     it and the centre baseline hit the phrase's box."""
-    loader = DataLoader(ImageDataset([item.path for item in items], eval_transform(size)), batch_size=batch_size,
-                        num_workers=workers, pin_memory=localizer.device.type == "cuda")
+    loader = DataLoader(ImageDataset([item.path for item in items], model.transform(size)), batch_size=batch_size,
+                        num_workers=workers, pin_memory=model.device.type == "cuda")
     strict = protocol == "original"
-    weight, results, start = localizer.weight, [], 0
+    weight, results, start = model.weight, [], 0
     for images in tqdm(loader, desc="images", disable=not progress, leave=False, dynamic_ncols=True):
         batch = items[start:start + len(images)]
         start += len(images)
-        maps = localizer.maps(images)  # (B, D', h, w)
+        maps = model.maps(images)  # (B, D', h, w)
         grid = tuple(maps.shape[-2:])
-        texts = localizer.encode([p.text for item in batch for p in item.phrases])  # (M, d)
+        texts = model.embed_texts([p.text for item in batch for p in item.phrases])  # (M, d)
         padded = texts.new_zeros(len(batch), max(len(item.phrases) for item in batch), texts.shape[1])
         row = 0
         for b, item in enumerate(batch):
@@ -162,17 +163,17 @@ def point(localizer: Localizer, items: list[Item], size: int, k: int, protocol: 
     return results
 
 
-def write_overlays(localizer: Localizer, items: list[Item], per_phrase: list[dict], size: int, k: int,
+def write_overlays(model: Inference, items: list[Item], per_phrase: list[dict], size: int, k: int,
                    protocol: str, folder: Path) -> list[Path]:
     """One figure per image (misc.visualize): each phrase's heatmap over the image with the point the protocol
     makes of its peak, the caption saying whether that point hit the phrase's box."""
     hit = {r["region_id"]: r["hit"] for r in per_phrase}
     written = []
     for item in items:
-        image = load_image(item.path)
+        image = decode_image(item.path, exif=False)
         texts = [p.text for p in item.phrases]
-        maps = localizer.maps(eval_transform(size)(image)[None])
-        heat = heatmaps(maps, localizer.weight, localizer.encode(texts), k)[0].cpu()  # (P, h, w)
+        maps = model.maps(model.transform(size)(image)[None])
+        heat = heatmaps(maps, model.weight, model.embed_texts(texts), k)[0].cpu()  # (P, h, w)
         captions = [f"{p.text} ({'hit' if hit[p.region_id] else 'miss'})" for p in item.phrases]
         path = folder / f"pointing_{item.coco_id}.png"
         cells = peak_cells(heat, column_major=protocol == "original")
@@ -182,28 +183,27 @@ def write_overlays(localizer: Localizer, items: list[Item], per_phrase: list[dic
     return written
 
 
-def main() -> None:
-    args = parse_args()
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     if args.size < 32:
         raise ConfigError(f"--size {args.size}: images must be at least 32 pixels (one cell of the maps)")
     if args.overlays and args.overlays.exists() and not args.overlays.is_dir():
         raise ConfigError(f"--overlays {args.overlays}: exists and is not a folder; give a folder for the PNGs")
-    if args.overlay_images < 1:
-        raise ConfigError(f"--overlay-images {args.overlay_images}: must be at least 1")
-    device = resolve_device(args.device)
-    localizer = load_localizer(args.checkpoint, args.words, device, args.amp)
-    demo = uses_demo(args.dataset or localizer.saved["train"]["dataset"])
+    if args.tolerance < 0:
+        raise ConfigError(f"--tolerance {args.tolerance:g}: pixels, at least 0")
+    model = Inference.load(args.checkpoint, args.words, args.device, args.amp)
+    demo = uses_demo(args.dataset or model.config["train"]["dataset"])
     vg_dir = config.path("vg_dir", demo=demo)
     files = coco_files(config.path("coco_karpathy", demo=demo), config.path("coco_images", demo=demo), args.split)
-    items, skipped = select(read_regions(vg_dir, files, args.limit), files, localizer, args.min_words)
+    items, skipped = select(read_regions(vg_dir, files, args.limit), files, model, args.min_words)
     reasons = dict(Counter(s["reason"] for s in skipped).most_common())
     if not items:
         raise ConfigError(f"no phrase to evaluate in {vg_dir} (images of COCO "
                           f"{'split ' + args.split if args.split else 'val2014'}; skipped: {reasons or 'none'})")
-    k = choose_k(args.k, localizer.dim, PAPER_K)
+    k = choose_k(args.k, model.dim, PAPER_K)
     log.info("pointing game: %d phrases of %d images, %dx%d, k=%d on %s", sum(len(i.phrases) for i in items),
-             len(items), args.size, args.size, k, device)
-    per_phrase = point(localizer, items, args.size, k, args.protocol, args.tolerance, args.batch_size,
+             len(items), args.size, args.size, k, model.device)
+    per_phrase = point(model, items, args.size, k, args.protocol, args.tolerance, args.batch_size,
                        args.workers if args.workers is not None else 2, not args.no_progress)
 
     n = len(per_phrase)
@@ -230,7 +230,7 @@ def main() -> None:
             full["per_phrase"], full["skipped_phrases"] = per_phrase, skipped
         write_json(args.json, full)
     if args.overlays:
-        written = write_overlays(localizer, items[:args.overlay_images], per_phrase, args.size, k, args.protocol,
+        written = write_overlays(model, items[:args.overlay_images], per_phrase, args.size, k, args.protocol,
                                  args.overlays)
         print(f"  overlays: {', '.join(str(path) for path in written)}")
     if args.results:

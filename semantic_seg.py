@@ -36,11 +36,13 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from misc import config
-from misc.cli import add_device_args, run, update_results, write_json
+from misc.cli import (add_checkpoint_args, add_device_args, add_output_args, add_size_arg, add_words_arg, parser_for,
+                      positive_int, run)
 from misc.config import ConfigError
-from misc.datasets import SPLITS, ImageDataset, Record, eval_transform, karpathy_records, load_coco, truth_masks
-from misc.engine import resolve_device
-from misc.localization import Localizer, apply_filters, choose_k, load_localizer, text_filters, upsample, uses_demo
+from misc.datasets import SPLITS, ImageDataset, Record, karpathy_records, load_coco, truth_masks, uses_demo
+from misc.files import update_results, write_json
+from misc.inference import Inference
+from misc.localization import apply_filters, choose_k, text_filters, upsample
 from misc.segmentation import (ORIGINAL_SIDE, average_precision, binarize, iou, original_average_precision,
                                original_iou, original_prediction, original_truth)
 
@@ -53,32 +55,30 @@ IOU_THRESHOLDS = (0.3, 0.4, 0.5)
 PROTOCOLS = ("original", "ranked")
 
 
-def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("-p", "--checkpoint", type=Path, required=True, help="model checkpoint")
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = parser_for(__doc__)
+    add_checkpoint_args(parser)
     parser.add_argument("--dataset", choices=["coco", "demo"], help="data paths (default: the checkpoint's dataset)")
     parser.add_argument("--protocol", choices=PROTOCOLS, default="original",
                         help="original release's metric (default) or the paper's ranked AP; see above")
     parser.add_argument("--split", choices=list(SPLITS),
                         help="Karpathy split (default: every annotated image for original, test for ranked)")
-    parser.add_argument("--size", type=int, help="resize images to SIZE x SIZE (default: the checkpoint's test_size)")
-    parser.add_argument("--k", type=int, help=f"maps summed per query (default {PAPER_K}, the paper's for d = 2400; "
-                                              f"scaled for smaller d)")
+    add_size_arg(parser)
+    parser.add_argument("--k", type=positive_int,
+                        help=f"maps summed per query (default {PAPER_K}, the paper's for d = 2400; scaled for "
+                             f"smaller d)")
     parser.add_argument("--threshold", type=float, default=0.45,
                         help="binarisation of a heatmap, a fraction of its range (default 0.45)")
     parser.add_argument("--score", choices=["similarity", "peak"], default="similarity",
                         help="ranked: orders the (image, category) predictions: image-query cosine similarity "
                              "(default) or the heatmap's maximum")
-    parser.add_argument("--limit", type=int, help="evaluate the first N images only")
-    parser.add_argument("--words", type=Path, help="word-vector file (default: the checkpoint's)")
-    parser.add_argument("--batch-size", type=int, default=16, help="images per batch")
-    parser.add_argument("--json", type=Path, help="write the full results here")
+    parser.add_argument("--limit", type=positive_int, help="evaluate the first N images only")
+    add_words_arg(parser)
+    parser.add_argument("--batch-size", type=positive_int, default=16, help="images per batch")
+    add_output_args(parser, "semantic_segmentation")
     parser.add_argument("--per-image", action="store_true", help="with --json: every (image, category) row")
-    parser.add_argument("--results", type=Path, help="add the results to this shared JSON file, under --results-key")
-    parser.add_argument("--results-key", default="semantic_segmentation",
-                        help="entry of --results to write (default semantic_segmentation)")
     add_device_args(parser)
-    return parser.parse_args()
+    return parser.parse_args(argv)
 
 
 def plural(noun: str) -> str:
@@ -103,21 +103,21 @@ def original_segmentations(coco: COCO, image_id: int) -> dict[int, list]:
     return grouped
 
 
-def segment(localizer: Localizer, coco: COCO, records: list[Record], categories: list[int], texts: torch.Tensor,
+def segment(model: Inference, coco: COCO, records: list[Record], categories: list[int], texts: torch.Tensor,
             size: int, k: int, threshold: float, protocol: str, score: str, batch_size: int, workers: int,
             progress: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Scores, IoUs (0 where the category is absent; NaN for the original's 0 / 0) and presence of every
     (image, category): each (N, C)."""
-    filters = text_filters(localizer.weight, texts, k)  # (C, D'), shared by every image
+    filters = text_filters(model.weight, texts, k)  # (C, D'), shared by every image
     column = {category: c for c, category in enumerate(categories)}
-    loader = DataLoader(ImageDataset([r.image for r in records], eval_transform(size)), batch_size=batch_size,
-                        num_workers=workers, pin_memory=localizer.device.type == "cuda")
+    loader = DataLoader(ImageDataset([r.image for r in records], model.transform(size)), batch_size=batch_size,
+                        num_workers=workers, pin_memory=model.device.type == "cuda")
     scores, ious, present, start = [], [], [], 0
     for images in tqdm(loader, desc="images", disable=not progress, leave=False, dynamic_ncols=True):
-        maps = localizer.maps(images)  # (B, D', h, w)
+        maps = model.maps(images)  # (B, D', h, w)
         heat = apply_filters(maps, filters)  # (B, C, h, w)
         if score == "similarity":
-            scores.append((localizer.embed_maps(maps) @ texts.T).cpu())  # (B, C)
+            scores.append((model.embed_maps(maps) @ texts.T).cpu())  # (B, C)
         else:
             scores.append(heat.flatten(2).amax(dim=2).cpu())
         heat = heat.cpu()
@@ -169,14 +169,13 @@ def category_ap(protocol: str, scores: torch.Tensor, ious: torch.Tensor, present
     return average_precision(scores, present & (ious >= threshold), int(present.sum()))
 
 
-def main() -> None:
-    args = parse_args()
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     if not 0 <= args.threshold <= 1:
         raise ConfigError(f"--threshold {args.threshold}: must lie in [0, 1] (a fraction of the heatmap's range)")
     split = args.split or ("test" if args.protocol == "ranked" else None)
-    device = resolve_device(args.device)
-    localizer = load_localizer(args.checkpoint, args.words, device, args.amp)
-    demo = uses_demo(args.dataset or localizer.saved["train"]["dataset"])
+    model = Inference.load(args.checkpoint, args.words, args.device, args.amp)
+    demo = uses_demo(args.dataset or model.config["train"]["dataset"])
     annotations = config.required_file("coco_annotations", config.path("coco_annotations", demo=demo),
                                        "instances_val2014.json")
     coco = load_coco(annotations)
@@ -190,15 +189,15 @@ def main() -> None:
     categories = sorted(coco.getCatIds())
     names = {c: coco.cats[c]["name"] for c in categories}
     queries = {c: query(names[c], args.protocol) for c in categories}
-    unknown = [queries[c] for c in categories if localizer.known_words(queries[c]) == 0]
+    unknown = [queries[c] for c in categories if model.known_words(queries[c]) == 0]
     if unknown:
         log.warning("no word of these queries is in the vocabulary: %s", ", ".join(unknown))
-    texts = localizer.encode([queries[c] for c in categories])  # (C, d)
-    k = choose_k(args.k, localizer.dim, PAPER_K)
-    size = args.size or localizer.saved["train"]["test_size"]
+    texts = model.embed_texts([queries[c] for c in categories])  # (C, d)
+    k = choose_k(args.k, model.dim, PAPER_K)
+    size = args.size or model.test_size
     log.info("semantic segmentation (%s): %d images of %s, %d categories, %dx%d, k=%d, threshold %.2f on %s",
-             args.protocol, len(records), images_from, len(categories), size, size, k, args.threshold, device)
-    scores, ious, present = segment(localizer, coco, records, categories, texts, size, k, args.threshold,
+             args.protocol, len(records), images_from, len(categories), size, size, k, args.threshold, model.device)
+    scores, ious, present = segment(model, coco, records, categories, texts, size, k, args.threshold,
                                     args.protocol, args.score, args.batch_size,
                                     args.workers if args.workers is not None else 2, not args.no_progress)
 

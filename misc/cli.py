@@ -70,17 +70,19 @@ def add_device_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
-def add_size_arg(parser: argparse.ArgumentParser, default: str = "the checkpoint's test_size") -> None:
-    parser.add_argument("--size", type=positive_int, help=f"resize images to SIZE x SIZE (default: {default})")
+def add_size_arg(parser: argparse.ArgumentParser, default: int | None = None,
+                 default_text: str = "the checkpoint's test_size") -> None:
+    parser.add_argument("--size", type=positive_int, default=default,
+                        help=f"resize images to SIZE x SIZE (default: {default or default_text})")
 
 
-def add_output_args(parser: argparse.ArgumentParser, results_key: str | None = None) -> None:
-    """``--json PATH`` (the full results) and, with ``results_key``, ``--results PATH`` (add them under that key
-    to a shared results file)."""
+def add_output_args(parser: argparse.ArgumentParser, results_key: str) -> None:
+    """``--json PATH`` (the full results), ``--results PATH`` (add the summary to a shared results file) under
+    ``--results-key`` (default ``results_key``)."""
     parser.add_argument("--json", type=Path, help="write the full results here")
-    if results_key:
-        parser.add_argument("--results", type=Path,
-                            help=f"add the results as the '{results_key}' entry of this JSON file")
+    parser.add_argument("--results", type=Path, help="add the results to this shared JSON file, under --results-key")
+    parser.add_argument("--results-key", default=results_key,
+                        help=f"entry of --results to write (default {results_key})")
 
 
 def add_set_arg(parser: argparse.ArgumentParser) -> None:

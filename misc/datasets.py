@@ -13,14 +13,13 @@ from collections.abc import Callable
 
 import numpy as np
 import torch
-from PIL import Image
 from pycocotools.coco import COCO
 from torch.utils.data import Dataset
 from torchvision import transforms
 from visual_genome import local as vg_local
 from visual_genome import utils as vg_utils
 
-from misc import config
+from misc import config, demo
 from misc.config import ConfigError, TrainConfig
 from misc.images import decode_image
 from misc.words import Encoded, WordVectors, tokenize
@@ -114,9 +113,15 @@ def check_images(records: list[Record], key: str = "") -> None:
         raise ConfigError(f"{len(missing)} of {len(records)} images are missing, e.g. {missing[0]}{where}")
 
 
-def load_image(path: Path) -> Image.Image:
-    """An image of an annotated dataset: full scale, stored orientation (see :func:`misc.images.decode_image`)."""
-    return decode_image(path, exif=False)
+def uses_demo(dataset: str) -> bool:
+    """Whether the localization data paths come from the demo world (generated first if there is none yet), else
+    from the configured COCO / Visual Genome paths."""
+    if dataset not in ("coco", "demo"):
+        raise ConfigError(f"dataset {dataset!r}: localization runs on COCO images ('coco') or the demo world "
+                          f"('demo'); pass --dataset")
+    if dataset == "demo":
+        demo.ensure(config.DEMO_DIR)
+    return dataset == "demo"
 
 
 def train_transform(cfg: TrainConfig) -> Callable:
@@ -174,7 +179,8 @@ class PairDataset(Dataset):
         order = np.random.default_rng([self.seed, self.epoch, image_index]).permutation(len(record.captions))
         slots = range(item * self.per_item, (item + 1) * self.per_item)
         captions = [record.captions[order[slot % len(order)]] for slot in slots]
-        return self.transform(load_image(record.image)), captions, image_index
+        # Annotated datasets: full scale and stored orientation (their boxes and masks are on the stored pixels).
+        return self.transform(decode_image(record.image, exif=False)), captions, image_index
 
 
 class ImageDataset(Dataset):
@@ -187,7 +193,7 @@ class ImageDataset(Dataset):
         return len(self.paths)
 
     def __getitem__(self, index: int) -> torch.Tensor:
-        return self.transform(load_image(self.paths[index]))
+        return self.transform(decode_image(self.paths[index], exif=False))
 
 
 class PairCollate:

@@ -25,18 +25,11 @@ ties of the arg-max broken in column-major order, and a hit only strictly inside
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
 
-from misc import checkpoint, config, demo
 from misc.config import ConfigError
-from misc.engine import autocast, encode_captions
-from misc.words import WordVectors
-from models.joint import JointEmbedding
 
 log = logging.getLogger(__name__)
 
@@ -176,64 +169,3 @@ def pointing_hits(points: torch.Tensor, boxes: torch.Tensor, tolerance: float = 
     outside = torch.clamp(torch.maximum(low - points, points - high), min=0)  # (N, 2) per-axis distance
     near = outside.norm(dim=1) <= tolerance if tolerance > 0 else torch.zeros(len(points), dtype=torch.bool)
     return inside.all(dim=1) | near
-
-
-# --------------------------------------------------------------------------- model, words and data paths
-
-@dataclass
-class Localizer:
-    """A trained model with its word vectors, as the localization scripts use it."""
-
-    model: JointEmbedding
-    words: WordVectors
-    saved: dict[str, Any]  # the checkpoint's config: {"model", "train", "word_vectors"}
-    device: torch.device
-    amp: str | None = None
-
-    @property
-    def dim(self) -> int:
-        return self.model.config.embed_dim
-
-    @property
-    def weight(self) -> torch.Tensor:
-        """A (d, D') of eq. 1, float32."""
-        return self.model.image.proj.weight.detach().float()
-
-    @torch.no_grad()
-    def maps(self, images: torch.Tensor) -> torch.Tensor:
-        """Feature maps G (B, D', h, w) float32 of a batch of normalised images."""
-        with autocast(self.device, self.amp):
-            return self.model.image.feature_maps(images.to(self.device, non_blocking=True)).float()
-
-    @torch.no_grad()
-    def embed_maps(self, maps: torch.Tensor) -> torch.Tensor:
-        """Image embeddings (B, d) from maps G (eq. 1)."""
-        return self.model.image.embed_maps(maps).float()
-
-    def encode(self, texts: list[str], batch_size: int = 256) -> torch.Tensor:
-        """Unit text embeddings (T, d) on the device; every text must have a word."""
-        return encode_captions(self.model, texts, self.words, self.device, batch_size=batch_size, amp=self.amp,
-                               progress=False).to(self.device)
-
-    def known_words(self, text: str) -> int:
-        """How many of the tokens the text path would embed are in the vocabulary."""
-        return sum(self.words.index(token) is not None for token in self.words.tokens(text))
-
-
-def load_localizer(checkpoint_path: Path, words_path: Path | None, device: torch.device,
-                   amp: str | None = None) -> Localizer:
-    """Model and word vectors of a checkpoint (``words_path`` overrides the stored word-vector file)."""
-    model, state = checkpoint.load_model(checkpoint_path, device)
-    words = checkpoint.load_words(state, words_path, checkpoint_path)
-    return Localizer(model, words, state["config"], device, amp if device.type == "cuda" else None)
-
-
-def uses_demo(dataset: str) -> bool:
-    """Whether the data paths come from the demo world (generated first if there is none yet), else from the
-    configured COCO / Visual Genome paths."""
-    if dataset not in ("coco", "demo"):
-        raise ConfigError(f"dataset {dataset!r}: localization runs on COCO images ('coco') or the demo world "
-                          f"('demo'); pass --dataset")
-    if dataset == "demo":
-        demo.ensure(config.DEMO_DIR)
-    return dataset == "demo"

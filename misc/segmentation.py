@@ -10,7 +10,7 @@ sorted by IoU (:func:`original_average_precision`). Everything here is arithmeti
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch

@@ -10,7 +10,7 @@ import math
 import textwrap
 from functools import lru_cache
 from pathlib import Path
-from typing import Sequence
+from collections.abc import Sequence
 
 import matplotlib
 import numpy as np

@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader
 from misc import extraction
 from misc.checkpoint import atomic_save, load_model
 from misc.config import ModelConfig, TrainConfig
-from misc.datasets import eval_transform, load_image
+from misc.datasets import eval_transform
 from misc.engine import encode_captions
 from misc import search
 from misc.arrays import Streamed, npz_array, write_npz
@@ -178,14 +178,14 @@ def test_image_cli_embeds_the_zoo_and_lists_what_it_skipped(zoo, tiny_checkpoint
 
 
 def test_image_features_equal_direct_model_embeddings(demo_features, tiny_world, tiny_checkpoint):
-    model, _ = load_model(tiny_checkpoint)
+    model = load_model(tiny_checkpoint)
     folder = tiny_world / "images" / "val2014"
     with np.load(demo_features) as data:
         paths, features, maps = data["paths"].tolist(), data["features"], data["maps"]
     assert paths == sorted(p.name for p in folder.glob("*.jpg"))
     np.testing.assert_allclose(np.linalg.norm(features, axis=1), 1, atol=1e-5)
     rows = [0, len(paths) - 1]
-    images = torch.stack([eval_transform(SIZE)(load_image(folder / paths[row])) for row in rows])
+    images = torch.stack([eval_transform(SIZE)(decode_image(folder / paths[row], exif=False)) for row in rows])
     with torch.no_grad():
         expected_maps = model.image.feature_maps(images)
         expected = model.image.embed_maps(expected_maps)
@@ -195,7 +195,7 @@ def test_image_features_equal_direct_model_embeddings(demo_features, tiny_world,
 
 
 def test_resume_after_interruption_gives_the_uninterrupted_result(zoo, tiny_checkpoint, tmp_path, monkeypatch):
-    model, _ = load_model(tiny_checkpoint)
+    model = load_model(tiny_checkpoint)
     entries = list_images(zoo)
     record = {"checkpoint_sha256": "x" * 64}
     options = {"device": torch.device("cpu"), "batch_size": 3, "workers": 0, "chunk_size": 5, "maps": True,
@@ -266,7 +266,7 @@ def test_text_cli_end_to_end(demo_texts, tiny_world, tiny_checkpoint):
         assert data["skipped"].tolist() == [["2", "empty line"], ["3", "invalid UTF-8 at byte 7"],
                                             ["5", "no word in the vocabulary (zero embedding)"]]
         features = data["features"]
-    model, _ = load_model(tiny_checkpoint)
+    model = load_model(tiny_checkpoint)
     words = load_word_vectors(tiny_world / "words" / "demo_word2vec.bin")
     expected = encode_captions(model, ["A red circle on the left", "A frobnicated red square"], words, "cpu",
                                progress=False)

@@ -5,8 +5,10 @@
 Empty lines, lines with no word and lines that are not valid UTF-8 are skipped and reported with their line
 numbers; out-of-vocabulary words are counted (they map to the UNK vector).
 
-Output (.npz): features (M, d) float32 unit rows; lines (M,) the embedded lines; line_numbers (M,) 1-based;
-oov (M,) unknown words per line; skipped (K, 2) line number and reason; config, a JSON string.
+Output (.npz): features (M, d) float32 unit rows; the embedded lines, verbatim, as lines_utf8 (their UTF-8 bytes
+one after the other) and lines_offsets (M + 1,): line i is lines_utf8[offsets[i]:offsets[i + 1]]
+(misc.arrays.TextColumn reads them); line_numbers (M,) 1-based; oov (M,) unknown words per line; skipped (K, 2)
+line number and reason; config, a JSON string.
 """
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ import numpy as np
 
 from misc.cli import add_checkpoint_args, add_device_args, add_words_arg, parser_for, positive_int, run
 from misc.config import ConfigError
-from misc.arrays import skipped_array, text_array, write_npz
+from misc.arrays import skipped_array, text_column, write_npz
 from misc.extraction import describe_checkpoint, log_skipped
 from misc.inference import Inference
 from misc.texts import embed_lines, read_text_lines
@@ -51,7 +53,7 @@ def main(argv: list[str] | None = None) -> None:
     log_skipped([(f"{args.data}:{number}", reason) for number, reason in text.skipped], args.out)
     record = describe_checkpoint(args.checkpoint, model.state, word_vectors=str(model.words.source),
                                  data=str(args.data))
-    write_npz(args.out, {"features": features, "lines": text_array(text.lines),
+    write_npz(args.out, {"features": features, **text_column(text.lines, "lines"),
                          "line_numbers": np.array(text.numbers, dtype=np.int64), "oov": oov,
                          "skipped": skipped_array([(str(number), reason) for number, reason in text.skipped]),
                          "config": np.array(json.dumps(record))})

@@ -108,3 +108,30 @@ def text_array(values: list[str]) -> np.ndarray:
 def skipped_array(skipped: list[tuple[str, str]]) -> np.ndarray:
     """(K, 2) strings: where (a path or a line number) and why."""
     return np.array(skipped, dtype=str).reshape(-1, 2) if skipped else np.empty((0, 2), dtype="<U1")
+
+
+def text_column(values: list[str], name: str) -> dict[str, np.ndarray]:
+    """Strings stored verbatim at their own length: ``NAME_utf8`` (all of them, UTF-8, one uint8 array) and
+    ``NAME_offsets`` (N + 1,) int64, string i being bytes offsets[i]:offsets[i + 1]. Unlike a fixed-width
+    unicode array, this keeps trailing NUL characters and costs no padding to the longest string."""
+    encoded = [value.encode("utf-8") for value in values]
+    offsets = np.zeros(len(encoded) + 1, dtype=np.int64)
+    np.cumsum([len(value) for value in encoded], out=offsets[1:])
+    return {f"{name}_utf8": np.frombuffer(b"".join(encoded), dtype=np.uint8), f"{name}_offsets": offsets}
+
+
+class TextColumn:
+    """The strings of :func:`text_column` in an .npz, read one at a time from the memory-mapped bytes."""
+
+    def __init__(self, path: Path, name: str) -> None:
+        self.data = npz_array(path, f"{name}_utf8", mmap=True)
+        self.offsets = npz_array(path, f"{name}_offsets")
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def __getitem__(self, row: int) -> str:
+        return bytes(self.data[self.offsets[row]:self.offsets[row + 1]]).decode("utf-8")
+
+    def tolist(self) -> list[str]:
+        return [self[row] for row in range(len(self))]

@@ -14,7 +14,7 @@ from typing import Any
 import faiss
 import numpy as np
 
-from misc.arrays import npz_array, npz_fingerprint, npz_names
+from misc.arrays import TextColumn, npz_array, npz_fingerprint, npz_names
 from misc.config import ConfigError
 from misc.files import atomic_path, write_json
 
@@ -29,7 +29,7 @@ class Collection:
 
     path: Path
     features: np.ndarray  # (N, d) float32 unit rows, memory-mapped when stored uncompressed
-    labels: np.ndarray  # (N,) str: image paths or text lines
+    labels: np.ndarray | TextColumn  # (N,) image paths, or the text lines
     kind: str  # "image" or "text"
     config: dict[str, Any]
     line_numbers: np.ndarray | None  # (N,) for text collections
@@ -42,16 +42,17 @@ def load_collection(path: Path) -> Collection:
         names = npz_names(path)
     except (OSError, zipfile.BadZipFile) as error:
         raise ConfigError(f"{path}: not a readable .npz feature file ({error})") from error
-    if "features" not in names or not names & {"paths", "lines"}:
-        raise ConfigError(f"{path}: expected 'features' and 'paths' (image features) or 'lines' (text features)")
+    if "features" not in names or not names & {"paths", "lines_utf8"}:
+        raise ConfigError(f"{path}: expected 'features' and 'paths' (image features) or 'lines_utf8' (text "
+                          f"features, as text_features_extraction.py writes them)")
     kind = "image" if "paths" in names else "text"
     features = npz_array(path, "features", mmap=True)
     if features.ndim != 2 or features.dtype != np.float32:
         raise ConfigError(f"{path}: 'features' must be (N, d) float32, got {features.shape} {features.dtype}")
     config = json.loads(str(npz_array(path, "config"))) if "config" in names else {}
     numbers = npz_array(path, "line_numbers") if kind == "text" else None
-    return Collection(path, features, npz_array(path, "paths" if kind == "image" else "lines"), kind, config,
-                      numbers)
+    labels = npz_array(path, "paths") if kind == "image" else TextColumn(path, "lines")
+    return Collection(path, features, labels, kind, config, numbers)
 
 
 def exact_search(queries: np.ndarray, features: np.ndarray, k: int,

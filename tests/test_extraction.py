@@ -23,7 +23,7 @@ from misc.config import ModelConfig, TrainConfig
 from misc.datasets import eval_transform
 from misc.engine import encode_captions
 from misc import search
-from misc.arrays import Streamed, npz_array, write_npz
+from misc.arrays import Streamed, TextColumn, npz_array, text_column, write_npz
 from misc.extraction import ImageFiles, PartStore, collate_images, extract_images
 from misc.images import decode_image, list_images, read_list
 from misc.search import exact_search, index_search, load_collection, load_or_build_index
@@ -260,8 +260,8 @@ def test_text_cli_end_to_end(demo_texts, tiny_world, tiny_checkpoint):
     out, printed = demo_texts
     assert "2 lines embedded, 3 skipped; out-of-vocabulary words: 1 of 10" in printed
     assert "captions.txt:3: invalid UTF-8 at byte 7" in printed
+    assert TextColumn(out, "lines").tolist() == ["A red circle on the left", "A frobnicated red square"]
     with np.load(out) as data:
-        assert data["lines"].tolist() == ["A red circle on the left", "A frobnicated red square"]
         assert data["line_numbers"].tolist() == [1, 4] and data["oov"].tolist() == [0, 1]
         assert data["skipped"].tolist() == [["2", "empty line"], ["3", "invalid UTF-8 at byte 7"],
                                             ["5", "no word in the vocabulary (zero embedding)"]]
@@ -385,3 +385,13 @@ def test_an_index_that_cannot_be_saved_is_still_searched(tmp_path, monkeypatch, 
     assert built and not list(tmp_path.glob("*.faiss*")) and "could not save the index" in caplog.text
     queries = random_unit(3, 8, 1)
     np.testing.assert_array_equal(index_search(index, queries, 5)[1], exact_search(queries, features, 5)[1])
+
+
+@pytest.mark.parametrize("values", [[], ["a"], ["", "x\x00", "\x00\x00", "ünïcödé ✓ 🚲", "line\twith\rcontrol"],
+                                    ["short", "y" * 1_000_000, "z"]])
+def test_text_columns_round_trip_verbatim_at_their_own_length(values, tmp_path):
+    path = tmp_path / "texts.npz"
+    write_npz(path, text_column(values, "lines"))
+    column = TextColumn(path, "lines")
+    assert len(column) == len(values) and column.tolist() == values
+    assert path.stat().st_size < sum(len(v.encode()) for v in values) + 2000  # no padding to the longest

@@ -3,19 +3,18 @@
     python train.py                      # COCO when configured in misc/config.py, else the built-in demo world
     python train.py --preset demo        # small model on the demo world, minutes on 2 CPU cores
     python train.py --resume runs/paper/last.pth.tar
-    python train.py --init pretrained_classif_152_2400.pth.tar   # the original release's image initialisation
-    torchrun --nproc_per_node=4 train.py --preset paper   # one process per GPU; --batch-size is the global batch
+    python train.py --preset paper --init pretrained_classif_152_2400.pth.tar   # the original release's start
+    python train.py --preset paper --weights IMAGENET1K_V1   # torchvision's ImageNet trunk, from torch hub's cache
+    torchrun --nproc_per_node=4 train.py --preset paper --init ...   # one process per GPU; global --batch-size
 """
 from __future__ import annotations
 
 import argparse
-import functools
 import logging
 import random
 import shutil
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Callable
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
@@ -28,19 +27,21 @@ from misc.config import ConfigError, ModelConfig, TrainConfig
 from misc.datasets import PairCollate, PairDataset, load_records, train_transform
 from misc.files import atomic_path
 from misc.engine import evaluate_records, resolve_device, train_one_epoch
-from misc.loss import triplet_loss
 from misc.retrieval import format_table
-from misc.schedule import build_optimizer, build_scheduler, enter_stage
+from misc.schedule import build_optimizer, build_scheduler, describe, enter_stage, epoch_loss, loss_kind
 from misc.words import load_word_vectors
 from models.joint import JointEmbedding, build_model
+from models.visual import IMAGENET_WEIGHTS, trunk_weights_file
 
 log = logging.getLogger("train")
+CONFIGURED = Path("<config key resnet_weights>")  # --resnet-weights without a file
 
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=list(config.PRESETS), default=None,
-                        help="paper (default when COCO is configured) or demo")
+                        help="paper (default when COCO is configured; the original code's schedule), paper-text "
+                             "(the schedule as the paper's text states it) or demo")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override any field of ModelConfig (model.) or TrainConfig (train.), e.g. train.epochs=3")
     parser.add_argument("--dataset", help="coco | flickr30k | demo | a JSON-lines caption file")
@@ -49,11 +50,17 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--seed", type=int)
     parser.add_argument("--limit", type=int, help="train on the first N images only (smoke runs)")
     parser.add_argument("--words", type=Path, help="word-vector file (default: config key word_vectors)")
-    parser.add_argument("--resnet-weights", type=Path, help="ImageNet state dict to initialise the trunk")
     parser.add_argument("--resume", type=Path, help="continue a run from its last.pth.tar")
-    parser.add_argument("--init", type=Path,
-                        help="initialise from the original classification network (pretrained_classif_152_2400"
-                             ".pth.tar: trunk and 1x1 conv), an original model.pth.tar or a checkpoint (every weight)")
+    start = parser.add_argument_group("what a new run starts from (the paper preset needs one)")
+    trunk = start.add_mutually_exclusive_group()
+    trunk.add_argument("--init", type=Path, metavar="CKPT",
+                       help="the original classification network (pretrained_classif_152_2400.pth.tar: trunk and "
+                            "1x1 conv), an original model.pth.tar or a checkpoint (every weight)")
+    trunk.add_argument("--resnet-weights", nargs="?", const=CONFIGURED, type=Path, metavar="FILE",
+                       help="a torchvision state dict of the trunk (default: config key resnet_weights)")
+    trunk.add_argument("--weights", choices=IMAGENET_WEIGHTS,
+                       help="torchvision's ImageNet weights of the trunk, from torch hub's cache (never downloaded)")
+    trunk.add_argument("--from-scratch", action="store_true", help="a randomly initialised trunk")
     parser.add_argument("--out", type=Path, help="run folder (default: runs/<preset>)")
     parser.add_argument("--channels-last", action="store_true", help="channels-last memory format for the trunk")
     add_device_args(parser)
@@ -62,6 +69,10 @@ def parse_args() -> argparse.Namespace:
 
 def configure(args: argparse.Namespace) -> tuple[ModelConfig, TrainConfig, str | None]:
     """Model and training config: the resumed run's, else preset + flags. Falls back to the demo world."""
+    source = trunk_source(args)
+    if args.resume and source:
+        raise ConfigError("--init, --resnet-weights, --weights and --from-scratch start a new run; --resume "
+                          "continues from the run's own weights")
     if args.resume:
         saved = checkpoint.load(args.resume)["config"]
         model_cfg = config.from_dict(ModelConfig, saved["model"])
@@ -80,7 +91,42 @@ def configure(args: argparse.Namespace) -> tuple[ModelConfig, TrainConfig, str |
     flags = {"dataset": args.dataset, "epochs": args.epochs, "batch_size": args.batch_size, "seed": args.seed,
              "workers": args.workers}
     train_cfg = TrainConfig(**{**asdict(train_cfg), **{k: v for k, v in flags.items() if v is not None}})
+    if not args.resume:
+        model_cfg = replace(model_cfg, trunk_init=source or model_cfg.trunk_init)
+        check_trunk_source(model_cfg, args.preset or "paper")
     return model_cfg, train_cfg, str(args.words) if args.words else words
+
+
+def trunk_source(args: argparse.Namespace) -> str | None:
+    """``ModelConfig.trunk_init`` as the flags choose it (plain data, recorded in the checkpoint), or None."""
+    if args.init:
+        return f"checkpoint:{args.init.resolve()}"
+    if args.resnet_weights:
+        path = config.path("resnet_weights") if args.resnet_weights == CONFIGURED else args.resnet_weights
+        return f"file:{path.resolve()}"
+    if args.weights:
+        return args.weights
+    return "scratch" if args.from_scratch else None
+
+
+def check_trunk_source(model_cfg: ModelConfig, preset: str) -> None:
+    """A new run names its trunk's start, and a weights file it names exists (before any data loads)."""
+    if not model_cfg.trunk_init:
+        raise ConfigError(f"preset {preset!r} needs a trunk to start from: --init CKPT (the original release's "
+                          f"pretrained_classif_152_2400.pth.tar), --resnet-weights [FILE] (a torchvision state dict; "
+                          f"default: config key resnet_weights), --weights {'|'.join(IMAGENET_WEIGHTS)} "
+                          f"(torchvision's, from torch hub's cache) or --from-scratch")
+    if model_cfg.trunk_init != "scratch" and not model_cfg.trunk_init.startswith("checkpoint:"):
+        trunk_weights_file(model_cfg.trunk, model_cfg.trunk_init)
+
+
+def new_model(model_cfg: ModelConfig) -> JointEmbedding:
+    """A model for a new run, its trunk started from ``model_cfg.trunk_init``."""
+    if model_cfg.trunk_init.startswith("checkpoint:"):
+        model = build_model(model_cfg)
+        log.info(checkpoint.init_from(model, model_cfg.trunk_init.removeprefix("checkpoint:")))
+        return model
+    return build_model(model_cfg, init_trunk=True)
 
 
 def seed_for(cfg: TrainConfig, epoch: int, rank: int) -> None:
@@ -88,17 +134,6 @@ def seed_for(cfg: TrainConfig, epoch: int, rank: int) -> None:
     resumed run, on any number of processes, replays exactly the epochs it has not finished."""
     random.seed(cfg.seed * 100_003 + epoch * 101 + rank)
     torch.manual_seed(cfg.seed * 100_003 + epoch * 101 + rank)
-
-
-def loss_kind(cfg: TrainConfig, epoch: int) -> str:
-    """'sum' (eq. 5) during the first ``sum_loss_epochs``, then ``cfg.loss`` ('hard', eq. 7, or 'sum')."""
-    return cfg.loss if epoch >= cfg.sum_loss_epochs else "sum"
-
-
-def epoch_loss(cfg: TrainConfig, epoch: int, context: distributed.Context) -> Callable[..., torch.Tensor]:
-    """The triplet loss of ``epoch`` (see :func:`loss_kind`), over the global batch under DDP."""
-    loss_fn = functools.partial(triplet_loss, margin=cfg.margin, hardest=loss_kind(cfg, epoch) == "hard")
-    return distributed.global_loss(loss_fn) if context.distributed else loss_fn
 
 
 def main() -> None:
@@ -136,13 +171,10 @@ def train(args: argparse.Namespace, model_cfg: ModelConfig, cfg: TrainConfig, wo
     out.mkdir(parents=True, exist_ok=True)
 
     torch.manual_seed(cfg.seed)  # identical initial weights in every process
-    model: JointEmbedding = build_model(model_cfg).to(device)
+    # a resumed run's weights come from its checkpoint: its trunk is not initialised again
+    model = (build_model(model_cfg) if args.resume else new_model(model_cfg)).to(device)
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
     model.image.to(memory_format=memory_format)
-    if args.resnet_weights:
-        model.image.load_trunk_weights(args.resnet_weights)
-    if args.init:
-        log.info(checkpoint.init_from(model, args.init))
     optimizer = build_optimizer(model, cfg)
     scheduler = build_scheduler(optimizer, cfg)
     scaler = torch.amp.GradScaler("cuda") if amp == "fp16" else None
@@ -170,6 +202,7 @@ def train(args: argparse.Namespace, model_cfg: ModelConfig, cfg: TrainConfig, wo
     log.info("training %s on %d %s images (%d pairs/epoch), validating on %d; %d process(es) on %s; run folder %s",
              model_cfg.trunk, len(train_records), cfg.dataset, len(dataset) * dataset.per_item, len(val_records),
              context.world_size, device, out)
+    log.info(describe(cfg))
     writer = SummaryWriter(str(out / "tensorboard")) if main_process else None
     saved_config = {"model": asdict(model_cfg), "train": asdict(cfg),
                     "word_vectors": checkpoint.portable_path(words.source)}
@@ -183,7 +216,7 @@ def train(args: argparse.Namespace, model_cfg: ModelConfig, cfg: TrainConfig, wo
         dataset.set_epoch(epoch)
         sampler.set_epoch(epoch)
         lr = optimizer.param_groups[0]["lr"]
-        loss_fn = epoch_loss(cfg, epoch, context)
+        loss_fn = epoch_loss(cfg, epoch, context.distributed)
         stats = train_one_epoch(network, loader, optimizer, loss_fn, device, amp, scaler, memory_format,
                                 cfg.grad_clip, progress=main_process and not args.no_progress,
                                 description=f"epoch {epoch}")

@@ -113,13 +113,19 @@ class ModelConfig:
     image_dropout: float = 0.5
     word_dim: int = 620
     sru_layers: int = 4
-    text_dropout: float = 0.25
+    text_dropout: float = 0.25  # sru's dropout: on the outputs of every SRU layer but the last
+    rnn_dropout: float = 0.25  # sru's rnn_dropout: on every SRU layer's input, one mask per caption (the original's)
     forget_bias: float = 0.0  # initial SRU forget-gate bias; > 0 keeps early words in memory longer (paper: 0)
+    # What a new model's trunk starts from (models.visual.init_trunk): "scratch", "IMAGENET1K_V1" | "IMAGENET1K_V2"
+    # (torchvision's, from torch hub's cache), "file:PATH" (a torchvision state dict of the trunk) or
+    # "checkpoint:PATH" (train.py --init); "" = not chosen yet. A checkpoint's weights supersede it.
+    trunk_init: str = ""
 
 
 @dataclass
 class TrainConfig:
-    """Optimisation and data settings (§4.1). Epoch numbers count from 0."""
+    """Optimisation and data settings (§4.1). Epoch numbers count from 0; the defaults are the schedule the original
+    release's train.py ran (see misc/schedule.py), one epoch later than the paper's text (preset ``paper-text``)."""
 
     dataset: str = "coco"  # coco | flickr30k | demo
     split: str = "trainrv"  # train+restval
@@ -127,10 +133,11 @@ class TrainConfig:
     epochs: int = 20
     batch_size: int = 160  # items per step: pairs, or images with all their captions when group_captions
     lr: float = 1e-3
-    lr_halve_epochs: list[int] = field(default_factory=lambda: [2, 3, 4, 5, 6])
+    lr_halve_epochs: list[int] = field(default_factory=lambda: [3, 4, 5, 6, 7])  # the first epochs at each half
     text_from_epoch: int = 2  # before: only the projection A, b trains
-    trunk_from_epoch: int = 8  # from here the trunk and the 1x1 conv are fine-tuned too
+    trunk_from_epoch: int = 9  # from here the trunk and the 1x1 conv are fine-tuned too
     frozen_trunk: list[str] = field(default_factory=lambda: ["conv1", "bn1", "layer1", "layer2"])
+    frozen_mode: str = "train"  # frozen parts in train mode (batch statistics, dropout) as the original ran, or eval
     margin: float = 0.2
     loss: str = "hard"  # hard (eq. 7) | sum (eq. 5)
     sum_loss_epochs: int = 0  # warm-up epochs with the sum loss (eq. 5) before `loss`
@@ -147,20 +154,26 @@ class TrainConfig:
 
 
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
+    # The original release's train.py as it ran (the defaults above); the trunk source is chosen per run.
     "paper": {"model": {}, "train": {}},
+    # The schedule as §4.1 states it: lr halved from epoch 2 to 6, the trunk fine-tuned from epoch 8.
+    "paper-text": {"model": {}, "train": {"lr_halve_epochs": [2, 3, 4, 5, 6], "trunk_from_epoch": 8}},
     # Small enough to train on 2 CPU cores in about ten minutes from no pretrained weights at all: a random ResNet-18
     # whose conv1 and layer1 stay frozen (random low-level filters, no backward through the largest maps), 96x96
     # crops of the 128x128 images, no flip (the demo captions say left and right), a mild crop (they also say top
     # and corners), every caption of an image against one crop of it (a batch of 32 images is 160 pairs), an SRU
     # forget bias of 2 so that the caption's first words (colours, shapes) reach its last state, and two epochs of
     # the sum-over-negatives loss, which gets a randomly initialised model off the ground where hardest negatives
-    # stall, before the paper's hardest negatives.
+    # stall, before the paper's hardest negatives. Frozen layers keep fixed batch-norm statistics (eval mode) and
+    # the SRU has no input dropout.
     "demo": {
-        "model": {"trunk": "resnet18", "maps_dim": 256, "embed_dim": 256, "weldon_k": 0.2,
-                  "word_dim": 64, "sru_layers": 2, "text_dropout": 0.1, "image_dropout": 0.2, "forget_bias": 2.0},
+        "model": {"trunk": "resnet18", "maps_dim": 256, "embed_dim": 256, "weldon_k": 0.2, "word_dim": 64,
+                  "sru_layers": 2, "text_dropout": 0.1, "rnn_dropout": 0.0, "image_dropout": 0.2, "forget_bias": 2.0,
+                  "trunk_init": "scratch"},
         "train": {"dataset": "demo", "split": "train", "epochs": 4, "batch_size": 32, "lr": 1e-3,
                   "lr_halve_epochs": [3], "text_from_epoch": 0, "trunk_from_epoch": 0,
-                  "frozen_trunk": ["conv1", "bn1", "layer1"], "loss": "hard", "sum_loss_epochs": 2,
+                  "frozen_trunk": ["conv1", "bn1", "layer1"], "frozen_mode": "eval", "loss": "hard",
+                  "sum_loss_epochs": 2,
                   "crop_size": 96, "crop_scale": [0.85, 1.0], "flip": False, "eval_size": 96, "test_size": 96,
                   "captions_per_image": 5, "group_captions": True, "workers": 1},
     },

@@ -1,6 +1,7 @@
 """Text path (paper eq. 4): frozen word vectors -> stacked SRU -> output at the last real token -> l2."""
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import warnings
@@ -11,29 +12,40 @@ from torch import nn
 
 from misc.config import ROOT
 
-# sru compiles a C++ extension on first import; cache it inside the project so it builds once per checkout.
-os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".cache" / "torch_extensions"))
-logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
-with warnings.catch_warnings():
-    # On a machine without CUDA, sru reports its failed CUDA build and falls back to the CPU kernel.
-    warnings.simplefilter("ignore")
-    from sru import SRU
-warnings.filterwarnings("ignore", message="Running SRU on CPU with grad_enabled=True")
+
+@functools.cache
+def sru_class() -> type[nn.Module]:
+    """sru's ``SRU``, imported on first use: importing sru compiles its C++ kernels (and tries CUDA's), so that
+    waits until a text encoder is built. The build is cached inside the project, once per checkout."""
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".cache" / "torch_extensions"))
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+    with warnings.catch_warnings():
+        # On a machine without CUDA, sru reports its failed CUDA build and falls back to the CPU kernel.
+        warnings.simplefilter("ignore")
+        from sru import SRU
+    warnings.filterwarnings("ignore", message="Running SRU on CPU with grad_enabled=True")
+    return SRU
 
 
 class TextEncoder(nn.Module):
     """Eq. 4: y = l2(SRU(w_1..w_T)[T]), T the last real token of each caption.
 
     The SRU is built as in the original release (v1 parametrisation, tanh, skip term, no rescale), so its
-    state dict keys are ``rnn.rnn_lst.{i}.weight|weight_c|bias|scale_x``.
+    state dict keys are ``rnn.rnn_lst.{i}.weight|weight_c|bias|scale_x``. Both dropouts draw one mask per caption,
+    shared by all its time steps, and act in training mode only: ``dropout`` on g(c_t) in every layer but the last,
+    ``rnn_dropout`` on the input of every layer, the word vectors included (sru also scales the initial weights by
+    sqrt(1 - p) for each). The original set both to 0.25 with sru 2.1; sru 2.6 keeps both with that meaning.
     """
 
-    def __init__(self, word_dim: int, embed_dim: int, layers: int, dropout: float, forget_bias: float = 0.0) -> None:
+    def __init__(self, word_dim: int, embed_dim: int, layers: int, dropout: float, rnn_dropout: float = 0.0,
+                 forget_bias: float = 0.0) -> None:
         super().__init__()
+        sru = sru_class()
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)  # use_tanh is deprecated in sru 2.x, but the paper's
-            self.rnn = SRU(word_dim, embed_dim, num_layers=layers, dropout=dropout, use_tanh=True,
-                           has_skip_term=True, rescale=False, v1=True)
+            # use_tanh and rnn_dropout are deprecated in sru 2.x, but they are the paper's
+            warnings.simplefilter("ignore", UserWarning)
+            self.rnn = sru(word_dim, embed_dim, num_layers=layers, dropout=dropout, rnn_dropout=rnn_dropout,
+                           use_tanh=True, has_skip_term=True, rescale=False, v1=True)
         for layer in self.rnn.rnn_lst:
             # bias = [forget gates | reset gates]; sru initialises both to 0, so that f = 1/2 and the state
             # halves at every token: a positive forget bias lets the last state remember the first words

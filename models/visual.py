@@ -3,15 +3,18 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from pathlib import Path
+from urllib.parse import urlparse
 
 import torch
 import torch.nn.functional as F
 import torchvision
 from torch import nn
 
+from misc.config import ConfigError
 from models.weldon import build_pooling
 
 TRUNK_LAYERS = ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4")
+IMAGENET_WEIGHTS = ("IMAGENET1K_V1", "IMAGENET1K_V2")  # torchvision's ImageNet weights of its ResNets
 
 
 def build_trunk(name: str) -> tuple[nn.Sequential, int]:
@@ -30,6 +33,7 @@ class ImageEncoder(nn.Module):
     def __init__(self, trunk: str, maps_dim: int, embed_dim: int, pooling: str, weldon_k: float,
                  dropout: float) -> None:
         super().__init__()
+        self.trunk_name = trunk
         self.trunk, trunk_dim = build_trunk(trunk)
         self.adapt = nn.Conv2d(trunk_dim, maps_dim, kernel_size=1)
         self.pool = build_pooling(pooling, weldon_k)
@@ -47,8 +51,77 @@ class ImageEncoder(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.embed_maps(self.feature_maps(images))
 
-    def load_trunk_weights(self, path: Path) -> None:
-        """Initialise the trunk from an ImageNet state dict of the same torchvision ResNet (fc ignored)."""
+    def init_trunk(self, source: str) -> str:
+        """Start the trunk from ``source`` (``ModelConfig.trunk_init``, see :func:`trunk_weights_file`); returns
+        what was done, in one line."""
+        if source == "scratch":
+            return f"trunk ({self.trunk_name}) randomly initialised"
+        path = trunk_weights_file(self.trunk_name, source)
+        load_trunk_state(self.trunk, read_state_dict(path), f"{path} (the {self.trunk_name} trunk)")
+        return f"trunk ({self.trunk_name}) initialised from {path}"
+
+
+def imagenet_file(trunk: str, name: str) -> Path:
+    """Where torchvision keeps its ``name`` ImageNet weights of ``trunk``: torch hub's cache. Nothing is
+    downloaded: a file not cached is a one-line error saying where to put it."""
+    weights = torchvision.models.get_model_weights(trunk)
+    if name not in weights.__members__:
+        raise ConfigError(f"torchvision has no {name} weights for {trunk}; it has "
+                          f"{', '.join(key for key in weights.__members__ if key != 'DEFAULT')}")
+    url = weights[name].url
+    path = Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(url).path).name
+    if not path.is_file():
+        raise ConfigError(f"torchvision's {weights.__name__}.{name} is not in torch hub's cache ({path} not found) "
+                          f"and nothing is downloaded here: fetch {url} on a machine with internet and put it at "
+                          f"that path (TORCH_HOME moves the cache)")
+    return path
+
+
+def trunk_weights_file(trunk: str, source: str) -> Path:
+    """The state-dict file of a trunk source: ``IMAGENET1K_V1`` / ``IMAGENET1K_V2`` (torchvision's, from torch
+    hub's cache) or ``file:PATH`` (a torchvision-format state dict, e.g. resnet152-394f9c45.pth)."""
+    if source in IMAGENET_WEIGHTS:
+        return imagenet_file(trunk, source)
+    if source.startswith("file:"):
+        path = Path(source.removeprefix("file:")).expanduser()
+        if not path.is_file():
+            raise ConfigError(f"trunk weights {path} not found")
+        return path
+    raise ConfigError(f"model.trunk_init={source!r}: expected scratch, {' or '.join(IMAGENET_WEIGHTS)} or file:PATH"
+                      + (" (checkpoint sources are loaded by misc.checkpoint.init_from)"
+                         if source.startswith("checkpoint:") else ""))
+
+
+def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """A state dict (names to tensors) read with ``weights_only``; anything else is a one-line error."""
+    try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-        state = {k: v for k, v in state.items() if not k.startswith("fc.")}
-        self.trunk.load_state_dict(state, strict=True)
+    except Exception as error:  # unpickling, zip and format errors all mean the same to the user
+        raise ConfigError(f"{path} is not a state dict that torch.load(weights_only=True) reads "
+                          f"({type(error).__name__})") from None
+    if not isinstance(state, dict) or not all(isinstance(value, torch.Tensor) for value in state.values()):
+        hint = " (a training checkpoint rather than a bare state dict?)" if isinstance(state, dict) else ""
+        raise ConfigError(f"{path} is not a state dict of tensors: it holds a {type(state).__name__}{hint}")
+    return state
+
+
+def load_trunk_state(trunk: nn.Sequential, state: dict[str, torch.Tensor], source: str) -> None:
+    """Load a torchvision ResNet state dict into ``trunk``: every trunk tensor must be there with its shape, and
+    nothing else but the classifier ``fc.*``, which the trunk does not have. Batch-norm counters
+    (``num_batches_tracked``) may be absent, as in torchvision's files saved before they existed."""
+    given = {key: value for key, value in state.items() if not key.startswith("fc.")}
+    expected = trunk.state_dict()
+    missing = sorted(key for key in expected.keys() - given.keys() if not key.endswith(".num_batches_tracked"))
+    unexpected = sorted(given.keys() - expected.keys())
+    if missing or unexpected:
+        raise ConfigError(f"{source} does not fit: {len(missing)} trunk keys missing{examples(missing)}, "
+                          f"{len(unexpected)} unexpected{examples(unexpected)}")
+    for key, value in given.items():
+        if value.shape != expected[key].shape:
+            raise ConfigError(f"{source} does not fit: {key} is {tuple(value.shape)} in the file but "
+                              f"{tuple(expected[key].shape)} in the trunk")
+    trunk.load_state_dict(given, strict=True)
+
+
+def examples(keys: list[str]) -> str:
+    return f" ({', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''})" if keys else ""

@@ -34,3 +34,14 @@ def test_settings_parse_json_values_and_reject_unknown_keys():
             config.apply_settings(model, train, [bad])
     with pytest.raises(ConfigError, match="unknown preset"):
         config.preset("huge")
+
+
+def test_presets_differ_where_documented():
+    from dataclasses import asdict
+    paper_model, paper = config.preset("paper")
+    text_model, text = config.preset("paper-text")
+    assert paper_model == text_model
+    assert {k for k, v in asdict(paper).items() if asdict(text)[k] != v} == {"lr_halve_epochs", "trunk_from_epoch"}
+    assert paper_model.trunk_init == "" and paper.frozen_mode == "train" and paper_model.rnn_dropout == 0.25
+    demo_model, demo = config.preset("demo")
+    assert demo_model.trunk_init == "scratch" and demo.frozen_mode == "eval" and demo_model.rnn_dropout == 0.0

@@ -22,11 +22,11 @@ from models.joint import build_model
 from tests.conftest import ROOT, TINY_MODEL
 
 GLOBAL_BATCH = 8
-# The trunk is frozen in this stage (batch-norm statistics fixed), and dropout is off, so one process and two
-# processes compute the same function; the projection and the SRU train.
+# The trunk is frozen in this stage and kept in eval mode (batch-norm statistics fixed), and dropout is off, so one
+# process and two processes compute the same function; the projection and the SRU train.
 MODEL = ModelConfig(trunk="resnet18", maps_dim=16, embed_dim=16, word_dim=8, sru_layers=2, image_dropout=0.0,
-                    text_dropout=0.0, weldon_k=2)
-TRAIN = TrainConfig(text_from_epoch=0, trunk_from_epoch=5, lr=1e-3)
+                    text_dropout=0.0, rnn_dropout=0.0, weldon_k=2)
+TRAIN = TrainConfig(text_from_epoch=0, trunk_from_epoch=5, lr=1e-3, frozen_mode="eval")
 TOLERANCE = {"rtol": 1e-4, "atol": 1e-6}  # float32 sums taken in a different order
 
 

@@ -3,11 +3,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torchvision
 
-from misc.config import ModelConfig
+from misc.config import ConfigError, ModelConfig
 from models.joint import build_model
 from models.text import TextEncoder
-from models.visual import ImageEncoder
+from models.visual import ImageEncoder, imagenet_file
 from models.weldon import build_pooling, weldon_pool
 
 
@@ -130,3 +131,78 @@ def test_forget_bias_initialises_the_forget_gates_and_lengthens_memory():
         with torch.no_grad():
             effect[bias] = (encoder(words, lengths) - encoder(changed, lengths)).norm(dim=1).mean()
     assert effect[3.0] > 10 * effect[0.0]
+
+
+def test_sru_input_dropout_acts_in_training_mode_only():
+    torch.manual_seed(0)
+    words, lengths = torch.randn(8, 6, 10), torch.full((8,), 6)
+    encoder = TextEncoder(word_dim=10, embed_dim=12, layers=1, dropout=0.0, rnn_dropout=0.25)
+    assert encoder.rnn.rnn_lst[0].rnn_dropout == 0.25
+    with torch.no_grad():
+        encoder.train()
+        assert not torch.allclose(encoder(words, lengths), encoder(words, lengths))  # a new mask every call
+        encoder.eval()
+        torch.testing.assert_close(encoder(words, lengths), encoder(words, lengths), rtol=0, atol=0)
+        plain = TextEncoder(word_dim=10, embed_dim=12, layers=1, dropout=0.0, rnn_dropout=0.0).train()
+        torch.testing.assert_close(plain(words, lengths), plain(words, lengths), rtol=0, atol=0)
+
+
+def test_importing_the_text_path_builds_and_reads_nothing():
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+    check = "import sys, models.text; assert 'sru' not in sys.modules, 'sru imported'"
+    result = subprocess.run([sys.executable, "-c", check], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+
+
+def resnet18_file(path, **drop: bool):
+    torch.manual_seed(7)
+    state = torchvision.models.resnet18().state_dict()
+    if drop.get("counters"):
+        state = {key: value for key, value in state.items() if not key.endswith("num_batches_tracked")}
+    torch.save(state, path)
+    return state
+
+
+def test_trunk_starts_from_a_torchvision_state_dict_only_when_asked(tmp_path):
+    path = tmp_path / "resnet18.pth"
+    state = resnet18_file(path, counters=True)  # torchvision's own files predate the batch-norm counters
+    config = ModelConfig(trunk="resnet18", maps_dim=8, embed_dim=8, word_dim=4, sru_layers=1,
+                         trunk_init=f"file:{path}")
+    loaded = build_model(config, init_trunk=True)
+    torch.testing.assert_close(loaded.image.trunk.layer3[1].conv2.weight, state["layer3.1.conv2.weight"])
+    torch.testing.assert_close(loaded.image.trunk.bn1.running_var, state["bn1.running_var"])
+    path.unlink()  # rebuilding a saved model (no init_trunk) never reads the source
+    assert not torch.equal(build_model(config).image.trunk.conv1.weight, state["conv1.weight"])
+
+
+@pytest.mark.parametrize("trunk, change, message", [
+    ("resnet34", None, "(the resnet34 trunk) does not fit: 80 trunk keys missing (layer1.2.bn1.bias"),
+    ("resnet18", {"head.weight": torch.zeros(1)}, "0 trunk keys missing, 1 unexpected (head.weight)"),
+    ("resnet18", {"conv1.weight": torch.zeros(32, 3, 7, 7)}, "conv1.weight is (32, 3, 7, 7) in the file but "
+                                                             "(64, 3, 7, 7) in the trunk"),
+])
+def test_a_state_dict_that_does_not_fit_the_trunk_is_one_line(tmp_path, trunk, change, message):
+    path = tmp_path / "resnet18.pth"
+    torch.save({**resnet18_file(path), **(change or {})}, path)
+    config = ModelConfig(trunk=trunk, maps_dim=8, embed_dim=8, word_dim=4, sru_layers=1, trunk_init=f"file:{path}")
+    with pytest.raises(ConfigError) as error:
+        build_model(config, init_trunk=True)
+    assert message in str(error.value) and "\n" not in str(error.value)
+
+
+def test_imagenet_weights_come_from_torch_hub_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    with pytest.raises(ConfigError, match="torchvision has no IMAGENET1K_V2 weights for resnet18; it has "
+                                          "IMAGENET1K_V1"):
+        imagenet_file("resnet18", "IMAGENET1K_V2")
+    with pytest.raises(ConfigError, match="not in torch hub's cache"):
+        imagenet_file("resnet18", "IMAGENET1K_V1")
+    cached = tmp_path / "hub" / "checkpoints" / "resnet18-f37072fd.pth"
+    cached.parent.mkdir(parents=True)
+    state = resnet18_file(cached)
+    model = build_model(ModelConfig(trunk="resnet18", maps_dim=8, embed_dim=8, word_dim=4, sru_layers=1,
+                                    trunk_init="IMAGENET1K_V1"), init_trunk=True)
+    torch.testing.assert_close(model.image.trunk.layer4[0].conv1.weight, state["layer4.0.conv1.weight"])

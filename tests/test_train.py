@@ -6,36 +6,58 @@ from pathlib import Path
 
 import pytest
 import torch
+import torchvision
 
 from misc import checkpoint
-from tests.conftest import TINY_MODEL, run_cli
+from tests.conftest import TINY_MODEL, run_cli, run_in_process
 
 
 @pytest.fixture(scope="module")
-def two_epochs(tiny_world: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def trunk_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A torchvision-format state dict of the demo's trunk (resnet18), other than the one a run draws itself."""
+    torch.manual_seed(123)
+    path = tmp_path_factory.mktemp("weights") / "resnet18.pth"
+    torch.save(torchvision.models.resnet18().state_dict(), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def two_epochs(tiny_world: Path, trunk_weights: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("straight")
-    run_cli("train.py", "--preset", "demo", "--epochs", "2", "--out", out, *TINY_MODEL, world=tiny_world)
+    run_cli("train.py", "--preset", "demo", "--epochs", "2", "--out", out, "--resnet-weights", trunk_weights,
+            *TINY_MODEL, world=tiny_world)
     return out
 
 
-def test_training_lowers_the_loss_and_writes_checkpoints(two_epochs: Path):
+def test_training_lowers_the_loss_and_writes_checkpoints(two_epochs: Path, trunk_weights: Path):
     state = checkpoint.load(two_epochs / "last.pth.tar")
     history = state["metrics"]["history"]
     assert [h["epoch"] for h in history] == [0, 1]
     assert history[1]["loss"] < history[0]["loss"]
     assert state["epoch"] == 2
+    # the trunk started from the file, which the config records; the demo never trains conv1 nor layer1
+    assert state["config"]["model"]["trunk_init"] == f"file:{trunk_weights.resolve()}"
+    given = torch.load(trunk_weights, weights_only=True)
+    for key in ("conv1.weight", "layer1.0.bn1.running_mean"):
+        torch.testing.assert_close(state["model"][f"image.trunk.{key}"], given[key], rtol=0, atol=0)
+    assert not torch.equal(state["model"]["image.trunk.layer4.0.conv1.weight"], given["layer4.0.conv1.weight"])
     assert (two_epochs / "best.pth.tar").exists()
     assert list((two_epochs / "tensorboard").glob("events.out.tfevents.*"))
     # a checkpoint alone rebuilds its model, and loads without unpickling any class
-    model, _ = checkpoint.load_model(two_epochs / "best.pth.tar")
+    model = checkpoint.load_model(two_epochs / "best.pth.tar")
     assert model.config.embed_dim == 32
     torch.load(two_epochs / "last.pth.tar", weights_only=True)
 
 
-def test_kill_and_resume_gives_the_same_next_epoch_state(two_epochs: Path, tiny_world: Path, tmp_path: Path):
-    run_cli("train.py", "--preset", "demo", "--epochs", "1", "--out", tmp_path, *TINY_MODEL, world=tiny_world)
+def test_kill_and_resume_gives_the_same_next_epoch_state(two_epochs: Path, tiny_world: Path, trunk_weights: Path,
+                                                         tmp_path: Path):
+    weights = tmp_path / "weights.pth"
+    weights.write_bytes(trunk_weights.read_bytes())
+    run_cli("train.py", "--preset", "demo", "--epochs", "1", "--out", tmp_path, "--resnet-weights", weights,
+            *TINY_MODEL, world=tiny_world)
     first = checkpoint.load(tmp_path / "last.pth.tar")
     assert first["epoch"] == 1
+    weights.unlink()  # resuming takes the weights from the checkpoint, never from the trunk's source
     run_cli("train.py", "--resume", tmp_path / "last.pth.tar", "--epochs", "2", "--out", tmp_path, *TINY_MODEL,
             world=tiny_world)
     resumed = checkpoint.load(tmp_path / "last.pth.tar")
@@ -85,19 +107,41 @@ def test_eval_rejects_bad_files(tmp_path: Path):
     assert result.returncode == 2 and "not 5 per image" in result.stderr
 
 
-def test_sum_loss_warm_up_then_the_configured_loss():
-    import train
-    from misc.config import TrainConfig
-    from misc.distributed import Context
-    from misc.loss import triplet_loss
+def one_line_error(captured: pytest.CaptureFixture, status: int) -> str:
+    error = captured.readouterr().err.strip()
+    assert status == 2 and error.startswith("error:") and len(error.splitlines()) == 1, error
+    return error
 
-    torch.manual_seed(0)
-    images, captions = torch.nn.functional.normalize(torch.randn(2, 6, 8), dim=-1)
-    ids = torch.arange(6)
-    summed, hardest = (triplet_loss(images, captions, hardest=h, ids=ids) for h in (False, True))
-    assert summed > hardest
-    context = Context(0, 1, torch.device("cpu"))
-    for cfg, expected in ((TrainConfig(loss="hard", sum_loss_epochs=2), [summed, summed, hardest, hardest]),
-                          (TrainConfig(loss="hard"), [hardest] * 4), (TrainConfig(loss="sum"), [summed] * 4)):
-        got = [train.epoch_loss(cfg, epoch, context)(images, captions, ids=ids) for epoch in range(4)]
-        assert torch.stack(got).tolist() == torch.stack(expected).tolist()
+
+def test_paper_preset_refuses_to_start_without_a_trunk_source(tiny_world, monkeypatch, capsys):
+    status = run_in_process("train.py", ["--preset", "paper"], tiny_world, monkeypatch)
+    error = one_line_error(capsys, status)
+    for choice in ("--init CKPT", "--resnet-weights", "--weights IMAGENET1K_V1|IMAGENET1K_V2", "--from-scratch"):
+        assert choice in error
+
+
+def test_imagenet_weights_are_never_downloaded(tiny_world, monkeypatch, capsys, tmp_path):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    status = run_in_process("train.py", ["--preset", "paper", "--weights", "IMAGENET1K_V1"], tiny_world, monkeypatch)
+    error = one_line_error(capsys, status)
+    expected = tmp_path / "hub" / "checkpoints" / "resnet152-394f9c45.pth"
+    assert f"{expected} not found" in error and "https://download.pytorch.org/models/resnet152-394f9c45.pth" in error
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"not a state dict", "is not a state dict that torch.load(weights_only=True) reads"),
+    ({"conv1.weight": torch.zeros(64, 3, 7, 7)}, "weights.pth (the resnet18 trunk) does not fit"),
+    ({"state_dict": {}}, "not a state dict of tensors"),
+])
+def test_a_wrong_trunk_weights_file_is_one_line(tiny_world, monkeypatch, capsys, tmp_path, content, message):
+    path = tmp_path / "weights.pth"
+    path.write_bytes(content) if isinstance(content, bytes) else torch.save(content, path)
+    status = run_in_process("train.py", ["--preset", "demo", "--resnet-weights", path, "--out", tmp_path,
+                                         *TINY_MODEL], tiny_world, monkeypatch)
+    assert message in one_line_error(capsys, status)
+
+
+def test_resume_takes_no_trunk_source(tiny_world, monkeypatch, capsys, tmp_path):
+    status = run_in_process("train.py", ["--resume", "run/last.pth.tar", "--from-scratch"], tiny_world, monkeypatch)
+    assert "--resume continues from the run's own weights" in one_line_error(capsys, status)

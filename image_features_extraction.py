@@ -21,7 +21,7 @@ import argparse
 import logging
 from pathlib import Path
 
-from misc.cli import add_checkpoint_args, add_device_args, add_size_arg, parser_for, positive_int, run
+from misc.cli import add_device_args, add_extraction_args, add_size_arg, parser_for, positive_int, run
 from misc.config import ConfigError
 from misc.inference import Inference
 from misc.extraction import describe_checkpoint, extract_images, log_skipped, maps_bytes
@@ -32,12 +32,9 @@ log = logging.getLogger("image_features_extraction")
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = parser_for(__doc__)
-    add_checkpoint_args(parser)
-    parser.add_argument("-d", "--folder", type=Path, required=True, help="image folder (searched recursively)")
-    parser.add_argument("-o", "--out", type=Path, required=True, help="output .npz")
+    add_extraction_args(parser, "folder", "image folder (searched recursively)", batch_size=32)
     parser.add_argument("--list", type=Path, help="embed the files of this list (one path a line) instead")
     add_size_arg(parser)
-    parser.add_argument("--batch-size", type=positive_int, default=32)
     parser.add_argument("--chunk-size", type=positive_int, default=1000, help="images per flushed part (default: 1000)")
     parser.add_argument("--maps", action="store_true", help="also store the maps G (float16) for localization")
     parser.add_argument("--resume", action="store_true", help="continue an interrupted run into the same --out")

@@ -15,11 +15,10 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-from pathlib import Path
 
 import numpy as np
 
-from misc.cli import add_checkpoint_args, add_device_args, add_words_arg, parser_for, positive_int, run
+from misc.cli import add_device_args, add_extraction_args, add_words_arg, parser_for, run
 from misc.config import ConfigError
 from misc.arrays import skipped_array, text_column, write_npz
 from misc.extraction import describe_checkpoint, log_skipped
@@ -31,11 +30,8 @@ log = logging.getLogger("text_features_extraction")
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = parser_for(__doc__)
-    add_checkpoint_args(parser)
-    parser.add_argument("-d", "--data", type=Path, required=True, help="text file, one caption a line")
-    parser.add_argument("-o", "--out", type=Path, required=True, help="output .npz")
+    add_extraction_args(parser, "data", "text file, one caption a line", batch_size=256)
     add_words_arg(parser)
-    parser.add_argument("--batch-size", type=positive_int, default=256)
     add_device_args(parser)
     return parser.parse_args(argv)
 

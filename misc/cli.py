@@ -58,6 +58,16 @@ def add_checkpoint_args(parser: argparse.ArgumentParser | Any, required: bool = 
                         help="model checkpoint (this project's, or the original release's model.pth.tar)")
 
 
+def add_extraction_args(parser: argparse.ArgumentParser, source: str, source_help: str, batch_size: int) -> None:
+    """What both extraction CLIs take: the checkpoint, ``-d`` the data (``args.<source>``), ``-o`` the output and
+    the batch size."""
+    add_checkpoint_args(parser)
+    parser.add_argument("-d", f"--{source}", type=Path, required=True, help=source_help)
+    parser.add_argument("-o", "--out", type=Path, required=True, help="output .npz (written when complete)")
+    parser.add_argument("--batch-size", type=positive_int, default=batch_size,
+                        help=f"items per batch (default {batch_size})")
+
+
 def add_words_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--words", type=Path, help="word-vector file (default: the checkpoint's)")
 

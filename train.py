@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from torch.utils.tensorboard import SummaryWriter
 
 from misc import checkpoint, config, demo, distributed
-from misc.cli import add_device_args, run
+from misc.cli import add_device_args, add_set_arg, parser_for, positive_int, run
 from misc.config import ConfigError, ModelConfig, TrainConfig
 from misc.datasets import PairCollate, PairDataset, load_records, train_transform
 from misc.files import atomic_path
@@ -37,18 +37,17 @@ log = logging.getLogger("train")
 CONFIGURED = Path("<config key resnet_weights>")  # --resnet-weights without a file
 
 
-def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = parser_for(__doc__)
     parser.add_argument("--preset", choices=list(config.PRESETS), default=None,
                         help="paper (default when COCO is configured; the original code's schedule), paper-text "
                              "(the schedule as the paper's text states it) or demo")
-    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                        help="override any field of ModelConfig (model.) or TrainConfig (train.), e.g. train.epochs=3")
+    add_set_arg(parser)
     parser.add_argument("--dataset", help="coco | flickr30k | demo | a JSON-lines caption file")
-    parser.add_argument("--epochs", type=int)
-    parser.add_argument("--batch-size", type=int)
+    parser.add_argument("--epochs", type=positive_int)
+    parser.add_argument("--batch-size", type=positive_int)
     parser.add_argument("--seed", type=int)
-    parser.add_argument("--limit", type=int, help="train on the first N images only (smoke runs)")
+    parser.add_argument("--limit", type=positive_int, help="train on the first N images only (smoke runs)")
     parser.add_argument("--words", type=Path, help="word-vector file (default: config key word_vectors)")
     parser.add_argument("--resume", type=Path, help="continue a run from its last.pth.tar")
     start = parser.add_argument_group("what a new run starts from (the paper preset needs one)")
@@ -64,7 +63,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--out", type=Path, help="run folder (default: runs/<preset>)")
     parser.add_argument("--channels-last", action="store_true", help="channels-last memory format for the trunk")
     add_device_args(parser)
-    return parser.parse_args()
+    return parser.parse_args(argv)
 
 
 def configure(args: argparse.Namespace) -> tuple[ModelConfig, TrainConfig, str | None]:
@@ -136,8 +135,8 @@ def seed_for(cfg: TrainConfig, epoch: int, rank: int) -> None:
     torch.manual_seed(cfg.seed * 100_003 + epoch * 101 + rank)
 
 
-def main() -> None:
-    args = parse_args()
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     model_cfg, cfg, words_path = configure(args)
     context = distributed.setup(resolve_device(args.device))
     try:

@@ -37,11 +37,6 @@ def autocast(device: torch.device, amp: str | None) -> contextlib.AbstractContex
     return torch.autocast("cuda", dtype=AMP_DTYPES[amp])
 
 
-def bare(model: torch.nn.Module) -> JointEmbedding:
-    """The JointEmbedding inside a DDP wrapper, or the model itself."""
-    return getattr(model, "module", model)
-
-
 def train_one_epoch(model: torch.nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer, loss_fn: LossFn,
                     device: torch.device, amp: str | None = None, scaler: torch.amp.GradScaler | None = None,
                     memory_format: torch.memory_format = torch.contiguous_format, grad_clip: float | None = None,

@@ -142,6 +142,6 @@ def test_a_wrong_trunk_weights_file_is_one_line(tiny_world, monkeypatch, capsys,
     assert message in one_line_error(capsys, status)
 
 
-def test_resume_takes_no_trunk_source(tiny_world, monkeypatch, capsys, tmp_path):
+def test_resume_takes_no_trunk_source(tiny_world, monkeypatch, capsys):
     status = run_in_process("train.py", ["--resume", "run/last.pth.tar", "--from-scratch"], tiny_world, monkeypatch)
     assert "--resume continues from the run's own weights" in one_line_error(capsys, status)

@@ -18,7 +18,7 @@ def weldon_by_sorting(maps: torch.Tensor, k: int) -> torch.Tensor:
     return ordered[..., -k:].mean(-1) + ordered[..., :k].mean(-1)
 
 
-@pytest.mark.parametrize("k", [1, 3, 15, 0.25])  # 15 > the 24 positions' half; 0.25 of 24 positions is 6
+@pytest.mark.parametrize("k", [1, 3, 15, 0.25])  # counts, and a fraction of the 24 positions
 def test_weldon_matches_direct_definition_values_and_gradients(k):
     torch.manual_seed(0)
     shape = (2, 5, 4, 6)

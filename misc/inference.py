@@ -41,7 +41,8 @@ class Inference:
         """Load a checkpoint (this project's or the original release's); ``words`` overrides the stored
         word-vector file; ``device`` is a torch device or ``auto``."""
         device = resolve_device(device) if isinstance(device, str) else device
-        network, state = checkpoint.load_model(path, device)
+        state = checkpoint.load(path)
+        network = checkpoint.model_from(state, path, device)
         return cls(network, state, Path(path), device, amp if device.type == "cuda" else None,
                    Path(words) if words else None)
 

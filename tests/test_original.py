@@ -22,6 +22,7 @@ from torch import nn
 
 from misc import checkpoint, cli
 from misc.config import ConfigError, ModelConfig
+from misc.original import convert_original, infer_trunk, map_state, original_key
 from misc.words import ORIGINAL_TEXT, TextOptions, load_word_vectors
 from models.joint import build_model
 from tests.conftest import ROOT, run_cli, run_in_process
@@ -174,9 +175,8 @@ def test_conversion_maps_every_key_and_infers_the_config(original, which):
 def test_trunk_is_recognised_from_its_block_counts(name):
     with torch.device("meta"):
         trunk = original_trunk(name).state_dict()
-    mapped = checkpoint.map_state({f"{PREFIX}0.{key}": value for key, value in trunk.items()}, checkpoint.original_key,
-                                  "x")
-    assert checkpoint.infer_trunk(mapped, "x") == name
+    mapped = map_state({f"{PREFIX}0.{key}": value for key, value in trunk.items()}, original_key, "x")
+    assert infer_trunk(mapped, "x") == name
 
 
 def test_the_papers_resnet152_layout_maps_completely_onto_the_paper_config():
@@ -191,7 +191,7 @@ def test_the_papers_resnet152_layout_maps_completely_onto_the_paper_config():
                       f"cap_emb.rnn.rnn_lst.{layer}.weight_c": torch.empty(4800),
                       f"cap_emb.rnn.rnn_lst.{layer}.bias": torch.empty(4800),
                       f"cap_emb.rnn.rnn_lst.{layer}.scale_x": torch.empty(1)}
-        converted = checkpoint.convert_original(
+        converted = convert_original(
             {"state_dict": state, "args_dict": argparse.Namespace(sru=4, dimemb=2400)}, "model.pth.tar")
         assert converted["config"]["model"] == asdict(ModelConfig())  # the defaults are the paper's
         expected = build_model(converted["config"]["model"]).state_dict()
@@ -203,19 +203,19 @@ def test_unmapped_or_missing_keys_are_one_line_errors(original):
     state = raw(original.model)
     extra = {**state, f"{PREFIX}0.2.weight": torch.zeros(1), "img_emb.module.extra.weight": torch.zeros(1)}
     with pytest.raises(ConfigError, match=r"2 keys .* no counterpart .*base_layer\.0\.2\.weight") as error:
-        checkpoint.convert_original({"state_dict": extra}, "model.pth.tar")
+        convert_original({"state_dict": extra}, "model.pth.tar")
     assert "\n" not in str(error.value)
     dropped = ("fc.module.bias", f"{PREFIX}0.5.0.bn1.running_mean")
     fewer = {key: value for key, value in state.items() if key not in dropped}
-    converted = checkpoint.convert_original({"state_dict": fewer}, "model.pth.tar")
+    converted = convert_original({"state_dict": fewer}, "model.pth.tar")
     with pytest.raises(ConfigError, match=r"weights do not fit the model: 2 missing \(image\.proj\.bias, "
                                           r"image\.trunk\.layer2\.0\.bn1\.running_mean\)"):
         checkpoint.load_weights(build_model(converted["config"]["model"]), converted["model"], "model.pth.tar")
     no_stage = {key: value for key, value in state.items() if not key.startswith(f"{PREFIX}0.5.")}
     with pytest.raises(ConfigError, match=r"\(2, 0, 2, 2\) basic blocks per stage, which is none of ResNet"):
-        checkpoint.convert_original({"state_dict": no_stage}, "model.pth.tar")
+        convert_original({"state_dict": no_stage}, "model.pth.tar")
     with pytest.raises(ConfigError, match="arguments say sru=3 but its tensors hold 2"):
-        checkpoint.convert_original({"state_dict": state, "args_dict": argparse.Namespace(sru=3)}, "m")
+        convert_original({"state_dict": state, "args_dict": argparse.Namespace(sru=3)}, "m")
 
 
 def checkpoint_cli(args: list, monkeypatch: pytest.MonkeyPatch) -> int:
@@ -269,7 +269,7 @@ def test_image_embedding_equals_the_equations_on_the_raw_tensors(original):
         maps = F.conv2d(trunk.eval()(images), state[f"{PREFIX}1.weight"], state[f"{PREFIX}1.bias"])  # G, eq. 3
         pooled = weldon_by_sorting(maps, 15)
         expected = F.normalize(F.linear(pooled, state["fc.module.weight"], state["fc.module.bias"]), dim=-1)  # eq. 1
-        model, _ = checkpoint.load_model(original.model)
+        model = checkpoint.load_model(original.model)
         torch.testing.assert_close(model.image.feature_maps(images), maps, atol=1e-5, rtol=1e-4)
         torch.testing.assert_close(model.image(images), expected, atol=1e-5, rtol=1e-4)
 
@@ -312,7 +312,8 @@ def test_text_embedding_equals_the_sru_recurrence_on_the_raw_tensors(original):
     assert rows[0][2] == rows[2][0] == rows[2][2] == original.vocabulary.index("UNK")  # circles, The, Star
     expected = torch.stack([F.normalize(sru_by_recurrence(table[r], layers, EMBED), dim=0) for r in rows])
 
-    model, saved = checkpoint.load_model(original.model)
+    saved = checkpoint.load(original.model)
+    model = checkpoint.model_from(saved, original.model)
     words = checkpoint.load_words(saved, original.words)
     encoded = words.encode(captions)
     assert encoded.lengths.tolist() == [4, 5, 3] and encoded.oov == 3
@@ -359,7 +360,7 @@ def test_init_from_a_joint_model_loads_every_weight(original, tmp_path, source):
         checkpoint.atomic_save(checkpoint.load(original.model), path)
     model = build_model(checkpoint.load(original.model)["config"]["model"])
     assert "every weight" in checkpoint.init_from(model, path)
-    reference, _ = checkpoint.load_model(original.model)
+    reference = checkpoint.load_model(original.model)
     assert all(torch.equal(value, reference.state_dict()[key]) for key, value in model.state_dict().items())
 
 

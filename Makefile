@@ -1,6 +1,8 @@
-# make demo  - create .venv, generate the demo world, train the demo model, evaluate it, print results
-# make test  - create .venv and run the test suite
-# make bench - run the benchmarks and write bench/RESULTS.md (not part of the tests)
+# make demo      - create .venv, generate the demo world, train the demo model, evaluate it, print results
+# make test      - create .venv and run the whole test suite
+# make test-fast - the tests not marked slow (the quick loop while editing)
+# make lint      - ruff (configured in pyproject.toml)
+# make bench     - run the benchmarks and write bench/RESULTS.md (not part of the tests)
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -8,7 +10,7 @@ STAMP := $(VENV)/.installed
 RUN := runs/demo
 export TORCH_EXTENSIONS_DIR := $(CURDIR)/.cache/torch_extensions
 
-.PHONY: demo test bench clean
+.PHONY: demo test test-fast lint bench clean
 
 $(STAMP): requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -27,6 +29,12 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -m "not slow"
+
+lint: $(STAMP)
+	$(PY) -m ruff check .
 
 bench: $(STAMP)
 	$(PY) bench/run.py

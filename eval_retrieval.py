@@ -18,7 +18,7 @@ import torch
 from misc import config, demo
 from misc.cli import (add_checkpoint_args, add_device_args, add_output_args, add_size_arg, add_words_arg, parser_for,
                       positive_int, run)
-from misc.config import ConfigError
+from misc.errors import UserError
 from misc.datasets import EVAL_PROTOCOLS, load_records
 from misc.engine import encode_records
 from misc.inference import Inference
@@ -53,16 +53,16 @@ def load_features(path: Path) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]
             images, captions = data["images"], data["captions"]
             owner = torch.from_numpy(data["owner"]) if "owner" in data else None
     except (OSError, ValueError) as error:
-        raise ConfigError(f"{path}: not a readable .npz file ({error})") from error
+        raise UserError(f"{path}: not a readable .npz file ({error})") from error
     except KeyError as error:
-        raise ConfigError(f"{path}: needs arrays 'images' (N, d) and 'captions' (5N, d); missing {error}") from error
+        raise UserError(f"{path}: needs arrays 'images' (N, d) and 'captions' (5N, d); missing {error}") from error
     if images.ndim != 2 or captions.ndim != 2 or images.shape[1] != captions.shape[1]:
-        raise ConfigError(f"{path}: 'images' {images.shape} and 'captions' {captions.shape} must be (N, d), (M, d)")
+        raise UserError(f"{path}: 'images' {images.shape} and 'captions' {captions.shape} must be (N, d), (M, d)")
     if owner is None:
         try:
             owner = caption_owner_default(len(images), len(captions))
         except ValueError as error:
-            raise ConfigError(f"{path}: {error}; or store an 'owner' array (image index of each caption)") from error
+            raise UserError(f"{path}: {error}; or store an 'owner' array (image index of each caption)") from error
     return torch.from_numpy(images).float(), torch.from_numpy(captions).float(), owner
 
 
@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         results = evaluate(images, captions, owner, protocols=tuple(args.protocols))
     except ValueError as error:
-        raise ConfigError(str(error)) from error
+        raise UserError(str(error)) from error
     print(f"{len(images)} images, {len(captions)} captions")
     print(format_table(results))
     if args.json:

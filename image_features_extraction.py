@@ -22,7 +22,7 @@ import logging
 from pathlib import Path
 
 from misc.cli import add_device_args, add_extraction_args, add_size_arg, parser_for, positive_int, run
-from misc.config import ConfigError
+from misc.errors import UserError
 from misc.inference import Inference
 from misc.extraction import describe_checkpoint, extract_images, log_skipped, maps_bytes
 from misc.images import list_images, read_list
@@ -45,12 +45,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.size is not None and args.size < 32:
-        raise ConfigError(f"--size {args.size}: at least 32 (the trunk divides it by 32)")
+        raise UserError(f"--size {args.size}: at least 32 (the trunk divides it by 32)")
     model = Inference.load(args.checkpoint, device=args.device, amp=args.amp)
     size = args.size or model.test_size
     entries = read_list(args.list, args.folder) if args.list else list_images(args.folder)
     if not entries:
-        raise ConfigError(f"no images in {args.list or args.folder} (extensions: jpg, jpeg, png, bmp, webp)")
+        raise UserError(f"no images in {args.list or args.folder} (extensions: jpg, jpeg, png, bmp, webp)")
     if args.maps:
         estimate = maps_bytes(len(entries), model.model.config.maps_dim, size)
         log.warning("--maps: the maps G of %d images take about %.2f GB (%d bytes) in %s, and %.2f GB of memory per "

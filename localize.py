@@ -14,7 +14,7 @@ from pathlib import Path
 
 from misc.cli import (add_checkpoint_args, add_device_args, add_size_arg, add_words_arg, parser_for, positive_int,
                       run)
-from misc.config import ConfigError
+from misc.errors import UserError
 from misc.images import read_image
 from misc.inference import Inference
 from misc.localization import choose_k, heatmaps, peak_location
@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     for text in args.text:
         if not any(any(c.isalnum() for c in token) for token in tokenize(text)):
-            raise ConfigError(f"query {text!r} has no words")
+            raise UserError(f"query {text!r} has no words")
     image = read_image(args.image)
     model = Inference.load(args.checkpoint, args.words, args.device, args.amp)
     for text in args.text:

@@ -34,7 +34,7 @@ from tqdm import tqdm
 from misc import config
 from misc.cli import (add_checkpoint_args, add_device_args, add_output_args, add_size_arg, add_words_arg, parser_for,
                       positive_int, run)
-from misc.config import ConfigError
+from misc.errors import UserError
 from misc.datasets import SPLITS, ImageDataset, coco_files, read_regions, uses_demo
 from misc.files import update_results, write_json
 from misc.images import decode_image
@@ -186,11 +186,11 @@ def write_overlays(model: Inference, items: list[Item], per_phrase: list[dict], 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.size < 32:
-        raise ConfigError(f"--size {args.size}: images must be at least 32 pixels (one cell of the maps)")
+        raise UserError(f"--size {args.size}: images must be at least 32 pixels (one cell of the maps)")
     if args.overlays and args.overlays.exists() and not args.overlays.is_dir():
-        raise ConfigError(f"--overlays {args.overlays}: exists and is not a folder; give a folder for the PNGs")
+        raise UserError(f"--overlays {args.overlays}: exists and is not a folder; give a folder for the PNGs")
     if args.tolerance < 0:
-        raise ConfigError(f"--tolerance {args.tolerance:g}: pixels, at least 0")
+        raise UserError(f"--tolerance {args.tolerance:g}: pixels, at least 0")
     model = Inference.load(args.checkpoint, args.words, args.device, args.amp)
     demo = uses_demo(args.dataset or model.config["train"]["dataset"])
     vg_dir = config.path("vg_dir", demo=demo)
@@ -198,7 +198,7 @@ def main(argv: list[str] | None = None) -> None:
     items, skipped = select(read_regions(vg_dir, files, args.limit), files, model, args.min_words)
     reasons = dict(Counter(s["reason"] for s in skipped).most_common())
     if not items:
-        raise ConfigError(f"no phrase to evaluate in {vg_dir} (images of COCO "
+        raise UserError(f"no phrase to evaluate in {vg_dir} (images of COCO "
                           f"{'split ' + args.split if args.split else 'val2014'}; skipped: {reasons or 'none'})")
     k = choose_k(args.k, model.dim, PAPER_K)
     log.info("pointing game: %d phrases of %d images, %dx%d, k=%d on %s", sum(len(i.phrases) for i in items),

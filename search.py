@@ -26,7 +26,7 @@ import numpy as np
 
 from misc.arrays import file_sha256
 from misc.cli import add_checkpoint_args, add_words_arg, parser_for, positive_int, run, write_json
-from misc.config import ConfigError
+from misc.errors import UserError
 from misc.images import read_image
 from misc.inference import Inference
 from misc.search import Collection, exact_search, index_search, load_collection, load_or_build_index
@@ -56,7 +56,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def load_model(args: argparse.Namespace, why: str) -> Inference:
     if args.checkpoint is None:
-        raise ConfigError(f"{why} needs the model: pass -p CHECKPOINT")
+        raise UserError(f"{why} needs the model: pass -p CHECKPOINT")
     return Inference.load(args.checkpoint, args.words, args.device)
 
 
@@ -66,13 +66,13 @@ def text_queries(args: argparse.Namespace) -> tuple[np.ndarray, list[str], str]:
     oov, tokens = count_oov(model.words, args.query)
     for text, count in zip(args.query, tokens):
         if not count:
-            raise ConfigError(f"query {text!r} has no words")
+            raise UserError(f"query {text!r} has no words")
     if oov.sum():
         log.warning("%d of %d query words are not in the vocabulary (mapped to UNK)", oov.sum(), tokens.sum())
     features = model.embed_texts(args.query).cpu().numpy()
     for text, norm in zip(args.query, np.linalg.norm(features, axis=1)):
         if norm < 0.5:
-            raise ConfigError(f"query {text!r}: none of its words is in the vocabulary of {model.words.source}")
+            raise UserError(f"query {text!r}: none of its words is in the vocabulary of {model.words.source}")
     return features, list(args.query), file_sha256(args.checkpoint)
 
 
@@ -85,14 +85,14 @@ def image_query(args: argparse.Namespace, images: Collection | None) -> tuple[np
             found = np.flatnonzero(images.labels == args.image)
             row = int(found[0]) if len(found) else None
         elif row >= len(images.features):
-            raise ConfigError(f"--image {row}: {images.path} has rows 0 to {len(images.features) - 1}")
+            raise UserError(f"--image {row}: {images.path} has rows 0 to {len(images.features) - 1}")
         if row is not None:
             label = str(images.labels[row])
             return np.asarray(images.features[row:row + 1]), label, row, images.config.get("checkpoint_sha256", "")
     path = Path(args.image)
     if not path.is_file():
         where = f"a row or stored path of {images.path}, nor " if images is not None else ""
-        raise ConfigError(f"--image {args.image}: not {where}an image file")
+        raise UserError(f"--image {args.image}: not {where}an image file")
     model = load_model(args, "an image file query")
     size = (images.config.get("size") if images is not None else None) or model.test_size
     features = model.embed_images(model.transform(size)(read_image(path, size))[None]).numpy()
@@ -126,13 +126,13 @@ def result_entry(collection: Collection, rank: int, score: float, row: int) -> d
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.texts is None and args.images is None:
-        raise ConfigError("pass the features to search: --images and/or --texts")
+        raise UserError("pass the features to search: --images and/or --texts")
     images = load_collection(args.images) if args.images else None
     collection = load_collection(args.texts) if args.texts else images
     if images is not None and images.kind != "image":
-        raise ConfigError(f"--images {args.images} holds text features")
+        raise UserError(f"--images {args.images} holds text features")
     if collection.kind != ("text" if args.texts else "image"):
-        raise ConfigError(f"--texts {args.texts} holds image features")
+        raise UserError(f"--texts {args.texts} holds image features")
     exclude = None
     if args.query:
         queries, labels, made_by = text_queries(args)
@@ -142,7 +142,7 @@ def main(argv: list[str] | None = None) -> None:
         labels, query_type = [label], "image"
         exclude = exclude if collection is images else None  # an image is not its own neighbour
     if queries.shape[1] != collection.features.shape[1]:
-        raise ConfigError(f"queries are {queries.shape[1]}-d but {collection.path} holds "
+        raise UserError(f"queries are {queries.shape[1]}-d but {collection.path} holds "
                           f"{collection.features.shape[1]}-d features: they come from different models")
     if made_by and collection.config.get("checkpoint_sha256", made_by) != made_by:
         log.warning("%s was made with another checkpoint than the query: the scores compare different spaces",

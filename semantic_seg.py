@@ -38,7 +38,7 @@ from tqdm import tqdm
 from misc import config
 from misc.cli import (add_checkpoint_args, add_device_args, add_output_args, add_size_arg, add_words_arg, parser_for,
                       positive_int, run)
-from misc.config import ConfigError
+from misc.errors import UserError
 from misc.datasets import SPLITS, ImageDataset, Record, karpathy_records, load_coco, truth_masks, uses_demo
 from misc.files import update_results, write_json
 from misc.inference import Inference
@@ -172,7 +172,7 @@ def category_ap(protocol: str, scores: torch.Tensor, ious: torch.Tensor, present
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if not 0 <= args.threshold <= 1:
-        raise ConfigError(f"--threshold {args.threshold}: must lie in [0, 1] (a fraction of the heatmap's range)")
+        raise UserError(f"--threshold {args.threshold}: must lie in [0, 1] (a fraction of the heatmap's range)")
     split = args.split or ("test" if args.protocol == "ranked" else None)
     model = Inference.load(args.checkpoint, args.words, args.device, args.amp)
     demo = uses_demo(args.dataset or model.config["train"]["dataset"])
@@ -184,7 +184,7 @@ def main(argv: list[str] | None = None) -> None:
     records = records[:args.limit] if args.limit is not None else records
     images_from = f"Karpathy split {split}" if split else annotations.name
     if not records:
-        raise ConfigError(f"no image of {images_from} is both in {annotations} and on disk")
+        raise UserError(f"no image of {images_from} is both in {annotations} and on disk")
 
     categories = sorted(coco.getCatIds())
     names = {c: coco.cats[c]["name"] for c in categories}

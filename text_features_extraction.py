@@ -19,7 +19,7 @@ import logging
 import numpy as np
 
 from misc.cli import add_device_args, add_extraction_args, add_words_arg, parser_for, run
-from misc.config import ConfigError
+from misc.errors import UserError
 from misc.arrays import skipped_array, text_column, write_npz
 from misc.extraction import describe_checkpoint, log_skipped
 from misc.inference import Inference
@@ -40,12 +40,12 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     text = read_text_lines(args.data)
     if not text.lines:
-        raise ConfigError(f"{args.data}: no line to embed")
+        raise UserError(f"{args.data}: no line to embed")
     model = Inference.load(args.checkpoint, args.words, args.device, args.amp)
     text, features, oov, tokens = embed_lines(model.model, model.words, text, model.device, args.batch_size,
                                               model.amp, not args.no_progress)
     if not text.lines:
-        raise ConfigError(f"{args.data}: no line with a word in the vocabulary to embed")
+        raise UserError(f"{args.data}: no line with a word in the vocabulary to embed")
     log_skipped([(f"{args.data}:{number}", reason) for number, reason in text.skipped], args.out)
     record = describe_checkpoint(args.checkpoint, model.state, word_vectors=str(model.words.source),
                                  data=str(args.data))

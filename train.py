@@ -23,7 +23,9 @@ from torch.utils.tensorboard import SummaryWriter
 
 from misc import checkpoint, config, demo, distributed
 from misc.cli import add_device_args, add_set_arg, parser_for, positive_int, run
-from misc.config import ConfigError, ModelConfig, TrainConfig
+from misc.config import TrainConfig
+from misc.errors import UserError
+from models.config import ModelConfig
 from misc.datasets import PairCollate, PairDataset, load_records, train_transform
 from misc.files import atomic_path
 from misc.engine import evaluate_records, resolve_device, train_one_epoch
@@ -70,7 +72,7 @@ def configure(args: argparse.Namespace) -> tuple[ModelConfig, TrainConfig, str |
     """Model and training config: the resumed run's, else preset + flags. Falls back to the demo world."""
     source = trunk_source(args)
     if args.resume and source:
-        raise ConfigError("--init, --resnet-weights, --weights and --from-scratch start a new run; --resume "
+        raise UserError("--init, --resnet-weights, --weights and --from-scratch start a new run; --resume "
                           "continues from the run's own weights")
     if args.resume:
         saved = checkpoint.load(args.resume)["config"]
@@ -111,7 +113,7 @@ def trunk_source(args: argparse.Namespace) -> str | None:
 def check_trunk_source(model_cfg: ModelConfig, preset: str) -> None:
     """A new run names its trunk's start, and a weights file it names exists (before any data loads)."""
     if not model_cfg.trunk_init:
-        raise ConfigError(f"preset {preset!r} needs a trunk to start from: --init CKPT (the original release's "
+        raise UserError(f"preset {preset!r} needs a trunk to start from: --init CKPT (the original release's "
                           f"pretrained_classif_152_2400.pth.tar), --resnet-weights [FILE] (a torchvision state dict; "
                           f"default: config key resnet_weights), --weights {'|'.join(IMAGENET_WEIGHTS)} "
                           f"(torchvision's, from torch hub's cache) or --from-scratch")
@@ -154,7 +156,7 @@ def train(args: argparse.Namespace, model_cfg: ModelConfig, cfg: TrainConfig, wo
     if args.amp and amp is None:
         log.info("--amp ignored: mixed precision runs on CUDA only")
     if cfg.batch_size % context.world_size:
-        raise ConfigError(f"batch size {cfg.batch_size} (the global batch) does not split over "
+        raise UserError(f"batch size {cfg.batch_size} (the global batch) does not split over "
                           f"{context.world_size} processes")
     is_demo = cfg.dataset == "demo"
     if is_demo and main_process:
@@ -162,7 +164,7 @@ def train(args: argparse.Namespace, model_cfg: ModelConfig, cfg: TrainConfig, wo
     distributed.barrier(context)
     words = load_word_vectors(Path(words_path) if words_path else config.path("word_vectors", demo=is_demo))
     if words.dim != model_cfg.word_dim:
-        raise ConfigError(f"word vectors {words.source} are {words.dim}-d but the model expects "
+        raise UserError(f"word vectors {words.source} are {words.dim}-d but the model expects "
                           f"model.word_dim={model_cfg.word_dim}")
     train_records = load_records(cfg.dataset, cfg.split)[: args.limit]
     val_records = load_records(cfg.dataset, cfg.val_split)
@@ -181,7 +183,7 @@ def train(args: argparse.Namespace, model_cfg: ModelConfig, cfg: TrainConfig, wo
     if args.resume:
         state = checkpoint.load(args.resume)
         if "optimizer" not in state:
-            raise ConfigError(f"{args.resume} holds no training state to resume (optimizer, scheduler); "
+            raise UserError(f"{args.resume} holds no training state to resume (optimizer, scheduler); "
                               f"start a new run from its weights with --init")
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])

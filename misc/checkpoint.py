@@ -33,7 +33,8 @@ from torch import nn
 
 from misc import config, original
 from misc.cli import run
-from misc.config import ROOT, ConfigError
+from misc.config import ROOT
+from misc.errors import UserError
 from misc.files import atomic_path
 from misc.original import few
 from misc.words import TextOptions, WordVectors, load_word_vectors
@@ -73,22 +74,22 @@ def read(path: Path | str) -> dict[str, Any]:
     """
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"checkpoint {path} not found")
+        raise UserError(f"checkpoint {path} not found")
     try:
         with torch.serialization.safe_globals(original.READABLE_GLOBALS):
             data = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
         unsupported = re.search(r"Unsupported global: GLOBAL (\S+)", str(error))
         if unsupported:
-            raise ConfigError(f"{path} holds Python objects ({unsupported[1]}), not plain data: it is not a "
+            raise UserError(f"{path} holds Python objects ({unsupported[1]}), not plain data: it is not a "
                               f"checkpoint this code reads") from error
-        raise ConfigError(f"{path} is not a readable checkpoint (truncated or not a torch file?): "
+        raise UserError(f"{path} is not a readable checkpoint (truncated or not a torch file?): "
                           f"{first_line(error)}") from error
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, TypeError, KeyError) as error:
-        raise ConfigError(f"{path} is not a readable checkpoint (truncated or not a torch file?): "
+        raise UserError(f"{path} is not a readable checkpoint (truncated or not a torch file?): "
                           f"{first_line(error)}") from error
     if not isinstance(data, dict):
-        raise ConfigError(f"{path} is not a checkpoint: it holds a {type(data).__name__}, not a dict")
+        raise UserError(f"{path} is not a checkpoint: it holds a {type(data).__name__}, not a dict")
     return data
 
 
@@ -116,13 +117,13 @@ def as_checkpoint(data: dict[str, Any], path: Path | str) -> dict[str, Any]:
     if found == "original":
         return {"format": FORMAT, "version": VERSION, **original.convert_original(data, path)}
     if found == "classification":
-        raise ConfigError(f"{path} is the original release's ImageNet classification network, not a joint model; "
+        raise UserError(f"{path} is the original release's ImageNet classification network, not a joint model; "
                           f"it initialises training: train.py --init {path}")
     if found != FORMAT:
-        raise ConfigError(f"{path} is neither a DSVE-Loc checkpoint (no 'format': '{FORMAT}' key) nor an original "
+        raise UserError(f"{path} is neither a DSVE-Loc checkpoint (no 'format': '{FORMAT}' key) nor an original "
                           f"dsve-loc model.pth.tar; its keys: {few(data)}")
     if data.get("version", 0) > VERSION:
-        raise ConfigError(f"{path} has format version {data['version']}; this code reads up to {VERSION}")
+        raise UserError(f"{path} has format version {data['version']}; this code reads up to {VERSION}")
     return data
 
 
@@ -153,12 +154,12 @@ def load_words(state: dict[str, Any], override_path: Path | str | None = None,
     text = saved.get("text") or {}
     known = {f.name for f in fields(TextOptions)}
     if set(text) - known:
-        raise ConfigError(f"{checkpoint_path or 'checkpoint'}: unknown text options {sorted(set(text) - known)}; "
+        raise UserError(f"{checkpoint_path or 'checkpoint'}: unknown text options {sorted(set(text) - known)}; "
                           f"known: {sorted(known)}")
     words = load_word_vectors(Path(path), TextOptions(**text))
     expected = saved["model"]["word_dim"]
     if words.dim != expected:
-        raise ConfigError(f"word vectors {words.source} are {words.dim}-d but {checkpoint_path or 'the checkpoint'} "
+        raise UserError(f"word vectors {words.source} are {words.dim}-d but {checkpoint_path or 'the checkpoint'} "
                           f"expects {expected}-d (model.word_dim); pass --words with the vectors it was trained with")
     return words
 
@@ -184,7 +185,7 @@ def check_state(expected: dict[str, torch.Tensor], given: dict[str, torch.Tensor
                ([f"{len(unexpected)} unexpected ({few(unexpected)})"] if unexpected else []) + \
                ([f"{len(shapes)} of another shape ({few(shapes, 2)})"] if shapes else [])
     if problems:
-        raise ConfigError(f"{source}: weights do not fit the model: {'; '.join(problems)}")
+        raise UserError(f"{source}: weights do not fit the model: {'; '.join(problems)}")
 
 
 def load_weights(model: nn.Module, state: dict[str, torch.Tensor], source: Path | str) -> None:
@@ -221,7 +222,7 @@ def convert_file(source: Path, out: Path) -> str:
     """Convert an original ``model.pth.tar`` to this project's format at ``out`` (checked to load first)."""
     data = read(source)
     if kind(data) != "original":
-        raise ConfigError(f"{source}: not an original dsve-loc model.pth.tar (kind: {kind(data)}); convert reads "
+        raise UserError(f"{source}: not an original dsve-loc model.pth.tar (kind: {kind(data)}); convert reads "
                           f"the original release's joint model only")
     converted = as_checkpoint(data, source)
     model_from(converted, source)

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 from collections.abc import Callable
 
-from misc.config import ConfigError
+from misc.errors import UserError
 from misc.files import update_results, write_json
 
 __all__ = ["add_checkpoint_args", "add_device_args", "add_output_args", "add_set_arg", "add_size_arg", "parser_for",
@@ -106,7 +106,7 @@ def run(main: Callable[..., Any], argv: list[str] | None = None) -> None:
     logging.getLogger("gensim").setLevel(logging.WARNING)
     try:
         main() if argv is None else main(argv)
-    except ConfigError as error:
+    except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:

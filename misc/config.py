@@ -11,16 +11,16 @@ import json
 import os
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any
+from types import UnionType
+from typing import Any, Union, get_args, get_origin, get_type_hints
+
+from misc.errors import UserError, check_choice, check_number, did_you_mean
+from models.config import ModelConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT / "data"
 DEMO_DIR = Path(os.environ.get("DSVE_DEMO_DIR", DATA / "demo"))  # movable, e.g. for tests
 RUNS = ROOT / "runs"
-
-
-class ConfigError(Exception):
-    """A user-facing configuration problem; CLIs print its message as one line and exit."""
 
 
 @dataclass(frozen=True)
@@ -76,7 +76,7 @@ def path(key: str, *, demo: bool = False, must_exist: bool = True) -> Path:
     else:
         resolved = PATHS[key].default
     if must_exist and not resolved.exists():
-        raise ConfigError(missing_message(key, resolved))
+        raise UserError(missing_message(key, resolved))
     return resolved
 
 
@@ -90,7 +90,7 @@ def required_file(key: str, folder: Path, name: str) -> Path:
     """A file inside the folder of a config key, with the key's one-line error when it is missing."""
     path = folder / name
     if not path.is_file():
-        raise ConfigError(missing_message(key, path))
+        raise UserError(missing_message(key, path))
     return path
 
 
@@ -101,26 +101,8 @@ def configured(key: str) -> bool:
 
 # --------------------------------------------------------------------------- hyper-parameters
 
-@dataclass
-class ModelConfig:
-    """Network dimensions; defaults are the paper's (§3, §4.1)."""
-
-    trunk: str = "resnet152"  # any torchvision ResNet
-    maps_dim: int = 2400  # D', channels of the maps G
-    embed_dim: int = 2400  # d, joint space (also the SRU hidden size)
-    pooling: str = "weldon"  # or "gap"
-    weldon_k: float = 15  # a count, or a fraction of positions when < 1
-    image_dropout: float = 0.5
-    word_dim: int = 620
-    sru_layers: int = 4
-    text_dropout: float = 0.25  # sru's dropout: on the outputs of every SRU layer but the last
-    rnn_dropout: float = 0.25  # sru's rnn_dropout: on every SRU layer's input, one mask per caption (the original's)
-    forget_bias: float = 0.0  # initial SRU forget-gate bias; > 0 keeps early words in memory longer (paper: 0)
-    # What a new model's trunk starts from (models.visual.init_trunk): "scratch", "IMAGENET1K_V1" | "IMAGENET1K_V2"
-    # (torchvision's, from torch hub's cache), "file:PATH" (a torchvision state dict of the trunk) or
-    # "checkpoint:PATH" (train.py --init); "" = not chosen yet. A checkpoint's weights supersede it.
-    trunk_init: str = ""
-
+LOSSES = ("hard", "sum")
+FROZEN_MODES = ("train", "eval")
 
 @dataclass
 class TrainConfig:
@@ -152,6 +134,24 @@ class TrainConfig:
     workers: int = 4
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        for key in ("epochs", "batch_size", "captions_per_image"):
+            check_number(f"train.{key}", getattr(self, key), low=1, whole=True)
+        for key in ("text_from_epoch", "trunk_from_epoch", "sum_loss_epochs", "workers"):
+            check_number(f"train.{key}", getattr(self, key), low=0, whole=True)
+        for key in ("crop_size", "eval_size", "test_size"):
+            check_number(f"train.{key}", getattr(self, key), low=32, whole=True)
+        check_number("train.lr", self.lr, low=0, low_open=True)
+        check_number("train.margin", self.margin, low=0)
+        if self.grad_clip is not None:
+            check_number("train.grad_clip", self.grad_clip, low=0, low_open=True)
+        for epoch in self.lr_halve_epochs:
+            check_number("train.lr_halve_epochs", epoch, low=0, whole=True)
+        if len(self.crop_scale) != 2 or not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1:
+            raise UserError(f"train.crop_scale = {self.crop_scale}: expected [low, high] with 0 < low <= high <= 1")
+        check_choice("train.loss", self.loss, LOSSES)
+        check_choice("train.frozen_mode", self.frozen_mode, FROZEN_MODES)
+
 
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     # The original release's train.py as it ran (the defaults above); the trunk source is chosen per run.
@@ -182,32 +182,82 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
 
 def preset(name: str) -> tuple[ModelConfig, TrainConfig]:
     if name not in PRESETS:
-        raise ConfigError(f"unknown preset {name!r}: choose one of {', '.join(PRESETS)}")
+        raise UserError(f"unknown preset {name!r}: choose one of {', '.join(PRESETS)}")
     values = PRESETS[name]
     return ModelConfig(**values["model"]), TrainConfig(**values["train"])
 
 
 def from_dict(cls: type, values: dict[str, Any]) -> Any:
-    """Rebuild a config dataclass from plain data, rejecting unknown keys with a clear message."""
-    known = {f.name for f in fields(cls)}
-    unknown = set(values) - known
+    """Rebuild a config dataclass from plain data (a checkpoint's), rejecting unknown keys with a clear message."""
+    known = [f.name for f in fields(cls)]
+    unknown = sorted(set(values) - set(known))
     if unknown:
-        raise ConfigError(f"{cls.__name__}: unknown keys {sorted(unknown)}")
+        raise UserError(f"{cls.__name__}: unknown keys {unknown}{did_you_mean(unknown[0], known)}")
     return cls(**values)
 
 
+SECTIONS: dict[str, type] = {"model": ModelConfig, "train": TrainConfig}
+
+
+def parse_value(section: str, key: str, text: str) -> Any:
+    """``text`` as a value of the field ``section.key``, typed from the field's own annotation (int, float, bool,
+    str, a list of them, or any of these or None); a value of another type is a one-line error."""
+    kind = get_type_hints(SECTIONS[section])[key]
+    try:
+        value = json.loads(text)
+    except ValueError:
+        value = text
+    if fits(value, kind):
+        return typed(value, kind)
+    if fits(text, kind):  # a string field given something JSON reads as a number, e.g. a file name "2400"
+        return text
+    raise UserError(f"--set {section}.{key}={text}: expected {type_name(kind)}")
+
+
+def fits(value: Any, kind: Any) -> bool:
+    """Whether ``value`` (parsed JSON) is of the annotated type ``kind``."""
+    if get_origin(kind) in (Union, UnionType):
+        return any(fits(value, option) for option in get_args(kind))
+    if get_origin(kind) is list:
+        return isinstance(value, list) and all(fits(item, get_args(kind)[0]) for item in value)
+    if kind is type(None):
+        return value is None
+    if kind is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if kind is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, kind)
+
+
+def typed(value: Any, kind: Any) -> Any:
+    """``value`` (which :func:`fits` ``kind``) with its whole numbers made floats where ``kind`` wants a float."""
+    if get_origin(kind) in (Union, UnionType):
+        return typed(value, next(option for option in get_args(kind) if fits(value, option)))
+    if get_origin(kind) is list:
+        return [typed(item, get_args(kind)[0]) for item in value]
+    return float(value) if kind is float else value
+
+
+def type_name(kind: Any) -> str:
+    if get_origin(kind) in (Union, UnionType):
+        return " or ".join(type_name(option) for option in get_args(kind))
+    if get_origin(kind) is list:
+        return f"a JSON list of {type_name(get_args(kind)[0])}"
+    return {int: "a whole number", float: "a number", bool: "true or false", str: "text",
+            type(None): "null"}.get(kind, str(kind))
+
+
 def apply_settings(model: ModelConfig, train: TrainConfig, settings: list[str]) -> tuple[ModelConfig, TrainConfig]:
-    """Apply ``model.KEY=VALUE`` / ``train.KEY=VALUE`` settings (VALUE parsed as JSON, else kept as text)."""
+    """Apply ``model.KEY=VALUE`` / ``train.KEY=VALUE`` settings, each value typed from its field (see
+    :func:`parse_value`) and checked with the rest of its configuration."""
     configs = {"model": model, "train": train}
     for setting in settings:
-        name, _, text = setting.partition("=")
-        section, _, key = name.partition(".")
-        if not _ or section not in configs or key not in {f.name for f in fields(configs[section])}:
-            raise ConfigError(f"--set {setting!r}: expected model.KEY=VALUE or train.KEY=VALUE with KEY one of "
-                              f"the fields of ModelConfig / TrainConfig in misc/config.py")
-        try:
-            value = json.loads(text)
-        except ValueError:
-            value = text
-        configs[section] = replace(configs[section], **{key: value})
+        name, equals, text = setting.partition("=")
+        section, dot, key = name.partition(".")
+        names = [f"{part}.{f.name}" for part, cls in SECTIONS.items() for f in fields(cls)]
+        if not equals or not dot or name not in names:
+            raise UserError(f"--set {setting}: expected model.KEY=VALUE or train.KEY=VALUE with KEY a field of "
+                            f"ModelConfig (models/config.py) or TrainConfig (misc/config.py)"
+                            f"{did_you_mean(name, names)}")
+        configs[section] = replace(configs[section], **{key: parse_value(section, key, text)})
     return configs["model"], configs["train"]

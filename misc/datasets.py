@@ -20,7 +20,8 @@ from visual_genome import local as vg_local
 from visual_genome import utils as vg_utils
 
 from misc import config, demo
-from misc.config import ConfigError, TrainConfig
+from misc.config import TrainConfig
+from misc.errors import UserError
 from misc.images import decode_image
 from misc.words import Encoded, WordVectors, tokenize
 
@@ -50,11 +51,11 @@ def karpathy_records(json_path: Path, images_root: Path, split: str) -> list[Rec
     and counted; an image left with no caption is dropped, with a warning either way.
     """
     if split not in SPLITS:
-        raise ConfigError(f"unknown split {split!r}: choose one of {', '.join(SPLITS)}")
+        raise UserError(f"unknown split {split!r}: choose one of {', '.join(SPLITS)}")
     try:
         entries = json.loads(Path(json_path).read_text(encoding="utf-8"))["images"]
     except (OSError, ValueError, KeyError) as error:
-        raise ConfigError(f"{json_path}: not a Karpathy split file ({error})") from error
+        raise UserError(f"{json_path}: not a Karpathy split file ({error})") from error
     records, empty = [], 0
     for entry in entries:
         if entry.get("split") not in SPLITS[split]:
@@ -67,7 +68,7 @@ def karpathy_records(json_path: Path, images_root: Path, split: str) -> list[Rec
     if empty:
         log.warning("%s: skipped %d captions with no words", json_path, empty)
     if not records:
-        raise ConfigError(f"{json_path}: no image with captions in split {split!r}")
+        raise UserError(f"{json_path}: no image with captions in split {split!r}")
     return records
 
 
@@ -81,14 +82,14 @@ def caption_file_records(path: Path) -> list[Record]:
             item = json.loads(line)
             image, captions = Path(item["image"]), [str(c) for c in item["captions"]]
         except (ValueError, KeyError, TypeError) as error:
-            raise ConfigError(f"{path}:{number}: expected {{\"image\": ..., \"captions\": [...]}} ({error})") from error
+            raise UserError(f"{path}:{number}: expected {{\"image\": ..., \"captions\": [...]}} ({error})") from error
         kept = [c for c in captions if tokenize(c)]
         if len(kept) < len(captions):
             log.warning("%s:%d: skipped %d captions with no words", path, number, len(captions) - len(kept))
         if kept:
             records.append(Record(image if image.is_absolute() else path.parent / image, kept, number))
     if not records:
-        raise ConfigError(f"{path}: no image with captions")
+        raise UserError(f"{path}: no image with captions")
     return records
 
 
@@ -98,7 +99,7 @@ def load_records(dataset: str, split: str) -> list[Record]:
         candidate = Path(dataset)
         if candidate.is_file():
             return caption_file_records(candidate)
-        raise ConfigError(f"unknown dataset {dataset!r}: use coco, flickr30k, demo or a JSON-lines caption file")
+        raise UserError(f"unknown dataset {dataset!r}: use coco, flickr30k, demo or a JSON-lines caption file")
     images_key, split_key = DATASET_KEYS[dataset]
     demo = dataset == "demo"
     records = karpathy_records(config.path(split_key, demo=demo), config.path(images_key, demo=demo), split)
@@ -110,14 +111,14 @@ def check_images(records: list[Record], key: str = "") -> None:
     missing = [r.image for r in records if not r.image.exists()]
     if missing:
         where = f" (config key '{key}')" if key else ""
-        raise ConfigError(f"{len(missing)} of {len(records)} images are missing, e.g. {missing[0]}{where}")
+        raise UserError(f"{len(missing)} of {len(records)} images are missing, e.g. {missing[0]}{where}")
 
 
 def uses_demo(dataset: str) -> bool:
     """Whether the localization data paths come from the demo world (generated first if there is none yet), else
     from the configured COCO / Visual Genome paths."""
     if dataset not in ("coco", "demo"):
-        raise ConfigError(f"dataset {dataset!r}: localization runs on COCO images ('coco') or the demo world "
+        raise UserError(f"dataset {dataset!r}: localization runs on COCO images ('coco') or the demo world "
                           f"('demo'); pass --dataset")
     if dataset == "demo":
         demo.ensure(config.DEMO_DIR)
@@ -147,7 +148,7 @@ def eval_transform(size: int, protocol: str = "resize") -> Callable:
     elif protocol == "crop":
         geometry = [transforms.Resize(size), transforms.CenterCrop(round(size * 224 / 256))]
     else:
-        raise ConfigError(f"unknown evaluation protocol {protocol!r}: choose one of {', '.join(EVAL_PROTOCOLS)}")
+        raise UserError(f"unknown evaluation protocol {protocol!r}: choose one of {', '.join(EVAL_PROTOCOLS)}")
     return transforms.Compose([*geometry, transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
 
 
@@ -227,12 +228,12 @@ def coco_files(karpathy_json: Path, images_root: Path, split: str | None) -> dic
     try:
         entries = json.loads(karpathy_json.read_text(encoding="utf-8"))["images"]
     except (OSError, ValueError, KeyError) as error:
-        raise ConfigError(f"{karpathy_json}: not a Karpathy split file ({error}) (config key 'coco_karpathy')") \
+        raise UserError(f"{karpathy_json}: not a Karpathy split file ({error}) (config key 'coco_karpathy')") \
             from error
     files = {}
     for entry in entries:
         if "cocoid" not in entry:
-            raise ConfigError(f"{karpathy_json}: entries have no 'cocoid'; the pointing game needs COCO's split file")
+            raise UserError(f"{karpathy_json}: entries have no 'cocoid'; the pointing game needs COCO's split file")
         folder = entry.get("filepath", "")
         if (entry.get("split") in SPLITS[split]) if split else folder == "val2014":
             files[int(entry["cocoid"])] = images_root / folder / entry["filename"]
@@ -258,7 +259,7 @@ def read_regions(vg_dir: Path, files: dict[int, Path], limit: int | None) -> lis
             if image is not None and entry["regions"]:
                 regions[image.id] = vg_utils.parse_region_descriptions(entry["regions"], image)
     except (ValueError, KeyError, TypeError) as error:
-        raise ConfigError(f"{vg_dir}: not Visual Genome image_data.json / region_descriptions.json ({error!r}) "
+        raise UserError(f"{vg_dir}: not Visual Genome image_data.json / region_descriptions.json ({error!r}) "
                           f"(config key 'vg_dir')") from error
     return [(image, regions.get(image.id, [])) for image in images]
 
@@ -268,7 +269,7 @@ def load_coco(annotations: Path) -> COCO:
         try:
             return COCO(str(annotations))
         except (ValueError, KeyError, TypeError) as error:
-            raise ConfigError(f"{annotations}: not a COCO instances file ({error!r}) (config key "
+            raise UserError(f"{annotations}: not a COCO instances file ({error!r}) (config key "
                               f"'coco_annotations')") from error
 
 

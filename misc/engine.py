@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from misc import retrieval
-from misc.config import ConfigError
+from misc.errors import UserError
 from misc.datasets import ImageDataset, Record, eval_captions, eval_transform
 from misc.words import WordVectors
 from models.joint import JointEmbedding
@@ -26,7 +26,7 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError("--device cuda asked for, but no CUDA device is available; use --device cpu")
+        raise UserError("--device cuda asked for, but no CUDA device is available; use --device cpu")
     return torch.device(name)
 
 

@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from misc.arrays import Streamed, file_sha256, npz_array, skipped_array, text_array, write_npz
 from misc.files import write_json
-from misc.config import ConfigError
+from misc.errors import UserError
 from misc.datasets import eval_transform
 from misc.engine import autocast
 from misc.images import decode_image, failure_reason, printable, utf8_name
@@ -174,14 +174,14 @@ class PartStore:
         """Open the store for a run; returns the manifest in force (a resumed run keeps its chunk size)."""
         path = self.folder / "manifest.json"
         if self.folder.exists() and not resume:
-            raise ConfigError(f"{self.folder} holds an unfinished run; pass --resume to continue it, or delete it")
+            raise UserError(f"{self.folder} holds an unfinished run; pass --resume to continue it, or delete it")
         self._lock()
         try:
             if resume and path.exists():
                 stored = json.loads(path.read_text(encoding="utf-8"))
                 for key, what in self.CHECKED.items():
                     if stored.get(key) != manifest[key]:
-                        raise ConfigError(f"cannot resume {self.folder}: it was made with a different {what} "
+                        raise UserError(f"cannot resume {self.folder}: it was made with a different {what} "
                                           f"({stored.get(key)} vs {manifest[key]} now); delete it to start over")
                 return stored
             if resume:
@@ -199,7 +199,7 @@ class PartStore:
             fcntl.flock(self.lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             self.close()
-            raise ConfigError(f"another process is extracting into {self.folder}; let it finish, or stop it and "
+            raise UserError(f"another process is extracting into {self.folder}; let it finish, or stop it and "
                               f"run again with --resume") from None
 
     def close(self) -> None:

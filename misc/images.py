@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
-from misc.config import ConfigError
+from misc.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +31,7 @@ def list_images(folder: Path) -> list[str]:
     any case), sorted. Symbolic links to folders are not followed (no cycles)."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise ConfigError(f"image folder {folder} not found")
+        raise UserError(f"image folder {folder} not found")
     found = []
     for root, _, files in os.walk(folder):
         for name in files:
@@ -49,7 +49,7 @@ def read_list(list_file: Path, folder: Path) -> list[str]:
     try:
         text = Path(list_file).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as error:
-        raise ConfigError(f"list file {list_file} could not be read ({error})") from error
+        raise UserError(f"list file {list_file} could not be read ({error})") from error
     folder = Path(folder).resolve()
     entries: dict[str, None] = {}  # ordered set
     repeated = 0
@@ -135,4 +135,4 @@ def read_image(path: Path | str, size: int | None = None) -> Image.Image:
     try:
         return decode_image(path, size)
     except Exception as error:  # any failure to decode the user's file is reported in one line
-        raise ConfigError(f"{path}: cannot read it as an image ({failure_reason(error)})") from error
+        raise UserError(f"{path}: cannot read it as an image ({failure_reason(error)})") from error

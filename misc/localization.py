@@ -29,7 +29,7 @@ import logging
 import torch
 import torch.nn.functional as F
 
-from misc.config import ConfigError
+from misc.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +101,7 @@ def choose_k(requested: int | None, dim: int, paper_k: int) -> int:
                      k, paper_k, PAPER_DIM, dim)
         return k
     if requested < 1:
-        raise ConfigError(f"--k must be at least 1, got {requested}")
+        raise UserError(f"--k must be at least 1, got {requested}")
     if requested > dim:
         log.warning("--k %d is more than the embedding size d = %d: using k = %d", requested, dim, dim)
     return min(requested, dim)

@@ -22,7 +22,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from misc.config import ConfigError, ModelConfig, TrainConfig
+from misc.config import TrainConfig
+from misc.errors import UserError
+from models.config import ModelConfig
 from misc.words import ORIGINAL_TEXT
 
 # The original image path is DataParallel(Sequential(Sequential(ResNet children up to layer4), 1x1 conv, WELDON)):
@@ -120,7 +122,7 @@ def map_state(state: dict[str, Any], rename: Callable[[str], str | None], source
         else:
             mapped[name] = value
     if unknown:
-        raise ConfigError(f"{source}: {len(unknown)} keys of the original release's layout have no counterpart in "
+        raise UserError(f"{source}: {len(unknown)} keys of the original release's layout have no counterpart in "
                           f"this project's model: {few(unknown)}")
     for key in [key for key in mapped if key.endswith(".running_var")]:
         mapped.setdefault(key.removesuffix("running_var") + "num_batches_tracked", torch.tensor(0))
@@ -151,7 +153,7 @@ def infer_trunk(state: dict[str, torch.Tensor], source: Path | str) -> str:
     bottleneck = "image.trunk.layer1.0.conv3.weight" in state
     name = RESNETS.get((bottleneck, blocks))
     if name is None:
-        raise ConfigError(f"{source}: its trunk has {blocks} {'bottleneck' if bottleneck else 'basic'} blocks per "
+        raise UserError(f"{source}: its trunk has {blocks} {'bottleneck' if bottleneck else 'basic'} blocks per "
                           f"stage, which is none of ResNet-18/34/50/101/152")
     return name
 
@@ -162,14 +164,14 @@ def original_model_config(state: dict[str, torch.Tensor], args: dict[str, Any], 
               "text.rnn.rnn_lst.0.weight": "cap_emb.rnn.rnn_lst.0.weight"}
     absent = [original for ours, original in needed.items() if ours not in state]
     if absent:
-        raise ConfigError(f"{source}: the original model lacks {', '.join(absent)}")
+        raise UserError(f"{source}: the original model lacks {', '.join(absent)}")
     maps_dim = state["image.adapt.weight"].shape[0]  # (D', D, 1, 1)
     embed_dim = state["image.proj.weight"].shape[0]  # (d, D')
     word_dim = state["text.rnn.rnn_lst.0.weight"].shape[0]  # (word_dim, k d)
     sru_layers = len({key.split(".")[3] for key in state if key.startswith("text.rnn.rnn_lst.")})
     for name, inferred in (("sru", sru_layers), ("dimemb", embed_dim)):
         if name in args and args[name] != inferred:
-            raise ConfigError(f"{source}: its arguments say {name}={args[name]} but its tensors hold {inferred}")
+            raise UserError(f"{source}: its arguments say {name}={args[name]} but its tensors hold {inferred}")
     return ModelConfig(trunk=infer_trunk(state, source), maps_dim=maps_dim, embed_dim=embed_dim, pooling="weldon",
                        weldon_k=ORIGINAL_WELDON_K, word_dim=word_dim, sru_layers=sru_layers)
 

@@ -18,13 +18,13 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from misc.config import ConfigError, TrainConfig
+from misc.config import TrainConfig
 from misc.distributed import global_loss
 from misc.loss import triplet_loss
 from models.joint import JointEmbedding
 
 PARTS = ("projection", "SRU", "1x1 conv", "trunk")  # the parts that can train, in the order they join
-LOSSES = {"hard": "hardest negatives (eq. 7)", "sum": "sum over negatives (eq. 5)"}
+LOSS_NAMES = {"hard": "hardest negatives (eq. 7)", "sum": "sum over negatives (eq. 5)"}
 
 
 @dataclass(frozen=True)
@@ -52,8 +52,6 @@ def parts_at(cfg: TrainConfig, epoch: int) -> tuple[str, ...]:
 
 def loss_kind(cfg: TrainConfig, epoch: int) -> str:
     """'sum' (eq. 5) during the first ``sum_loss_epochs``, then ``cfg.loss`` ('hard', eq. 7, or 'sum')."""
-    if cfg.loss not in LOSSES:
-        raise ConfigError(f"train.loss={cfg.loss!r}: expected one of {', '.join(LOSSES)}")
     return cfg.loss if epoch >= cfg.sum_loss_epochs else "sum"
 
 
@@ -77,7 +75,7 @@ def describe(cfg: TrainConfig) -> str:
              f"{'epochs':<8}{'lr':<11}{'trains':<36}loss"]
     for (first, last), lr, parts, loss in rows:
         epochs = str(first) if first == last else f"{first}-{last}"
-        lines.append(f"{epochs:<8}{lr:<11.3e}{', '.join(parts):<36}{LOSSES[loss]}")
+        lines.append(f"{epochs:<8}{lr:<11.3e}{', '.join(parts):<36}{LOSS_NAMES[loss]}")
     return "\n".join(lines)
 
 
@@ -119,8 +117,6 @@ def enter_stage(model: JointEmbedding, epoch: int, cfg: TrainConfig) -> list[str
     they stay in train mode as in the original (batch norm normalises with the batch's statistics and updates its
     running ones, dropout drops), with 'eval' they keep their batch-norm statistics and drop nothing.
     Returns the names of the parts that train."""
-    if cfg.frozen_mode not in ("train", "eval"):
-        raise ConfigError(f"train.frozen_mode={cfg.frozen_mode!r}: expected train or eval")
     model.train()
     for parameter in model.parameters():
         parameter.requires_grad_(True)

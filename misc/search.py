@@ -15,7 +15,7 @@ import faiss
 import numpy as np
 
 from misc.arrays import TextColumn, npz_array, npz_fingerprint, npz_names
-from misc.config import ConfigError
+from misc.errors import UserError
 from misc.files import atomic_path, write_json
 
 log = logging.getLogger(__name__)
@@ -41,14 +41,14 @@ def load_collection(path: Path) -> Collection:
     try:
         names = npz_names(path)
     except (OSError, zipfile.BadZipFile) as error:
-        raise ConfigError(f"{path}: not a readable .npz feature file ({error})") from error
+        raise UserError(f"{path}: not a readable .npz feature file ({error})") from error
     if "features" not in names or not names & {"paths", "lines_utf8"}:
-        raise ConfigError(f"{path}: expected 'features' and 'paths' (image features) or 'lines_utf8' (text "
+        raise UserError(f"{path}: expected 'features' and 'paths' (image features) or 'lines_utf8' (text "
                           f"features, as text_features_extraction.py writes them)")
     kind = "image" if "paths" in names else "text"
     features = npz_array(path, "features", mmap=True)
     if features.ndim != 2 or features.dtype != np.float32:
-        raise ConfigError(f"{path}: 'features' must be (N, d) float32, got {features.shape} {features.dtype}")
+        raise UserError(f"{path}: 'features' must be (N, d) float32, got {features.shape} {features.dtype}")
     config = json.loads(str(npz_array(path, "config"))) if "config" in names else {}
     numbers = npz_array(path, "line_numbers") if kind == "text" else None
     labels = npz_array(path, "paths") if kind == "image" else TextColumn(path, "lines")

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from misc.config import ConfigError
+from misc.errors import UserError
 from misc.engine import encode_captions
 from misc.words import WordVectors
 from models.joint import JointEmbedding
@@ -28,7 +28,7 @@ def read_text_lines(path: Path) -> TextLines:
     a UTF-8 byte-order mark and Windows line ends are accepted."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"text file {path} not found")
+        raise UserError(f"text file {path} not found")
     result = TextLines([], [], [])
     with open(path, "rb") as handle:
         for number, raw in enumerate(handle, start=1):

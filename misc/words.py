@@ -30,7 +30,7 @@ from nltk.tokenize import word_tokenize
 from nltk.tokenize.punkt import PunktParameters, PunktSentenceTokenizer
 from numpy.lib import format as npy
 
-from misc.config import ConfigError
+from misc.errors import UserError
 
 UNK = "UNK"
 
@@ -148,7 +148,7 @@ ARRAY_GLOBALS: dict[tuple[str, str], Any] = {
 
 class ArrayUnpickler(pickle.Unpickler):
     """Unpickles numpy arrays and nothing else: any other global (a function to call, a class to build) is a
-    one-line :class:`ConfigError` naming ``source``."""
+    one-line :class:`UserError` naming ``source``."""
 
     def __init__(self, file: Any, source: Path) -> None:
         super().__init__(file, encoding="latin1")  # Python 2 pickles keep array bytes in str
@@ -157,7 +157,7 @@ class ArrayUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str) -> Any:
         found = ARRAY_GLOBALS.get((module, name))
         if found is None:
-            raise ConfigError(f"{self.source} holds Python objects ({module}.{name}), not only arrays: refused, "
+            raise UserError(f"{self.source} holds Python objects ({module}.{name}), not only arrays: refused, "
                               f"loading it would run code")
         return found
 
@@ -169,7 +169,7 @@ def read_table(table: Path) -> np.ndarray:
         if header is not None and header(handle)[2].hasobject:
             array = ArrayUnpickler(handle, table).load()
             if not isinstance(array, np.ndarray):
-                raise ConfigError(f"{table} holds a {type(array).__name__}, not an array")
+                raise UserError(f"{table} holds a {type(array).__name__}, not an array")
             return array
     return np.load(table, allow_pickle=False)
 
@@ -177,17 +177,17 @@ def read_table(table: Path) -> np.ndarray:
 def _skipthought(table: Path) -> KeyedVectors:
     dictionary = table.with_name("dictionary.txt")
     if not dictionary.exists():
-        raise ConfigError(f"{table}: dictionary.txt is missing beside it; the skip-thought table needs "
+        raise UserError(f"{table}: dictionary.txt is missing beside it; the skip-thought table needs "
                           f"utable.npy and dictionary.txt from the same release")
     matrix = read_table(table)
     matrix = np.asarray(np.stack(matrix) if matrix.dtype == object else matrix, dtype=np.float32)
     if matrix.ndim != 2:
-        raise ConfigError(f"{table} holds a {matrix.ndim}-d array; a word table is (words, dim)")
+        raise UserError(f"{table} holds a {matrix.ndim}-d array; a word table is (words, dim)")
     words = dictionary.read_text(encoding="utf-8").split("\n")
     if words and words[-1] == "":
         words.pop()
     if len(words) != len(matrix):
-        raise ConfigError(f"{dictionary}: {len(words)} words but {table} has {len(matrix)} rows")
+        raise UserError(f"{dictionary}: {len(words)} words but {table} has {len(matrix)} rows")
     first: dict[str, int] = {}
     for row, word in enumerate(words):
         first.setdefault(word, row)
@@ -209,7 +209,7 @@ def load_word_vectors(path: Path, options: TextOptions = TextOptions()) -> WordV
     if path.is_dir():
         path = path / "utable.npy"
     if not path.exists():
-        raise ConfigError(f"word vectors {path} not found: pass utable.npy (with dictionary.txt), a word2vec "
+        raise UserError(f"word vectors {path} not found: pass utable.npy (with dictionary.txt), a word2vec "
                           f".bin/.txt or a GloVe .txt file")
     try:
         if path.suffix == ".npy" or path.name == "dictionary.txt":
@@ -219,9 +219,9 @@ def load_word_vectors(path: Path, options: TextOptions = TextOptions()) -> WordV
         else:
             vectors = KeyedVectors.load_word2vec_format(str(path), binary=False,
                                                         no_header=not _has_word2vec_header(path))
-    except ConfigError:
+    except UserError:
         raise
     except (ValueError, TypeError, EOFError, UnicodeDecodeError, OSError, pickle.UnpicklingError) as error:
-        raise ConfigError(f"word vectors {path} could not be read ({error}); expected utable.npy + "
+        raise UserError(f"word vectors {path} could not be read ({error}); expected utable.npy + "
                           f"dictionary.txt, word2vec binary/text or GloVe text") from error
     return WordVectors(vectors, path, options)

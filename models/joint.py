@@ -7,7 +7,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from misc.config import ModelConfig, from_dict
+from misc.config import from_dict
+from models.config import ModelConfig
 from models.text import TextEncoder
 from models.visual import ImageEncoder
 

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
-from misc.config import ConfigError
+from misc.errors import UserError, check_choice
 from models.weldon import build_pooling
 
 TRUNK_LAYERS = ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4")
@@ -19,9 +19,9 @@ IMAGENET_WEIGHTS = ("IMAGENET1K_V1", "IMAGENET1K_V2")  # torchvision's ImageNet 
 
 def build_trunk(name: str) -> tuple[nn.Sequential, int]:
     """A torchvision ResNet up to conv5 (stride 32), randomly initialised; returns it and its channel count D."""
-    if not name.startswith(("resnet", "resnext", "wide_resnet")) or name not in torchvision.models.list_models(
-            module=torchvision.models):
-        raise ValueError(f"unknown trunk {name!r}: use a torchvision ResNet such as resnet18 or resnet152")
+    resnets = [model for model in torchvision.models.list_models(module=torchvision.models)
+               if model.startswith(("resnet", "resnext", "wide_resnet"))]
+    check_choice("model.trunk", name, resnets)
     resnet = torchvision.models.get_model(name, weights=None)
     trunk = nn.Sequential(OrderedDict((layer, getattr(resnet, layer)) for layer in TRUNK_LAYERS))
     return trunk, resnet.fc.in_features
@@ -66,12 +66,12 @@ def imagenet_file(trunk: str, name: str) -> Path:
     downloaded: a file not cached is a one-line error saying where to put it."""
     weights = torchvision.models.get_model_weights(trunk)
     if name not in weights.__members__:
-        raise ConfigError(f"torchvision has no {name} weights for {trunk}; it has "
+        raise UserError(f"torchvision has no {name} weights for {trunk}; it has "
                           f"{', '.join(key for key in weights.__members__ if key != 'DEFAULT')}")
     url = weights[name].url
     path = Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(url).path).name
     if not path.is_file():
-        raise ConfigError(f"torchvision's {weights.__name__}.{name} is not in torch hub's cache ({path} not found) "
+        raise UserError(f"torchvision's {weights.__name__}.{name} is not in torch hub's cache ({path} not found) "
                           f"and nothing is downloaded here: fetch {url} on a machine with internet and put it at "
                           f"that path (TORCH_HOME moves the cache)")
     return path
@@ -85,9 +85,9 @@ def trunk_weights_file(trunk: str, source: str) -> Path:
     if source.startswith("file:"):
         path = Path(source.removeprefix("file:")).expanduser()
         if not path.is_file():
-            raise ConfigError(f"trunk weights {path} not found")
+            raise UserError(f"trunk weights {path} not found")
         return path
-    raise ConfigError(f"model.trunk_init={source!r}: expected scratch, {' or '.join(IMAGENET_WEIGHTS)} or file:PATH"
+    raise UserError(f"model.trunk_init={source!r}: expected scratch, {' or '.join(IMAGENET_WEIGHTS)} or file:PATH"
                       + (" (checkpoint sources are loaded by misc.checkpoint.init_from)"
                          if source.startswith("checkpoint:") else ""))
 
@@ -97,11 +97,11 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # unpickling, zip and format errors all mean the same to the user
-        raise ConfigError(f"{path} is not a state dict that torch.load(weights_only=True) reads "
+        raise UserError(f"{path} is not a state dict that torch.load(weights_only=True) reads "
                           f"({type(error).__name__})") from None
     if not isinstance(state, dict) or not all(isinstance(value, torch.Tensor) for value in state.values()):
         hint = " (a training checkpoint rather than a bare state dict?)" if isinstance(state, dict) else ""
-        raise ConfigError(f"{path} is not a state dict of tensors: it holds a {type(state).__name__}{hint}")
+        raise UserError(f"{path} is not a state dict of tensors: it holds a {type(state).__name__}{hint}")
     return state
 
 
@@ -114,11 +114,11 @@ def load_trunk_state(trunk: nn.Sequential, state: dict[str, torch.Tensor], sourc
     missing = sorted(key for key in expected.keys() - given.keys() if not key.endswith(".num_batches_tracked"))
     unexpected = sorted(given.keys() - expected.keys())
     if missing or unexpected:
-        raise ConfigError(f"{source} does not fit: {len(missing)} trunk keys missing{examples(missing)}, "
+        raise UserError(f"{source} does not fit: {len(missing)} trunk keys missing{examples(missing)}, "
                           f"{len(unexpected)} unexpected{examples(unexpected)}")
     for key, value in given.items():
         if value.shape != expected[key].shape:
-            raise ConfigError(f"{source} does not fit: {key} is {tuple(value.shape)} in the file but "
+            raise UserError(f"{source} does not fit: {key} is {tuple(value.shape)} in the file but "
                               f"{tuple(expected[key].shape)} in the trunk")
     trunk.load_state_dict(given, strict=True)
 

@@ -4,12 +4,12 @@ from __future__ import annotations
 import pytest
 
 from misc import config
-from misc.config import ConfigError
+from misc.errors import UserError
 
 
 def test_missing_path_names_key_env_and_source(monkeypatch, tmp_path):
     monkeypatch.setenv("DSVE_COCO_KARPATHY", str(tmp_path / "nope.json"))
-    with pytest.raises(ConfigError) as error:
+    with pytest.raises(UserError) as error:
         config.path("coco_karpathy")
     message = str(error.value)
     assert "coco_karpathy" in message and "DSVE_COCO_KARPATHY" in message and "nope.json" in message
@@ -30,9 +30,9 @@ def test_settings_parse_json_values_and_reject_unknown_keys():
                                                         "model.trunk=resnet34"])
     assert model.embed_dim == 32 and train.lr_halve_epochs == [1, 2] and model.trunk == "resnet34"
     for bad in ["model.nope=1", "embed_dim=3", "loss.x=1"]:
-        with pytest.raises(ConfigError, match="--set"):
+        with pytest.raises(UserError, match="--set"):
             config.apply_settings(model, train, [bad])
-    with pytest.raises(ConfigError, match="unknown preset"):
+    with pytest.raises(UserError, match="unknown preset"):
         config.preset("huge")
 
 
@@ -45,3 +45,40 @@ def test_presets_differ_where_documented():
     assert paper_model.trunk_init == "" and paper.frozen_mode == "train" and paper_model.rnn_dropout == 0.25
     demo_model, demo = config.preset("demo")
     assert demo_model.trunk_init == "scratch" and demo.frozen_mode == "eval" and demo_model.rnn_dropout == 0.0
+
+
+@pytest.mark.parametrize("setting, value", [("train.lr=5e-4", 5e-4), ("train.lr=1", 1.0), ("train.epochs=3", 3),
+                                            ("train.flip=false", False), ("train.grad_clip=null", None),
+                                            ("train.grad_clip=2", 2.0), ("train.crop_scale=[0.5, 1]", [0.5, 1]),
+                                            ("train.dataset=captions.jsonl", "captions.jsonl"),
+                                            ("model.weldon_k=0.2", 0.2)])
+def test_set_values_are_typed_from_the_fields(setting, value):
+    model, train = config.apply_settings(*config.preset("demo"), [setting])
+    section, key = setting.split("=")[0].split(".")
+    got = getattr(model if section == "model" else train, key)
+    assert got == value and type(got) is type(value)
+
+
+@pytest.mark.parametrize("setting, message", [
+    ("train.epochs=2.5", "--set train.epochs=2.5: expected a whole number"),
+    ("train.epochs=many", "--set train.epochs=many: expected a whole number"),
+    ("train.flip=1", "expected true or false"),
+    ("train.lr_halve_epochs=3", "expected a JSON list of a whole number"),
+    ("train.lr=-1e-3", r"train.lr = -0.001: must lie in \(0, inf\]"),
+    ("train.batch_size=0", r"train.batch_size = 0: must lie in \[1, inf\]"),
+    ("train.epochs=-2", r"train.epochs = -2: must lie in \[1, inf\]"),
+    ("model.image_dropout=1", r"model.image_dropout = 1.0: must lie in \[0, 1\)"),
+    ("train.loss=hardest", r"train.loss = 'hardest': unknown \(did you mean hard\?\)"),
+    ("model.pooling=wledon", r"did you mean weldon\?"),
+    ("train.learning_rate=1", r"--set train.learning_rate=1: expected model.KEY=VALUE or train.KEY=VALUE"),
+    ("train.btach_size=8", r"did you mean train.batch_size\?"),
+])
+def test_bad_settings_are_one_line_naming_the_key(setting, message):
+    with pytest.raises(UserError, match=message) as error:
+        config.apply_settings(*config.preset("demo"), [setting])
+    assert "\n" not in str(error.value)
+
+
+def test_a_checkpoint_config_with_an_unknown_key_is_refused_with_a_suggestion():
+    with pytest.raises(UserError, match=r"unknown keys \['embed_dims'\] \(did you mean embed_dim\?\)"):
+        config.from_dict(config.ModelConfig, {"embed_dims": 8})

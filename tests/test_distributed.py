@@ -14,7 +14,8 @@ import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel
 
 from misc import checkpoint
-from misc.config import ModelConfig, TrainConfig
+from misc.config import TrainConfig
+from models.config import ModelConfig
 from misc.distributed import global_loss
 from misc.loss import triplet_loss
 from misc.schedule import build_optimizer, enter_stage

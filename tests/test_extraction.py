@@ -19,7 +19,8 @@ from torch.utils.data import DataLoader
 
 from misc import extraction
 from misc.checkpoint import atomic_save, load_model
-from misc.config import ModelConfig, TrainConfig
+from misc.config import TrainConfig
+from models.config import ModelConfig
 from misc.datasets import eval_transform
 from misc.engine import encode_captions
 from misc import search
@@ -217,7 +218,7 @@ def test_resume_after_interruption_gives_the_uninterrupted_result(zoo, tiny_chec
     assert not out.exists() and sorted(p.name for p in PartStore(out).folder.iterdir()) == [
         "lock", "manifest.json", "part-000000.npz"]
 
-    with pytest.raises(extraction.ConfigError, match="unfinished run; pass --resume"):
+    with pytest.raises(extraction.UserError, match="unfinished run; pass --resume"):
         extract_images(model.image, zoo, entries, out, SIZE, record, **options)
     decoded = []
     decode = extraction.decode_image
@@ -239,7 +240,7 @@ def test_resume_refuses_parts_made_with_other_settings(zoo, tiny_checkpoint, tmp
     for change, what in (({"size": 96}, "different image size"), ({"maps": True}, "different --maps setting"),
                          ({"files_sha256": "0" * 64}, "different file list"),
                          ({"checkpoint_sha256": "0" * 64}, "different checkpoint")):
-        with pytest.raises(extraction.ConfigError, match=what):
+        with pytest.raises(extraction.UserError, match=what):
             PartStore(out).start({**manifest, **change}, resume=True)
     assert PartStore(out).start({**manifest, "chunk_size": 9}, resume=True)["chunk_size"] == 5  # parts keep theirs
     result = cli("image_features_extraction.py", "-p", tiny_checkpoint, "-d", zoo, "-o", out, "--resume", "--size",
@@ -366,7 +367,7 @@ def test_a_second_process_on_the_same_extraction_is_refused_in_one_line(tmp_path
     manifest = extraction.run_manifest("0" * 64, SIZE, False, ["a.jpg"], 5)
     first = PartStore(out)
     first.start(manifest, resume=False)
-    with pytest.raises(extraction.ConfigError, match="another process is extracting into"):
+    with pytest.raises(extraction.UserError, match="another process is extracting into"):
         PartStore(out).start(manifest, resume=True)
     first.close()  # as when the first process ends, killed or not
     assert PartStore(out).start(manifest, resume=True) == manifest

@@ -13,7 +13,8 @@ import torch
 from PIL import Image
 
 from misc import checkpoint
-from misc.config import ModelConfig, TrainConfig
+from misc.config import TrainConfig
+from models.config import ModelConfig
 from misc.localization import (apply_filters, cell_points, default_k, heatmaps, heatmaps_full, peak_cells,
                                peak_location, pointing_hits, scale_boxes, text_filters, top_k, upsample)
 from misc.segmentation import (average_precision, binarize, bytescale, iou, original_average_precision, original_iou,

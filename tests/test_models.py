@@ -5,7 +5,8 @@ import pytest
 import torch
 import torchvision
 
-from misc.config import ConfigError, ModelConfig
+from misc.errors import UserError
+from models.config import ModelConfig
 from models.joint import build_model
 from models.text import TextEncoder
 from models.visual import ImageEncoder, imagenet_file
@@ -64,8 +65,10 @@ def test_image_path_shapes_and_unit_norm_on_non_square_input(trunk, trunk_dim):
     torch.testing.assert_close(embedded, direct / direct.norm(dim=1, keepdim=True))
 
 
-def test_unknown_trunk_is_rejected():
-    with pytest.raises(ValueError, match="unknown trunk"):
+def test_unknown_trunk_is_rejected_with_a_suggestion():
+    with pytest.raises(UserError, match=r"model.trunk = 'resnet125': unknown \(did you mean resnet152\?\)"):
+        ImageEncoder("resnet125", 8, 8, "weldon", 1, 0.0)
+    with pytest.raises(UserError, match="model.trunk = 'vgg16': unknown; choose one of resnet"):
         ImageEncoder("vgg16", 8, 8, "weldon", 1, 0.0)
 
 
@@ -188,17 +191,17 @@ def test_a_state_dict_that_does_not_fit_the_trunk_is_one_line(tmp_path, trunk, c
     path = tmp_path / "resnet18.pth"
     torch.save({**resnet18_file(path), **(change or {})}, path)
     config = ModelConfig(trunk=trunk, maps_dim=8, embed_dim=8, word_dim=4, sru_layers=1, trunk_init=f"file:{path}")
-    with pytest.raises(ConfigError) as error:
+    with pytest.raises(UserError) as error:
         build_model(config, init_trunk=True)
     assert message in str(error.value) and "\n" not in str(error.value)
 
 
 def test_imagenet_weights_come_from_torch_hub_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
-    with pytest.raises(ConfigError, match="torchvision has no IMAGENET1K_V2 weights for resnet18; it has "
+    with pytest.raises(UserError, match="torchvision has no IMAGENET1K_V2 weights for resnet18; it has "
                                           "IMAGENET1K_V1"):
         imagenet_file("resnet18", "IMAGENET1K_V2")
-    with pytest.raises(ConfigError, match="not in torch hub's cache"):
+    with pytest.raises(UserError, match="not in torch hub's cache"):
         imagenet_file("resnet18", "IMAGENET1K_V1")
     cached = tmp_path / "hub" / "checkpoints" / "resnet18-f37072fd.pth"
     cached.parent.mkdir(parents=True)

@@ -21,7 +21,8 @@ from gensim.models import KeyedVectors
 from torch import nn
 
 from misc import checkpoint, cli
-from misc.config import ConfigError, ModelConfig
+from misc.errors import UserError
+from models.config import ModelConfig
 from misc.original import convert_original, infer_trunk, map_state, original_key
 from misc.words import ORIGINAL_TEXT, TextOptions, load_word_vectors
 from models.joint import build_model
@@ -142,7 +143,7 @@ def test_a_checkpoint_that_runs_code_is_refused(original, tmp_path):
 
     crafted = tmp_path / "model.pth.tar"
     torch.save({**checkpoint.read(original.model_zip), "best_rec": WritesMarker()}, crafted)
-    with pytest.raises(ConfigError, match=r"model\.pth\.tar holds Python objects \(\S*exec\), not plain data"):
+    with pytest.raises(UserError, match=r"model\.pth\.tar holds Python objects \(\S*exec\), not plain data"):
         checkpoint.load(crafted)
     assert not (tmp_path / "ran.txt").exists()
 
@@ -202,19 +203,19 @@ def test_the_papers_resnet152_layout_maps_completely_onto_the_paper_config():
 def test_unmapped_or_missing_keys_are_one_line_errors(original):
     state = raw(original.model)
     extra = {**state, f"{PREFIX}0.2.weight": torch.zeros(1), "img_emb.module.extra.weight": torch.zeros(1)}
-    with pytest.raises(ConfigError, match=r"2 keys .* no counterpart .*base_layer\.0\.2\.weight") as error:
+    with pytest.raises(UserError, match=r"2 keys .* no counterpart .*base_layer\.0\.2\.weight") as error:
         convert_original({"state_dict": extra}, "model.pth.tar")
     assert "\n" not in str(error.value)
     dropped = ("fc.module.bias", f"{PREFIX}0.5.0.bn1.running_mean")
     fewer = {key: value for key, value in state.items() if key not in dropped}
     converted = convert_original({"state_dict": fewer}, "model.pth.tar")
-    with pytest.raises(ConfigError, match=r"weights do not fit the model: 2 missing \(image\.proj\.bias, "
+    with pytest.raises(UserError, match=r"weights do not fit the model: 2 missing \(image\.proj\.bias, "
                                           r"image\.trunk\.layer2\.0\.bn1\.running_mean\)"):
         checkpoint.load_weights(build_model(converted["config"]["model"]), converted["model"], "model.pth.tar")
     no_stage = {key: value for key, value in state.items() if not key.startswith(f"{PREFIX}0.5.")}
-    with pytest.raises(ConfigError, match=r"\(2, 0, 2, 2\) basic blocks per stage, which is none of ResNet"):
+    with pytest.raises(UserError, match=r"\(2, 0, 2, 2\) basic blocks per stage, which is none of ResNet"):
         convert_original({"state_dict": no_stage}, "model.pth.tar")
-    with pytest.raises(ConfigError, match="arguments say sru=3 but its tensors hold 2"):
+    with pytest.raises(UserError, match="arguments say sru=3 but its tensors hold 2"):
         convert_original({"state_dict": state, "args_dict": argparse.Namespace(sru=3)}, "m")
 
 
@@ -348,7 +349,7 @@ def test_init_from_the_classification_file_loads_trunk_and_conv_only(original):
     for key in ("image.proj.weight", "text.rnn.rnn_lst.0.weight"):
         assert torch.equal(after[key], before[key])  # left as initialised
     wrong = build_model({**config, "maps_dim": 16})
-    with pytest.raises(ConfigError, match=r"another shape \(image\.adapt\.bias \(32,\) instead of \(16,\)"):
+    with pytest.raises(UserError, match=r"another shape \(image\.adapt\.bias \(32,\) instead of \(16,\)"):
         checkpoint.init_from(wrong, original.classification)
 
 
@@ -407,7 +408,7 @@ def test_bad_checkpoint_files_are_one_line_errors(original, tiny_world, tmp_path
              truncated_zip: "not a readable checkpoint", tmp_path / "other.pth": "neither a DSVE-Loc checkpoint",
              original.classification: "classification network, not a joint model"}
     for path, message in cases.items():
-        with pytest.raises(ConfigError, match=message) as error:
+        with pytest.raises(UserError, match=message) as error:
             checkpoint.load(path)
         assert "\n" not in str(error.value)
     result = run_cli("eval_retrieval.py", "-p", truncated, "--dataset", "demo", *CLI_FLAGS, world=tiny_world,
@@ -422,18 +423,18 @@ def test_word_vector_problems_are_one_line_errors(original, tiny_world, tmp_path
     np.save(small / "utable.npy", np.zeros((len(original.vocabulary), 16), dtype=np.float32))
     (small / "dictionary.txt").write_text("\n".join(original.vocabulary) + "\n", encoding="utf-8")
     saved = checkpoint.load(original.model)
-    with pytest.raises(ConfigError, match=r"utable\.npy are 16-d but \S*model\.pth\.tar expects 64-d"):
+    with pytest.raises(UserError, match=r"utable\.npy are 16-d but \S*model\.pth\.tar expects 64-d"):
         checkpoint.load_words(saved, small / "utable.npy", original.model)
     args = ["-p", original.model, "--dataset", "demo", "--words", small / "utable.npy", *CLI_FLAGS]
     assert run_in_process("eval_retrieval.py", args, tiny_world, monkeypatch) == 2
     error = capsys.readouterr().err.strip().splitlines()
     assert len(error) == 1 and "16-d" in error[0] and "64-d" in error[0]
     (small / "dictionary.txt").unlink()
-    with pytest.raises(ConfigError, match="dictionary.txt is missing"):
+    with pytest.raises(UserError, match="dictionary.txt is missing"):
         checkpoint.load_words(saved, small / "utable.npy")
     assert run_in_process("eval_retrieval.py", args, tiny_world, monkeypatch) == 2
     error = capsys.readouterr().err.strip().splitlines()
     assert len(error) == 1 and "dictionary.txt is missing" in error[0]
     monkeypatch.setenv("DSVE_WORD_VECTORS", str(tmp_path / "nowhere" / "utable.npy"))
-    with pytest.raises(ConfigError, match="config key 'word_vectors'"):  # converted models name no vectors
+    with pytest.raises(UserError, match="config key 'word_vectors'"):  # converted models name no vectors
         checkpoint.load_words(saved)

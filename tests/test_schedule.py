@@ -5,7 +5,9 @@ import pytest
 import torch
 
 from misc import config, schedule
-from misc.config import ModelConfig, TrainConfig
+from misc.config import TrainConfig
+from misc.errors import UserError
+from models.config import ModelConfig
 from misc.loss import triplet_loss
 from models.joint import build_model
 
@@ -95,7 +97,6 @@ def test_frozen_parts_never_change_and_keep_or_update_batch_statistics(mode):
     assert not torch.equal(model.image.trunk.layer4[0].conv1.weight, before["image.trunk.layer4.0.conv1.weight"])
 
 
-def test_an_unknown_frozen_mode_is_a_config_error():
-    model = build_model(ModelConfig(trunk="resnet18", maps_dim=8, embed_dim=8, word_dim=4, sru_layers=1))
-    with pytest.raises(config.ConfigError, match="frozen_mode"):
-        schedule.enter_stage(model, 0, TrainConfig(frozen_mode="frozen"))
+def test_an_unknown_frozen_mode_is_refused_when_the_config_is_made():
+    with pytest.raises(UserError, match="train.frozen_mode = 'frozen': unknown; choose one of train, eval"):
+        TrainConfig(frozen_mode="frozen")

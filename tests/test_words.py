@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from gensim.models import KeyedVectors
 
-from misc.config import ConfigError
+from misc.errors import UserError
 from misc.words import ORIGINAL_TEXT, WordVectors, load_word_vectors, sentences, tokenize
 
 WORDS = ["a", "red", "circle", "UNK", "Dog"]
@@ -120,7 +120,7 @@ def test_a_crafted_table_is_refused_without_running_code(tmp_path: Path):
     table = tmp_path / "utable.npy"
     write_pickled_npy(table, object_rows(np.zeros((2, 3))), pickle.dumps(WritesMarker(tmp_path / "ran.txt")))
     (tmp_path / "dictionary.txt").write_text("a\nUNK\n")
-    with pytest.raises(ConfigError, match=r"utable\.npy holds Python objects \(builtins\.exec\)") as error:
+    with pytest.raises(UserError, match=r"utable\.npy holds Python objects \(builtins\.exec\)") as error:
         load_word_vectors(table)
     assert "\n" not in str(error.value) and str(table) in str(error.value)
     assert not (tmp_path / "ran.txt").exists()
@@ -151,10 +151,10 @@ def test_zero_vector_for_oov_when_the_table_has_no_unk(tmp_path: Path):
 
 def test_bad_files_give_one_line_errors(tmp_path: Path):
     np.save(tmp_path / "utable.npy", np.zeros((2, 3), dtype=np.float32))
-    with pytest.raises(ConfigError, match="dictionary.txt is missing"):
+    with pytest.raises(UserError, match="dictionary.txt is missing"):
         load_word_vectors(tmp_path / "utable.npy")
-    with pytest.raises(ConfigError, match="not found"):
+    with pytest.raises(UserError, match="not found"):
         load_word_vectors(tmp_path / "nothing.bin")
     (tmp_path / "junk.bin").write_bytes(b"\x00\x01garbage")
-    with pytest.raises(ConfigError, match="could not be read"):
+    with pytest.raises(UserError, match="could not be read"):
         load_word_vectors(tmp_path / "junk.bin")

@@ -1,0 +1,40 @@
+"""The model's configuration: plain data that :func:`models.joint.build_model` turns into a network, stored in
+every checkpoint. A value out of range or an unknown name is refused when the configuration is made (a preset,
+``--set``, a checkpoint), with one line naming the key."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from misc.errors import check_choice, check_number
+
+POOLINGS = ("weldon", "gap")
+
+
+@dataclass
+class ModelConfig:
+    """Network dimensions; defaults are the paper's (§3, §4.1)."""
+
+    trunk: str = "resnet152"  # any torchvision ResNet (models.visual.build_trunk checks the name)
+    maps_dim: int = 2400  # D', channels of the maps G
+    embed_dim: int = 2400  # d, joint space (also the SRU hidden size)
+    pooling: str = "weldon"  # or "gap"
+    weldon_k: float = 15  # a count, or a fraction of positions when < 1
+    image_dropout: float = 0.5
+    word_dim: int = 620
+    sru_layers: int = 4
+    text_dropout: float = 0.25  # sru's dropout: on the outputs of every SRU layer but the last
+    rnn_dropout: float = 0.25  # sru's rnn_dropout: on every SRU layer's input, one mask per caption (the original's)
+    forget_bias: float = 0.0  # initial SRU forget-gate bias; > 0 keeps early words in memory longer (paper: 0)
+    # What a new model's trunk starts from (models.visual.init_trunk): "scratch", "IMAGENET1K_V1" | "IMAGENET1K_V2"
+    # (torchvision's, from torch hub's cache), "file:PATH" (a torchvision state dict of the trunk) or
+    # "checkpoint:PATH" (train.py --init); "" = not chosen yet. A checkpoint's weights supersede it.
+    trunk_init: str = ""
+
+    def __post_init__(self) -> None:
+        for key in ("maps_dim", "embed_dim", "word_dim", "sru_layers"):
+            check_number(f"model.{key}", getattr(self, key), low=1, whole=True)
+        check_choice("model.pooling", self.pooling, POOLINGS)
+        check_number("model.weldon_k", self.weldon_k, low=0, low_open=True)
+        for key in ("image_dropout", "text_dropout", "rnn_dropout"):
+            check_number(f"model.{key}", getattr(self, key), low=0, high=1, high_open=True)
+        check_number("model.forget_bias", self.forget_bias)

@@ -25,8 +25,9 @@ from typing import Any, TextIO
 import numpy as np
 
 from misc.arrays import file_sha256
-from misc.cli import add_checkpoint_args, add_words_arg, parser_for, positive_int, run, write_json
+from misc.cli import add_checkpoint_args, add_words_arg, parser_for, positive_int, run
 from misc.errors import UserError
+from misc.files import write_json
 from misc.images import read_image
 from misc.inference import Inference
 from misc.search import Collection, exact_search, index_search, load_collection, load_or_build_index

@@ -34,9 +34,8 @@ from torch import nn
 from misc import config, original
 from misc.cli import run
 from misc.config import ROOT
-from misc.errors import UserError
+from misc.errors import UserError, few, first_line
 from misc.files import atomic_path
-from misc.original import few
 from misc.words import TextOptions, WordVectors, load_word_vectors
 from models.joint import JointEmbedding, build_model
 
@@ -91,13 +90,6 @@ def read(path: Path | str) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise UserError(f"{path} is not a checkpoint: it holds a {type(data).__name__}, not a dict")
     return data
-
-
-def first_line(error: BaseException) -> str:
-    """The error's type and first sentence, for a one-line message."""
-    text = str(error).strip()
-    sentence = text.splitlines()[0].split(". ")[0] if text else ""
-    return f"{type(error).__name__}: {sentence}" if sentence else type(error).__name__
 
 
 def load(path: Path | str) -> dict[str, Any]:

@@ -10,10 +10,6 @@ from typing import Any, NoReturn
 from collections.abc import Callable
 
 from misc.errors import UserError
-from misc.files import update_results, write_json
-
-__all__ = ["add_checkpoint_args", "add_device_args", "add_output_args", "add_set_arg", "add_size_arg", "parser_for",
-           "positive_float", "positive_int", "run", "update_results", "write_json"]
 
 
 def positive_int(text: str) -> int:

@@ -12,6 +12,20 @@ class UserError(Exception):
     what is wrong and what to do, and CLIs print it as ``error: ...`` with exit status 2."""
 
 
+def few(keys: Iterable[str], count: int = 3) -> str:
+    """A few of ``keys`` for a one-line message."""
+    names = sorted(map(str, keys))
+    shown = ", ".join(names[:count])
+    return f"{shown} (+{len(names) - count} more)" if len(names) > count else shown
+
+
+def first_line(error: BaseException) -> str:
+    """The error's type and first sentence, for a one-line message."""
+    text = str(error).strip()
+    sentence = text.splitlines()[0].split(". ")[0] if text else ""
+    return f"{type(error).__name__}: {sentence}" if sentence else type(error).__name__
+
+
 def did_you_mean(name: str, choices: Iterable[str]) -> str:
     """`` (did you mean X?)`` for the closest of ``choices``, or an empty string."""
     close = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.6)

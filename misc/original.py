@@ -14,7 +14,7 @@ and adds its format header to a conversion.
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from misc.config import TrainConfig
-from misc.errors import UserError
+from misc.errors import UserError, few
 from models.config import ModelConfig
 from misc.words import ORIGINAL_TEXT
 
@@ -55,13 +55,6 @@ def kind(data: dict[str, Any]) -> str:
     if roots & {"base_layer", "spaConv"}:
         return "classification"
     return "unknown"
-
-
-def few(keys: Iterable[str], count: int = 3) -> str:
-    """A few of ``keys`` for a one-line message."""
-    names = sorted(map(str, keys))
-    shown = ", ".join(names[:count])
-    return f"{shown} (+{len(names) - count} more)" if len(names) > count else shown
 
 
 # --------------------------------------------------------------------------- key mapping

@@ -14,7 +14,7 @@ from PIL import Image
 from pycocotools.coco import COCO
 from visual_genome import local as vg_local
 
-from misc import demo
+from misc import demo, scenes
 
 SIZES = {"train": 40, "val": 10, "test": 10}
 IMAGE_SIZE = 96
@@ -58,7 +58,7 @@ def test_instance_masks_match_drawn_pixels(world: Path) -> None:
     crowd = set()
     for folder in ("train2014", "val2014"):
         coco = COCO(str(world / "annotations" / f"instances_{folder}.json"))
-        assert [c["name"] for c in coco.loadCats(coco.getCatIds())] == demo.SHAPES
+        assert [c["name"] for c in coco.loadCats(coco.getCatIds())] == scenes.SHAPES
         assert all(coco.getAnnIds(imgIds=[i]) for i in coco.getImgIds())
         for ann in coco.loadAnns(coco.getAnnIds()):
             crowd.add(ann["iscrowd"])
@@ -69,7 +69,7 @@ def test_instance_masks_match_drawn_pixels(world: Path) -> None:
             mask = coco.annToMask(ann).astype(bool)
             assert mask.sum() == ann["area"]
             inside = pixels[mask].mean(axis=0)
-            assert min(np.linalg.norm(inside - c) for c in demo.COLOURS.values()) < 40
+            assert min(np.linalg.norm(inside - c) for c in scenes.COLOURS.values()) < 40
             # within the box (other objects are farther away), the pixels of that colour are the mask
             x, y, w, h = ann["bbox"]
             x0, y0, x1, y1 = max(int(x) - 1, 0), max(int(y) - 1, 0), int(np.ceil(x + w)) + 1, int(np.ceil(y + h)) + 1
@@ -137,7 +137,7 @@ def test_interrupted_generation_leaves_no_world(tmp_path: Path, monkeypatch: pyt
             raise KeyboardInterrupt
         return render(*args)
 
-    render = demo.render
+    render = scenes.render
     monkeypatch.setattr(demo, "render", failing_render)
     with pytest.raises(KeyboardInterrupt):
         demo.generate(tmp_path / "fresh", seed=1, sizes=sizes)
@@ -169,36 +169,37 @@ def test_ensure_generates_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
 
 
 def test_position_words_and_relations_on_hand_made_boxes() -> None:
-    assert demo.position_word([0, 0, 20, 20], 96) == "top left"
-    assert demo.position_word([40, 2, 16, 16], 96) == "top"
-    assert demo.position_word([76, 40, 20, 20], 96) == "right"
-    assert demo.position_word([38, 38, 20, 20], 96) == "centre"
-    assert demo.position_word([0, 70, 20, 26], 96) == "bottom left"
-    assert demo.position_word([70, 70, 20, 20], 96) == "bottom right"
-    assert demo.relation([0, 0, 10, 10], [30, 5, 10, 10]) == "left of"
-    assert demo.relation([30, 5, 10, 10], [0, 0, 10, 10]) == "right of"
-    assert demo.relation([0, 0, 10, 10], [5, 40, 10, 10]) == "above"
-    assert demo.relation([5, 40, 10, 10], [0, 0, 10, 10]) == "below"
-    assert demo.side_by_side([0, 0, 10, 10], [30, 5, 10, 10]) and not demo.side_by_side([0, 0, 10, 10], [30, 20, 5, 5])
+    assert scenes.position_word([0, 0, 20, 20], 96) == "top left"
+    assert scenes.position_word([40, 2, 16, 16], 96) == "top"
+    assert scenes.position_word([76, 40, 20, 20], 96) == "right"
+    assert scenes.position_word([38, 38, 20, 20], 96) == "centre"
+    assert scenes.position_word([0, 70, 20, 26], 96) == "bottom left"
+    assert scenes.position_word([70, 70, 20, 20], 96) == "bottom right"
+    assert scenes.relation([0, 0, 10, 10], [30, 5, 10, 10]) == "left of"
+    assert scenes.relation([30, 5, 10, 10], [0, 0, 10, 10]) == "right of"
+    assert scenes.relation([0, 0, 10, 10], [5, 40, 10, 10]) == "above"
+    assert scenes.relation([5, 40, 10, 10], [0, 0, 10, 10]) == "below"
+    assert scenes.side_by_side([0, 0, 10, 10], [30, 5, 10, 10])
+    assert not scenes.side_by_side([0, 0, 10, 10], [30, 20, 5, 5])
     with pytest.raises(ValueError):
-        demo.relation([0, 0, 10, 10], [5, 5, 10, 10])
+        scenes.relation([0, 0, 10, 10], [5, 5, 10, 10])
 
 
 def test_scenes_fill_the_image_without_overlap() -> None:
     rng = np.random.default_rng(0)
-    scenes = [demo.sample_scene(rng, 128) for _ in range(1000)]
-    assert {len(s) for s in scenes} == {1, 2, 3}
-    assert {demo.position_word(o.bbox, 128) for s in scenes for o in s} == set(demo.POSITION_PHRASES)
-    for scene in scenes:
+    drawn = [scenes.sample_scene(rng, 128) for _ in range(1000)]
+    assert {len(s) for s in drawn} == {1, 2, 3}
+    assert {scenes.position_word(o.bbox, 128) for s in drawn for o in s} == set(scenes.POSITION_PHRASES)
+    for scene in drawn:
         for i, a in enumerate(scene):
             assert a.x >= 0 and a.x + a.side <= 128 and a.y >= 0 and a.y + a.side <= 128
-            assert demo.SIZES[a.size][0] * 128 - 1 <= a.side <= demo.SIZES[a.size][1] * 128 + 1
+            assert scenes.SIZES[a.size][0] * 128 - 1 <= a.side <= scenes.SIZES[a.size][1] * 128 + 1
             for b in scene[i + 1:]:
-                demo.relation(a.bbox, b.bbox)  # raises if the boxes overlap
+                scenes.relation(a.bbox, b.bbox)  # raises if the boxes overlap
 
 
 def _true_position(phrase: str, box: list[float], size: int) -> bool:
-    """Independent of demo.position_word: each word of the phrase must hold for the box centre."""
+    """Independent of scenes.position_word: each word of the phrase must hold for the box centre."""
     cx, cy = box[0] + box[2] / 2, box[1] + box[3] / 2
     checks = {"left": cx < size / 3, "right": cx > 2 * size / 3, "top": cy < size / 3, "upper": cy < size / 3,
               "bottom": cy > 2 * size / 3, "lower": cy > 2 * size / 3,
@@ -223,28 +224,28 @@ def test_caption_spatial_words_are_true() -> None:
     def words(table: dict) -> str:
         return "|".join(sorted({w for ws in table.values() for w in ws}, key=len, reverse=True))
 
-    mention = re.compile(rf"\b(?:a|an) (?:({words(demo.SIZE_WORDS)}) )?({words(demo.COLOUR_WORDS)}) "
-                         rf"({words(demo.SHAPE_WORDS)})")
-    positions = sorted({p for ps in demo.POSITION_PHRASES.values() for p in ps}, key=len, reverse=True)
-    relations = sorted({p for ps in demo.RELATION_PHRASES.values() for p in ps} | {"next to", "beside"},
+    mention = re.compile(rf"\b(?:a|an) (?:({words(scenes.SIZE_WORDS)}) )?({words(scenes.COLOUR_WORDS)}) "
+                         rf"({words(scenes.SHAPE_WORDS)})")
+    positions = sorted({p for ps in scenes.POSITION_PHRASES.values() for p in ps}, key=len, reverse=True)
+    relations = sorted({p for ps in scenes.RELATION_PHRASES.values() for p in ps} | {"next to", "beside"},
                        key=len, reverse=True)
     checked = 0
     for _ in range(300):
-        scene = demo.sample_scene(rng, 128)
-        captions = demo.describe(rng, scene, 128)
+        scene = scenes.sample_scene(rng, 128)
+        captions = scenes.describe(rng, scene, 128)
         assert len(captions) == 5
         complete = 0
         for caption in captions:
             text = caption.lower()
             count = re.match(r"(?:there (?:is|are) )?(one|two|three) (?:shape|object)", text)
-            assert not count or count.group(1) == demo.COUNT_WORDS[len(scene)]
+            assert not count or count.group(1) == scenes.COUNT_WORDS[len(scene)]
             found = list(mention.finditer(text))
             named = []
             for m in found:
                 size, colour, shape = m.groups()
-                named.append([o for o in scene if colour in demo.COLOUR_WORDS[o.colour]
-                              and shape in demo.SHAPE_WORDS[o.shape]
-                              and (size is None or size in demo.SIZE_WORDS[o.size])])
+                named.append([o for o in scene if colour in scenes.COLOUR_WORDS[o.colour]
+                              and shape in scenes.SHAPE_WORDS[o.shape]
+                              and (size is None or size in scenes.SIZE_WORDS[o.size])])
                 assert named[-1], caption
             complete += len(found) == len(scene)
             for k, m in enumerate(found):

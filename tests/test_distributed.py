@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -25,6 +26,8 @@ from tests.conftest import ROOT, TINY_MODEL
 GLOBAL_BATCH = 8
 # The trunk is frozen in this stage and kept in eval mode (batch-norm statistics fixed), and dropout is off, so one
 # process and two processes compute the same function; the projection and the SRU train.
+pytestmark = pytest.mark.slow  # torchrun and gloo process groups
+
 MODEL = ModelConfig(trunk="resnet18", maps_dim=16, embed_dim=16, word_dim=8, sru_layers=2, image_dropout=0.0,
                     text_dropout=0.0, rnn_dropout=0.0, weldon_k=2)
 TRAIN = TrainConfig(text_from_epoch=0, trunk_from_epoch=5, lr=1e-3, frozen_mode="eval")

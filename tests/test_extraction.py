@@ -163,6 +163,7 @@ def test_bad_files_are_reported_and_do_not_kill_loader_workers(zoo):
     assert failures["does/not/exist.png"] == "file not found"
 
 
+@pytest.mark.slow
 def test_image_cli_embeds_the_zoo_and_lists_what_it_skipped(zoo, tiny_checkpoint, tmp_path):
     out = tmp_path / "zoo.npz"
     result = cli("image_features_extraction.py", "-p", tiny_checkpoint, "-d", zoo, "-o", out, "--workers", "2",
@@ -178,6 +179,7 @@ def test_image_cli_embeds_the_zoo_and_lists_what_it_skipped(zoo, tiny_checkpoint
     assert not (tmp_path / "zoo.npz.parts").exists()
 
 
+@pytest.mark.slow
 def test_image_features_equal_direct_model_embeddings(demo_features, tiny_world, tiny_checkpoint):
     model = load_model(tiny_checkpoint)
     folder = tiny_world / "images" / "val2014"
@@ -233,6 +235,7 @@ def test_resume_after_interruption_gives_the_uninterrupted_result(zoo, tiny_chec
     assert not PartStore(out).folder.exists()
 
 
+@pytest.mark.slow
 def test_resume_refuses_parts_made_with_other_settings(zoo, tiny_checkpoint, tmp_path):
     out = tmp_path / "out.npz"
     manifest = extraction.run_manifest(extraction.file_sha256(tiny_checkpoint), SIZE, False, list_images(zoo), 5)
@@ -257,6 +260,7 @@ def test_text_lines_policy(tmp_path):
     assert text.skipped == [(2, "empty line"), (3, "empty line"), (4, "invalid UTF-8 at byte 7")]
 
 
+@pytest.mark.slow
 def test_text_cli_end_to_end(demo_texts, tiny_world, tiny_checkpoint):
     out, printed = demo_texts
     assert "2 lines embedded, 3 skipped; out-of-vocabulary words: 1 of 10" in printed
@@ -322,6 +326,7 @@ def test_faiss_index_is_saved_reused_and_rebuilt_when_features_change(tmp_path):
                                   exact_search(random_unit(1, 8, 2), random_unit(200, 8, 1), 5)[1])
 
 
+@pytest.mark.slow
 def test_search_cli_all_directions(demo_features, demo_texts, tiny_checkpoint):
     texts = demo_texts[0]
     with np.load(demo_features) as data:
@@ -346,6 +351,7 @@ def test_search_cli_all_directions(demo_features, demo_texts, tiny_checkpoint):
     assert result.stdout.splitlines()[1].endswith(paths[int(np.argsort(-(images @ images[3]))[1])])
 
 
+@pytest.mark.slow
 def test_a_file_name_that_is_not_utf8_is_skipped_with_a_report_and_the_rest_embedded(tiny_checkpoint, tmp_path):
     folder = tmp_path / "photos"
     folder.mkdir()

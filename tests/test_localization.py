@@ -284,6 +284,7 @@ def copy_world(world: Path, target: Path) -> Path:
 CLI_FLAGS = ["--workers", "0", "--no-progress", "--device", "cpu"]
 
 
+@pytest.mark.slow
 def test_pointing_game_cli_counts_skips_and_matches_the_boxes(tiny_world, tiny_checkpoint, tmp_path):
     world = copy_world(tiny_world, tmp_path / "world")
     images = {i["image_id"]: i for i in json.loads((world / "vg" / "image_data.json").read_text())}
@@ -401,6 +402,7 @@ def original_map_from_rows(rows: list[dict], threshold: float) -> float:
     return sum(aps) / len(aps)
 
 
+@pytest.mark.slow
 def test_semantic_segmentation_cli_original_protocol(tiny_world, tiny_checkpoint, tmp_path):
     out, results = tmp_path / "seg.json", tmp_path / "results.json"
     run_cli("semantic_seg.py", "-p", tiny_checkpoint, "--json", out, "--per-image", "--results", results, *CLI_FLAGS,

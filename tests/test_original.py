@@ -229,6 +229,7 @@ def checkpoint_cli(args: list, monkeypatch: pytest.MonkeyPatch) -> int:
     return 0
 
 
+@pytest.mark.slow
 def test_convert_cli_writes_a_plain_checkpoint_of_the_same_model(original, tmp_path, monkeypatch, capsys):
     out = tmp_path / "converted" / "dsve.pth.tar"
     result = subprocess.run([sys.executable, "-m", "misc.checkpoint", "convert", original.model, out], cwd=ROOT,
@@ -367,12 +368,14 @@ def test_init_from_a_joint_model_loads_every_weight(original, tmp_path, source):
 
 # --------------------------------------------------------------------------- every CLI takes the original files
 
+@pytest.mark.slow
 def test_eval_retrieval_accepts_the_original_model(original, tiny_world):
     result = run_cli("eval_retrieval.py", "-p", original.model, "--dataset", "demo", "--words", original.words,
                      "--size", "128", "--batch-size", "8", "--protocols", "full", *CLI_FLAGS, world=tiny_world)
     assert "12 images, 60 captions" in result.stdout and "rsum" in result.stdout
 
 
+@pytest.mark.slow
 def test_extraction_and_localization_clis_accept_the_original_model(original, tiny_world, tmp_path, monkeypatch):
     images = tiny_world / "images" / "val2014"
     (tmp_path / "lines.txt").write_text("A red circle. Ignored\nTwo big squares\n", encoding="utf-8")
@@ -397,6 +400,7 @@ def test_extraction_and_localization_clis_accept_the_original_model(original, ti
 
 # --------------------------------------------------------------------------- one-line errors
 
+@pytest.mark.slow
 def test_bad_checkpoint_files_are_one_line_errors(original, tiny_world, tmp_path):
     (tmp_path / "notes.txt").write_text("not a checkpoint\n")
     truncated = tmp_path / "truncated.pth.tar"

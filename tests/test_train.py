@@ -29,6 +29,7 @@ def two_epochs(tiny_world: Path, trunk_weights: Path, tmp_path_factory: pytest.T
     return out
 
 
+@pytest.mark.slow
 def test_training_lowers_the_loss_and_writes_checkpoints(two_epochs: Path, trunk_weights: Path):
     state = checkpoint.load(two_epochs / "last.pth.tar")
     history = state["metrics"]["history"]
@@ -49,6 +50,7 @@ def test_training_lowers_the_loss_and_writes_checkpoints(two_epochs: Path, trunk
     torch.load(two_epochs / "last.pth.tar", weights_only=True)
 
 
+@pytest.mark.slow
 def test_kill_and_resume_gives_the_same_next_epoch_state(two_epochs: Path, tiny_world: Path, trunk_weights: Path,
                                                          tmp_path: Path):
     weights = tmp_path / "weights.pth"
@@ -69,6 +71,7 @@ def test_kill_and_resume_gives_the_same_next_epoch_state(two_epochs: Path, tiny_
     assert resumed["metrics"]["history"][1]["loss"] == pytest.approx(straight["metrics"]["history"][1]["loss"])
 
 
+@pytest.mark.slow
 def test_eval_retrieval_json_matches_features_path(two_epochs: Path, tiny_world: Path, tmp_path: Path):
     run_cli("eval_retrieval.py", "-p", two_epochs / "best.pth.tar", "--device", "cpu", "--workers", "0",
             "--json", tmp_path / "r.json", "--results", tmp_path / "results.json",
@@ -85,6 +88,7 @@ def test_eval_retrieval_json_matches_features_path(two_epochs: Path, tiny_world:
     assert "caption retrieval" in again.stdout
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args, message", [
     (["--resume", "nowhere.pth.tar"], "checkpoint nowhere.pth.tar not found"),
     (["--words", "missing.bin"], "word vectors missing.bin not found"),
@@ -97,6 +101,7 @@ def test_train_bad_input_is_one_line(tiny_world: Path, tmp_path: Path, args: lis
     assert len(result.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_eval_rejects_bad_files(tmp_path: Path):
     (tmp_path / "junk.pth.tar").write_bytes(b"not a checkpoint")
     result = run_cli("eval_retrieval.py", "-p", tmp_path / "junk.pth.tar", check=False)

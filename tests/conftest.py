@@ -45,9 +45,8 @@ def run_in_process(script: str, args: list, world: Path, monkeypatch: pytest.Mon
         monkeypatch.setitem(config.DEMO_PATHS, key, world / path.relative_to(config.DEMO_DIR))
     monkeypatch.setattr(config, "DEMO_DIR", world)
     module = importlib.import_module(script.removesuffix(".py"))
-    monkeypatch.setattr(sys, "argv", [script, *map(str, args)])
     try:
-        cli.run(module.main)
+        cli.run(module.main, [str(arg) for arg in args])
     except SystemExit as exit_:
         return int(exit_.code or 0)
     return 0

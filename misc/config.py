@@ -47,6 +47,11 @@ PATHS: dict[str, PathKey] = {
     "word_vectors": PathKey(DATA / "words" / "utable.npy",
                             "word vectors: utable.npy + dictionary.txt, a word2vec .bin/.txt or a GloVe .txt",
                             "the original release's skip-thought files (see data/README.md)"),
+    "flickr_entities": PathKey(DATA / "flickr30k_entities",
+                               "a folder holding Annotations/, Sentences/, train.txt, val.txt and test.txt",
+                               "https://github.com/BryanPlummer/flickr30k_entities (annotations.zip, split files)"),
+    "glove_vectors": PathKey(DATA / "words" / "glove.840B.300d.txt", "GloVe 300-d word vectors (text format)",
+                             "https://nlp.stanford.edu/projects/glove/ (glove.840B.300d.zip)"),
     "resnet_weights": PathKey(DATA / "weights" / "resnet152.pth", "an ImageNet state dict of the trunk",
                               "torchvision's ResNet weights, downloaded once by hand (see data/README.md)"),
 }
@@ -57,6 +62,8 @@ DEMO_PATHS: dict[str, Path] = {
     "coco_annotations": DEMO_DIR / "annotations",
     "vg_dir": DEMO_DIR / "vg",
     "word_vectors": DEMO_DIR / "words" / "demo_word2vec.bin",
+    "flickr_images": DEMO_DIR / "flickr30k_entities" / "images",
+    "flickr_entities": DEMO_DIR / "flickr30k_entities",
 }
 
 
@@ -101,7 +108,8 @@ def configured(key: str) -> bool:
 
 # --------------------------------------------------------------------------- hyper-parameters
 
-LOSSES = ("hard", "sum")
+LOSSES = ("hard", "sum", "npair", "triplet")  # misc.loss.build_loss
+OPTIMIZERS = ("adam", "sgd")
 FROZEN_MODES = ("train", "eval")
 
 @dataclass
@@ -121,9 +129,13 @@ class TrainConfig:
     frozen_trunk: list[str] = field(default_factory=lambda: ["conv1", "bn1", "layer1", "layer2"])
     frozen_mode: str = "train"  # frozen parts in train mode (batch statistics, dropout) as the original ran, or eval
     margin: float = 0.2
-    loss: str = "hard"  # hard (eq. 7) | sum (eq. 5)
+    loss: str = "hard"  # hard (eq. 7) | sum (eq. 5) | npair | triplet (sampled impostors; misc/loss.py)
     sum_loss_epochs: int = 0  # warm-up epochs with the sum loss (eq. 5) before `loss`
     grad_clip: float | None = None  # cap on the gradient norm of a step (the paper has none)
+    optimizer: str = "adam"  # adam | sgd (with momentum)
+    momentum: float = 0.9  # sgd only
+    lr_decay_every: int = 0  # > 0: lr x lr_decay every that many epochs, instead of lr_halve_epochs
+    lr_decay: float = 0.1
     crop_size: int = 256
     crop_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])
     flip: bool = True
@@ -143,6 +155,12 @@ class TrainConfig:
             check_number(f"train.{key}", getattr(self, key), low=32, whole=True)
         check_number("train.lr", self.lr, low=0, low_open=True)
         check_number("train.margin", self.margin, low=0)
+        check_number("train.momentum", self.momentum, low=0, high=1, high_open=True)
+        check_number("train.lr_decay_every", self.lr_decay_every, low=0, whole=True)
+        check_number("train.lr_decay", self.lr_decay, low=0, high=1, low_open=True)
+        if self.lr_decay_every and self.lr_halve_epochs:
+            raise UserError(f"train.lr_decay_every = {self.lr_decay_every} and train.lr_halve_epochs = "
+                            f"{self.lr_halve_epochs}: choose one schedule, set the other to 0 or []")
         if self.grad_clip is not None:
             check_number("train.grad_clip", self.grad_clip, low=0, low_open=True)
         for epoch in self.lr_halve_epochs:
@@ -150,6 +168,7 @@ class TrainConfig:
         if len(self.crop_scale) != 2 or not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1:
             raise UserError(f"train.crop_scale = {self.crop_scale}: expected [low, high] with 0 < low <= high <= 1")
         check_choice("train.loss", self.loss, LOSSES)
+        check_choice("train.optimizer", self.optimizer, OPTIMIZERS)
         check_choice("train.frozen_mode", self.frozen_mode, FROZEN_MODES)
 
 
@@ -176,6 +195,19 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
                   "sum_loss_epochs": 2,
                   "crop_size": 96, "crop_scale": [0.85, 1.0], "flip": False, "eval_size": 96, "test_size": 96,
                   "captions_per_image": 5, "group_captions": True, "workers": 1},
+    },
+    # Das, Ghouse, Verma, Li 2019: the matchmap of VGG-19 conv5_4 regions (3x3 conv to 1024, BN, ReLU) and a
+    # one-layer LSTM (1024) over frozen GloVe-300 words, the N-pair loss, SGD with momentum 0.9, lr 1e-3 divided by
+    # 10 every 10 epochs, batches of 64 pairs of 224 x 224 crops; every part trains from the start. The trunk
+    # source is chosen per run (model.trunk_init), as for the paper preset; the word vectors are config key
+    # glove_vectors. Set model.trunk=resnet50 and model.trunk_cut=layer3 for the ResNet variant.
+    "das2019": {
+        "model": {"arch": "matchmap", "trunk": "vgg19", "trunk_cut": "conv5", "region_dim": 1024,
+                  "lstm_hidden": 1024, "word_dim": 300, "score": "avg_both"},
+        "train": {"epochs": 30, "batch_size": 64, "lr": 1e-3, "optimizer": "sgd", "momentum": 0.9,
+                  "lr_halve_epochs": [], "lr_decay_every": 10, "lr_decay": 0.1, "text_from_epoch": 0,
+                  "trunk_from_epoch": 0, "frozen_trunk": [], "loss": "npair", "margin": 0.1, "crop_size": 224,
+                  "eval_size": 224, "test_size": 224},
     },
 }
 

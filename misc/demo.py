@@ -8,12 +8,18 @@ Layout under the world's root (val and test images come from val2014, as in Karp
     dataset_coco.json                                               Karpathy splits, 5 sentences per image
     annotations/{captions,instances}_{train2014,val2014}.json       COCO captions / instances (categories = SHAPES)
     vg/image_data.json, vg/region_descriptions.json                 Visual Genome regions of the val2014 images
+    flickr30k_entities/{Sentences,Annotations}/<cocoid>.{txt,xml}   the same captions and boxes as Flickr30K Entities:
+    flickr30k_entities/{train,val,test}.txt, images/<cocoid>.jpg    one chain per object, per group of objects
+                                                                    ("two shapes") and for the background (scene);
+                                                                    images are hard links to the COCO-named files
     words/demo_word2vec.bin                                         word2vec (binary) trained on train captions only
     demo.json                                                       marker written last: version, seed, sizes, size
 """
 from __future__ import annotations
 
+import itertools
 import json
+import os
 import shutil
 import tempfile
 import zlib
@@ -26,7 +32,9 @@ from pycocotools import mask as mask_utils
 from tqdm import tqdm
 
 from misc import words
-from misc.scenes import SHAPES, DemoObject, describe, flat_polygon, region_phrase, render, sample_scene
+from misc.flickr_entities import annotation_xml, format_phrase
+from misc.scenes import (SHAPES, DemoObject, Mention, Segment, caption_text, describe_segments, flat_polygon,
+                         region_phrase, render, sample_scene)
 
 DEMO_SPLITS = {"train": 6000, "val": 500, "test": 1000}
 VERSION = 2
@@ -62,6 +70,8 @@ def _write_world(out: Path, seed: int, sizes: dict[str, int], image_size: int) -
     splits = [split for split in DEMO_SPLITS for _ in range(sizes[split])]
     coco_ids = sorted(int(i) for i in scene_rng.choice(10 * len(splits), size=len(splits), replace=False) + 1)
     karpathy, vg_images, vg_regions, corpus = [], [], [], []  # corpus: tokenised training captions
+    entity_splits: dict[str, list[int]] = {split: [] for split in DEMO_SPLITS}
+    chains = itertools.count(1)  # Flickr30K Entities chain ids, unique over the world (0 is "notvisual")
     coco = {folder: {"images": [], "captions": [], "instances": []} for folder in ("train2014", "val2014")}
     sentid = ann_id = region_id = 0
     progress = tqdm(list(zip(splits, coco_ids)), desc="demo world", leave=False, disable=None)  # silent off a tty
@@ -69,11 +79,15 @@ def _write_world(out: Path, seed: int, sizes: dict[str, int], image_size: int) -
         folder = "train2014" if split == "train" else "val2014"
         file_name = f"COCO_{folder}_{coco_id:012d}.jpg"
         objects = sample_scene(scene_rng, image_size)
-        captions = describe(scene_rng, objects, image_size)
+        segmented = describe_segments(scene_rng, objects, image_size)
+        captions = [caption_text(segments) for segments in segmented]
         pixels, masks = render(pixel_rng, objects, image_size)
         path = out / "images" / folder / file_name
         path.parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray(pixels).save(path, quality=90, subsampling=0)  # 4:4:4 keeps small shapes' colours crisp
+
+        _write_entities(out / "flickr30k_entities", coco_id, path, objects, segmented, image_size, chains)
+        entity_splits[split].append(coco_id)
 
         tokens = [tokenize(c) for c in captions]
         if split == "train":
@@ -117,12 +131,50 @@ def _write_world(out: Path, seed: int, sizes: dict[str, int], image_size: int) -
             "categories": categories, "licenses": []})
     _write_json(out / "vg" / "image_data.json", vg_images)
     _write_json(out / "vg" / "region_descriptions.json", vg_regions)
+    for split, ids in entity_splits.items():
+        (out / "flickr30k_entities" / f"{split}.txt").write_text("".join(f"{i}\n" for i in ids))
 
     model = Word2Vec(corpus, vector_size=WORD_DIM, window=5, min_count=1, sg=1, epochs=5, workers=1, seed=seed,
                      hashfxn=_stable_hash)
     model.wv.vectors[:] = whiten(model.wv.vectors)
     (out / "words").mkdir()
     model.wv.save_word2vec_format(str(out / "words" / "demo_word2vec.bin"), binary=True)
+
+
+def _write_entities(root: Path, image_id: int, image: Path, objects: list[DemoObject],
+                    segmented: list[list[Segment]], image_size: int, chains: itertools.count) -> None:
+    """One image in Flickr30K Entities format: its captions with their mentions bracketed (an object, a group of
+    objects or the background, each a coreference chain), its boxes with the chains they serve, and its image
+    file as a hard link (a copy where links are not possible)."""
+    chain: dict[tuple[int, ...], str] = {(index,): str(next(chains)) for index in range(len(objects))}
+    lines = []
+    for segments in segmented:
+        tokens = []
+        for segment in segments:
+            if isinstance(segment, Mention):
+                key = tuple(sorted(segment.objects))
+                if key not in chain:
+                    chain[key] = str(next(chains))
+                types = ("other",) if key else ("scene",)
+                tokens.append(format_phrase(chain[key], types, " ".join(words.tokenize(segment.text))))
+            else:
+                tokens += words.tokenize(segment)
+        lines.append(" ".join(tokens) + "\n")
+    boxes = []
+    for index, obj in enumerate(objects):
+        x, y, w, h = obj.bbox
+        served = [name for key, name in chain.items() if index in key]
+        boxes.append((served, (int(x), int(y), int(np.ceil(x + w)) - int(x), int(np.ceil(y + h)) - int(y))))
+    scene = [chain[()]] if () in chain else []
+    for folder, name, text in (("Sentences", f"{image_id}.txt", "".join(lines)), ("Annotations", f"{image_id}.xml",
+                               annotation_xml(f"{image_id}.jpg", image_size, image_size, boxes, scene, []))):
+        (root / folder).mkdir(parents=True, exist_ok=True)
+        (root / folder / name).write_text(text, encoding="utf-8")
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(image, root / "images" / f"{image_id}.jpg")
+    except OSError:
+        shutil.copyfile(image, root / "images" / f"{image_id}.jpg")
 
 
 def whiten(vectors: np.ndarray) -> np.ndarray:
@@ -175,7 +227,8 @@ def ensure(root: Path, seed: int = 0) -> Path:
     version (any seed or size: a smaller world made for tests is kept)."""
     root = Path(root)
     marker = root / "demo.json"
-    if marker.exists() and json.loads(marker.read_text()).get("version") == VERSION:
+    complete = (root / "flickr30k_entities" / "test.txt").exists()  # worlds made before it had them lack it
+    if complete and marker.exists() and json.loads(marker.read_text()).get("version") == VERSION:
         return root
     print(f"Generating the demo world (seed {seed}) in {root} ...")
     return generate(root, seed)

@@ -132,53 +132,89 @@ def _with_article(phrase: str) -> str:
     return ("an " if phrase[0] in "aeiou" else "a ") + phrase
 
 
-def _mention(rng: np.random.Generator, obj: DemoObject, image_size: int, where: bool) -> str:
+@dataclass(frozen=True)
+class Mention:
+    """A noun phrase of a caption and the objects it names (by index in the scene); none for the background."""
+    text: str
+    objects: tuple[int, ...]
+
+
+Segment = str | Mention  # a caption is a list of segments: plain text and mentions
+
+
+def caption_text(segments: list[Segment]) -> str:
+    """The caption a list of segments spells."""
+    return "".join(s.text if isinstance(s, Mention) else s for s in segments)
+
+
+def _mention(rng: np.random.Generator, objects: list[DemoObject], index: int, image_size: int,
+             where: bool) -> list[Segment]:
     """'a big red circle', with its position phrase when `where`; the size word is left out now and then."""
+    obj = objects[index]
     words = [_pick(rng, SIZE_WORDS[obj.size])] if rng.random() < 0.85 else []
     words += [_pick(rng, COLOUR_WORDS[obj.colour]), _pick(rng, SHAPE_WORDS[obj.shape])]
-    text = _with_article(" ".join(words))
-    return f"{text} {_pick(rng, POSITION_PHRASES[position_word(obj.bbox, image_size)])}" if where else text
+    mention = Mention(_with_article(" ".join(words)), (index,))
+    return [mention, f" {_pick(rng, POSITION_PHRASES[position_word(obj.bbox, image_size)])}"] if where else [mention]
 
 
-def _join(parts: list[str]) -> str:
-    return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+def _join(parts: list[list[Segment]]) -> list[Segment]:
+    joined = list(parts[0])
+    for number, part in enumerate(parts[1:], start=2):
+        joined += [" and " if number == len(parts) else ", ", *part]
+    return joined
 
 
-def _caption(rng: np.random.Generator, style: str, objects: list[DemoObject], image_size: int) -> str:
-    """One caption: 'list' and 'count' name every object with its position, 'relation' relates the first two
-    (and places a third), 'short' names a single object."""
-    order = [objects[i] for i in rng.permutation(len(objects))]
+def _capitalised(segments: list[Segment]) -> list[Segment]:
+    first = segments[0]
+    text = first.text if isinstance(first, Mention) else first
+    text = text[0].upper() + text[1:]
+    return [Mention(text, first.objects) if isinstance(first, Mention) else text, *segments[1:]]
+
+
+def _caption(rng: np.random.Generator, style: str, objects: list[DemoObject], image_size: int) -> list[Segment]:
+    """One caption as segments: 'list' and 'count' name every object with its position, 'relation' relates the
+    first two (and places a third), 'short' names a single object."""
+    order = [int(i) for i in rng.permutation(len(objects))]
     n = len(order)
     if style == "list":
-        text = _pick(rng, ["", "an image of ", "a picture of ", "a drawing of ", "there is "])
-        text += _join([_mention(rng, o, image_size, True) for o in order])
+        segments: list[Segment] = [_pick(rng, ["", "an image of ", "a picture of ", "a drawing of ", "there is "])]
+        segments += _join([_mention(rng, objects, i, image_size, True) for i in order])
         if rng.random() < 0.3:
-            text += f" on a {_pick(rng, ['textured', 'mottled', 'noisy'])} background"
+            segments += [" on ", Mention(f"a {_pick(rng, ['textured', 'mottled', 'noisy'])} background", ())]
     elif style == "count":
-        head = f"{COUNT_WORDS[n]} {_pick(rng, ['shape', 'object'])}{'s' if n > 1 else ''}"
-        text = _pick(rng, ["", f"there {'are' if n > 1 else 'is'} "]) + head + ": "
-        text += _join([_mention(rng, o, image_size, True) for o in order])
+        head = Mention(f"{COUNT_WORDS[n]} {_pick(rng, ['shape', 'object'])}{'s' if n > 1 else ''}", tuple(order))
+        segments = [_pick(rng, ["", f"there {'are' if n > 1 else 'is'} "]), head, ": "]
+        segments += _join([_mention(rng, objects, i, image_size, True) for i in order])
     elif style == "relation":
-        a, b = order[0], order[1]
+        a, b = objects[order[0]], objects[order[1]]
         word = relation(a.bbox, b.bbox)
         options = RELATION_PHRASES[word] + (["next to", "beside"] if word in ("left of", "right of")
                                             and side_by_side(a.bbox, b.bbox) else [])
-        text = f"{_mention(rng, a, image_size, False)} {_pick(rng, options)} {_mention(rng, b, image_size, False)}"
+        segments = _mention(rng, objects, order[0], image_size, False)
+        segments += [f" {_pick(rng, options)} ", *_mention(rng, objects, order[1], image_size, False)]
         if n == 3:
-            text += " and " + _mention(rng, order[2], image_size, True)
+            segments += [" and ", *_mention(rng, objects, order[2], image_size, True)]
     else:
-        text = _mention(rng, order[0], image_size, rng.random() < 0.5)
+        segments = _mention(rng, objects, order[0], image_size, rng.random() < 0.5)
         if n > 1:
-            text += _pick(rng, [" among other shapes", " with other shapes", ""])
-    return text[0].upper() + text[1:] + ("." if rng.random() < 0.5 else "")
+            among = _pick(rng, [" among ", " with ", ""])
+            segments += [among, Mention("other shapes", tuple(order[1:]))] if among else []
+    segments = _capitalised([s for s in segments if s != ""])
+    return segments + (["."] if rng.random() < 0.5 else [])
 
 
-def describe(rng: np.random.Generator, objects: list[DemoObject], image_size: int) -> list[str]:
-    """Five captions; four name every object, the last ('short') may name only one."""
+def describe_segments(rng: np.random.Generator, objects: list[DemoObject], image_size: int) -> list[list[Segment]]:
+    """Five captions as segments (:func:`caption_text` spells them); four name every object, the last ('short')
+    may name only one."""
     several = len(objects) > 1
     styles = ["list", "count", "relation" if several else "list",
               _pick(rng, ["list", "count", "relation"] if several else ["list", "count"]), "short"]
     return [_caption(rng, style, objects, image_size) for style in styles]
+
+
+def describe(rng: np.random.Generator, objects: list[DemoObject], image_size: int) -> list[str]:
+    """Five captions; four name every object, the last ('short') may name only one."""
+    return [caption_text(segments) for segments in describe_segments(rng, objects, image_size)]
 
 
 def region_phrase(rng: np.random.Generator, obj: DemoObject) -> str:

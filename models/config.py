@@ -5,16 +5,21 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from misc.errors import check_choice, check_number
+from misc.errors import UserError, check_choice, check_number
 
 POOLINGS = ("weldon", "gap")
+ARCHS = ("dsve", "matchmap")  # models.joint.JointEmbedding (this paper) | models.matchmap.Matchmap (Das et al. 2019)
+SCORES = ("avg_both", "max_img", "max_text")  # models.matchmap.match_scores
 
 
 @dataclass
 class ModelConfig:
-    """Network dimensions; defaults are the paper's (§3, §4.1)."""
+    """Network dimensions; defaults are the paper's (§3, §4.1). ``arch`` chooses the system: ``dsve`` reads the
+    fields up to ``forget_bias``, ``matchmap`` (Das, Ghouse, Verma, Li 2019) reads ``trunk``, ``trunk_cut``,
+    ``region_dim``, ``lstm_hidden``, ``score`` and ``word_dim``; both read ``trunk_init``."""
 
-    trunk: str = "resnet152"  # any torchvision ResNet (models.visual.build_trunk checks the name)
+    arch: str = "dsve"
+    trunk: str = "resnet152"  # any torchvision ResNet; a VGG too for the matchmap (models.visual.build_grid_trunk)
     maps_dim: int = 2400  # D', channels of the maps G
     embed_dim: int = 2400  # d, joint space (also the SRU hidden size)
     pooling: str = "weldon"  # or "gap"
@@ -29,12 +34,25 @@ class ModelConfig:
     # (torchvision's, from torch hub's cache), "file:PATH" (a torchvision state dict of the trunk) or
     # "checkpoint:PATH" (train.py --init); "" = not chosen yet. A checkpoint's weights supersede it.
     trunk_init: str = ""
+    # the matchmap (models/matchmap.py): region vectors v[h, w] and word vectors w[t] of the same size D
+    trunk_cut: str = ""  # the trunk's last stage kept: layer2-4 (ResNet) or conv3-5 (VGG); "" = its last one
+    region_dim: int = 1024  # D, channels of the 3x3 conv on the trunk's grid
+    lstm_hidden: int = 1024  # hidden size of the one-layer LSTM: must equal region_dim
+    score: str = "avg_both"  # caption-image score from the matchmap: avg_both | max_img | max_text
 
     def __post_init__(self) -> None:
-        for key in ("maps_dim", "embed_dim", "word_dim", "sru_layers"):
+        check_choice("model.arch", self.arch, ARCHS)
+        check_choice("model.score", self.score, SCORES)
+        for key in ("maps_dim", "embed_dim", "word_dim", "sru_layers", "region_dim", "lstm_hidden"):
             check_number(f"model.{key}", getattr(self, key), low=1, whole=True)
         check_choice("model.pooling", self.pooling, POOLINGS)
         check_number("model.weldon_k", self.weldon_k, low=0, low_open=True)
         for key in ("image_dropout", "text_dropout", "rnn_dropout"):
             check_number(f"model.{key}", getattr(self, key), low=0, high=1, high_open=True)
         check_number("model.forget_bias", self.forget_bias)
+        if self.arch == "dsve" and self.trunk_cut:
+            raise UserError(f"model.trunk_cut = {self.trunk_cut!r}: the dsve trunk always ends at layer4; "
+                            f"trunk_cut is for model.arch=matchmap")
+        if self.arch == "matchmap" and self.lstm_hidden != self.region_dim:
+            raise UserError(f"model.lstm_hidden = {self.lstm_hidden} but model.region_dim = {self.region_dim}: "
+                            f"the matchmap is the dot product of word and region vectors, set both to one size")

@@ -1,4 +1,5 @@
-"""Image path (paper eq. 1 and 3): ResNet trunk -> 1x1 conv -> pooling -> dropout -> affine -> l2."""
+"""Image path (paper eq. 1 and 3): ResNet trunk -> 1x1 conv -> pooling -> dropout -> affine -> l2; and the CNN
+trunks both systems cut into feature grids (:func:`build_grid_trunk`), with their ImageNet initialisation."""
 from __future__ import annotations
 
 from collections import OrderedDict
@@ -14,17 +15,57 @@ from misc.errors import UserError, check_choice
 from models.weldon import build_pooling
 
 TRUNK_LAYERS = ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4")
+RESNET_CUTS = ("layer2", "layer3", "layer4")  # strides 8, 16, 32
+VGG_CUTS = ("conv3", "conv4", "conv5")  # a block's last conv and ReLU, before its pooling: strides 4, 8, 16
 IMAGENET_WEIGHTS = ("IMAGENET1K_V1", "IMAGENET1K_V2")  # torchvision's ImageNet weights of its ResNets
+
+
+def trunk_names(families: tuple[str, ...]) -> list[str]:
+    """torchvision's classification networks whose names start with one of ``families``."""
+    return [model for model in torchvision.models.list_models(module=torchvision.models) if model.startswith(families)]
 
 
 def build_trunk(name: str) -> tuple[nn.Sequential, int]:
     """A torchvision ResNet up to conv5 (stride 32), randomly initialised; returns it and its channel count D."""
-    resnets = [model for model in torchvision.models.list_models(module=torchvision.models)
-               if model.startswith(("resnet", "resnext", "wide_resnet"))]
-    check_choice("model.trunk", name, resnets)
-    resnet = torchvision.models.get_model(name, weights=None)
-    trunk = nn.Sequential(OrderedDict((layer, getattr(resnet, layer)) for layer in TRUNK_LAYERS))
-    return trunk, resnet.fc.in_features
+    check_choice("model.trunk", name, trunk_names(("resnet", "resnext", "wide_resnet")))
+    trunk, channels, _ = build_grid_trunk(name, "layer4")
+    return trunk, channels
+
+
+def build_grid_trunk(name: str, cut: str = "") -> tuple[nn.Sequential, int, tuple[str, ...]]:
+    """A torchvision ResNet or VGG without its last pooling, cut after stage ``cut`` (default: its last one,
+    ``layer4`` or ``conv5``), randomly initialised. Returns the trunk, its channel count and the state-dict
+    prefixes of the whole network that the trunk leaves out (its classifier, the stages after the cut).
+
+    The trunk's state-dict keys are torchvision's (``layer3.0.conv1.weight``, ``features.34.weight``), so that
+    torchvision's ImageNet files load into it (:func:`load_trunk_state`). VGG-19 cut at ``conv5`` is conv5_4 + ReLU:
+    512 x 14 x 14 at 224 x 224; ResNet-50 cut at ``layer3``: 1024 x 14 x 14.
+    """
+    check_choice("model.trunk", name, trunk_names(("resnet", "resnext", "wide_resnet", "vgg")))
+    network = torchvision.models.get_model(name, weights=None)
+    if name.startswith("vgg"):
+        check_choice("model.trunk_cut", cut or "conv5", VGG_CUTS)
+        pools = [index for index, layer in enumerate(network.features) if isinstance(layer, nn.MaxPool2d)]
+        end = pools[int((cut or "conv5")[-1]) - 1]
+        features = network.features[:end]
+        channels = [layer.out_channels for layer in features if isinstance(layer, nn.Conv2d)][-1]
+        dropped = ("classifier.",) + tuple(f"features.{index}." for index in range(end, len(network.features)))
+        return nn.Sequential(OrderedDict(features=features)), channels, dropped
+    check_choice("model.trunk_cut", cut or "layer4", RESNET_CUTS)
+    layers = TRUNK_LAYERS[:TRUNK_LAYERS.index(cut or "layer4") + 1]
+    trunk = nn.Sequential(OrderedDict((layer, getattr(network, layer)) for layer in layers))
+    channels = network.fc.in_features // 2 ** (len(TRUNK_LAYERS) - len(layers))
+    return trunk, channels, ("fc.",) + tuple(f"{layer}." for layer in TRUNK_LAYERS[len(layers):])
+
+
+def init_trunk(trunk: nn.Sequential, name: str, source: str, dropped: tuple[str, ...] = ("fc.",)) -> str:
+    """Start ``trunk`` (torchvision's ``name`` network, less the ``dropped`` keys) from ``source``
+    (``ModelConfig.trunk_init``, see :func:`trunk_weights_file`); returns what was done, in one line."""
+    if source == "scratch":
+        return f"trunk ({name}) randomly initialised"
+    path = trunk_weights_file(name, source)
+    load_trunk_state(trunk, read_state_dict(path), f"{path} (the {name} trunk)", dropped)
+    return f"trunk ({name}) initialised from {path}"
 
 
 class ImageEncoder(nn.Module):
@@ -52,13 +93,8 @@ class ImageEncoder(nn.Module):
         return self.embed_maps(self.feature_maps(images))
 
     def init_trunk(self, source: str) -> str:
-        """Start the trunk from ``source`` (``ModelConfig.trunk_init``, see :func:`trunk_weights_file`); returns
-        what was done, in one line."""
-        if source == "scratch":
-            return f"trunk ({self.trunk_name}) randomly initialised"
-        path = trunk_weights_file(self.trunk_name, source)
-        load_trunk_state(self.trunk, read_state_dict(path), f"{path} (the {self.trunk_name} trunk)")
-        return f"trunk ({self.trunk_name}) initialised from {path}"
+        """Start the trunk from ``source`` (:func:`init_trunk`); returns what was done, in one line."""
+        return init_trunk(self.trunk, self.trunk_name, source)
 
 
 def imagenet_file(trunk: str, name: str) -> Path:
@@ -105,11 +141,13 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def load_trunk_state(trunk: nn.Sequential, state: dict[str, torch.Tensor], source: str) -> None:
-    """Load a torchvision ResNet state dict into ``trunk``: every trunk tensor must be there with its shape, and
-    nothing else but the classifier ``fc.*``, which the trunk does not have. Batch-norm counters
-    (``num_batches_tracked``) may be absent, as in torchvision's files saved before they existed."""
-    given = {key: value for key, value in state.items() if not key.startswith("fc.")}
+def load_trunk_state(trunk: nn.Sequential, state: dict[str, torch.Tensor], source: str,
+                     dropped: tuple[str, ...] = ("fc.",)) -> None:
+    """Load a torchvision state dict into ``trunk``: every trunk tensor must be there with its shape, and
+    nothing else but the ``dropped`` keys (the classifier ``fc.*``, or whatever :func:`build_grid_trunk` cut off),
+    which the trunk does not have. Batch-norm counters (``num_batches_tracked``) may be absent, as in
+    torchvision's files saved before they existed."""
+    given = {key: value for key, value in state.items() if not key.startswith(dropped)}
     expected = trunk.state_dict()
     missing = sorted(key for key in expected.keys() - given.keys() if not key.endswith(".num_batches_tracked"))
     unexpected = sorted(given.keys() - expected.keys())

@@ -14,7 +14,7 @@ from PIL import Image
 from pycocotools.coco import COCO
 from visual_genome import local as vg_local
 
-from misc import demo, scenes
+from misc import demo, flickr_entities, scenes, words
 
 SIZES = {"train": 40, "val": 10, "test": 10}
 IMAGE_SIZE = 96
@@ -98,6 +98,38 @@ def test_visual_genome_files_load(world: Path, karpathy: list[dict]) -> None:
                        for x, y, w, h in boxes)
 
 
+def test_flickr30k_entities_files_load_and_match_the_coco_files(world: Path, karpathy: list[dict]) -> None:
+    root = world / "flickr30k_entities"
+    instances = {folder: COCO(str(world / "annotations" / f"instances_{folder}.json"))
+                 for folder in ("train2014", "val2014")}
+    kinds = set()
+    for split in SIZES:
+        entries = [i for i in karpathy if i["split"] == split]
+        images = flickr_entities.load_images(root, root / "images", split)
+        assert [image.image_id for image in images] == [str(i["cocoid"]) for i in entries]
+        for image, entry in zip(images, entries):
+            coco_file = world / "images" / entry["filepath"] / entry["filename"]
+            assert image.path.read_bytes() == coco_file.read_bytes()
+            assert [s.text.split() for s in image.sentences] == [words.tokenize(s["raw"]) for s in entry["sentences"]]
+            coco = instances[entry["filepath"]]
+            truth = sorted(tuple(a["bbox"]) for a in coco.loadAnns(coco.getAnnIds(imgIds=[entry["cocoid"]])))
+            annotation = image.annotation
+            assert (annotation.width, annotation.height) == (IMAGE_SIZE, IMAGE_SIZE)
+            for sentence in image.sentences:
+                for phrase in sentence.phrases:
+                    boxes, reason = flickr_entities.entity_boxes(annotation, phrase.entity)
+                    kinds.add((phrase.types, reason, len(boxes) > 1))
+                    if reason:  # only the background lacks a box
+                        assert reason == "scene" and phrase.types == ("scene",) and "background" in phrase.text
+                    else:
+                        assert boxes
+                    for x, y, w, h in boxes:  # each box covers the pixels of one drawn object's box
+                        assert any(x == int(bx) and x + w == np.ceil(bx + bw) and y == int(by)
+                                   and y + h == np.ceil(by + bh) for bx, by, bw, bh in truth)
+    # objects, groups of objects ("two shapes": several boxes) and the background (a scene chain, no box)
+    assert {(("other",), None, False), (("other",), None, True), (("scene",), "scene", False)} <= kinds
+
+
 def test_word_vectors_cover_every_caption_without_leakage(world: Path, karpathy: list[dict]) -> None:
     vectors = KeyedVectors.load_word2vec_format(str(world / "words" / "demo_word2vec.bin"), binary=True)
     assert vectors.vector_size == demo.WORD_DIM
@@ -162,6 +194,9 @@ def test_ensure_generates_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
     (root / "demo.json").write_text(json.dumps({**manifest, "version": demo.VERSION - 1}))
     demo.ensure(root, seed=1)  # an older version is replaced
     assert json.loads((root / "demo.json").read_text())["seed"] == 1
+    (root / "flickr30k_entities" / "test.txt").unlink()
+    demo.ensure(root, seed=2)  # so is a world made before it had its Flickr30K Entities files
+    assert json.loads((root / "demo.json").read_text())["seed"] == 2
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "notes.txt").write_text("mine")
     with pytest.raises(FileExistsError):

@@ -1,11 +1,13 @@
-"""Both triplet losses against a brute-force loop over triplets."""
+"""Both triplet losses against a brute-force loop over triplets; the N-pair and sampled triplet losses by hand."""
 from __future__ import annotations
+
+import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from misc.loss import triplet_loss
+from misc.loss import build_loss, impostors, npair_loss, ranking_loss, sampled_triplet_loss, triplet_loss
 
 
 def brute_force(images, captions, margin, hardest, ids):
@@ -43,3 +45,47 @@ def test_perfectly_separated_batch_has_zero_loss():
     images = torch.eye(4)
     assert triplet_loss(images, images.clone(), margin=0.2).item() == 0.0
     assert triplet_loss(images, images.clone(), margin=0.2, hardest=False).item() == 0.0
+
+
+def test_npair_loss_is_cross_entropy_both_ways_by_hand():
+    scores = torch.tensor([[2.0, 0.5, -1.0], [0.0, 1.0, 3.0], [1.5, -0.5, 0.5]])
+    log_sum_exp = lambda values: math.log(sum(math.exp(v) for v in values))  # noqa: E731
+    rows = [log_sum_exp(scores[i].tolist()) - float(scores[i, i]) for i in range(3)]  # image i ranks the captions
+    columns = [log_sum_exp(scores[:, i].tolist()) - float(scores[i, i]) for i in range(3)]  # caption i, the images
+    assert npair_loss(scores).item() == pytest.approx(sum(rows) / 3 + sum(columns) / 3, rel=1e-6)
+    # pairs 1 and 2 of the same image: neither is the other's negative
+    ids = torch.tensor([0, 1, 1])
+    rows = [log_sum_exp([2.0, 0.5, -1.0]) - 2.0, log_sum_exp([0.0, 1.0]) - 1.0, log_sum_exp([1.5, 0.5]) - 0.5]
+    columns = [log_sum_exp([2.0, 0.0, 1.5]) - 2.0, log_sum_exp([0.5, 1.0]) - 1.0, log_sum_exp([-1.0, 0.5]) - 0.5]
+    assert npair_loss(scores, ids).item() == pytest.approx(sum(rows) / 3 + sum(columns) / 3, rel=1e-6)
+
+
+def test_sampled_triplet_loss_uses_one_impostor_of_another_image_per_anchor():
+    torch.manual_seed(0)
+    scores, ids = torch.randn(6, 6), torch.tensor([0, 0, 1, 2, 2, 3])
+    draws = torch.Generator().manual_seed(9)
+    got = sampled_triplet_loss(scores, margin=0.1, ids=ids, generator=torch.Generator().manual_seed(9))
+    same = ids[:, None] == ids[None, :]
+    caption, image = impostors(same, draws), impostors(same, draws)
+    assert not bool(same[torch.arange(6), caption].any()) and not bool(same[torch.arange(6), image].any())
+    expected = sum(max(0.0, 0.1 - scores[i, i] + scores[i, caption[i]]) +
+                   max(0.0, 0.1 - scores[i, i] + scores[image[i], i]) for i in range(6)) / 6
+    assert got.item() == pytest.approx(float(expected), rel=1e-6)
+
+
+@pytest.mark.parametrize("name", ["hard", "sum", "npair", "triplet"])
+def test_every_configured_loss_is_built_with_finite_gradients(name):
+    scores = torch.randn(5, 5, requires_grad=True)
+    loss = build_loss(name, margin=0.2)(scores, ids=None)
+    loss.backward()
+    assert loss.item() >= 0 and bool(torch.isfinite(scores.grad).all())
+    with pytest.raises(ValueError, match="unknown loss"):
+        build_loss("hinge", 0.2)
+
+
+def test_ranking_loss_on_scores_is_the_embedding_loss():
+    torch.manual_seed(1)
+    images, captions = F.normalize(torch.randn(5, 4), dim=1), F.normalize(torch.randn(5, 4), dim=1)
+    for hardest in (True, False):
+        assert ranking_loss(images @ captions.t(), 0.2, hardest).item() == \
+            pytest.approx(triplet_loss(images, captions, 0.2, hardest).item())

@@ -7,7 +7,12 @@ A checkpoint is a dict::
                 "text": TextOptions as dict (optional; absent means this project's tokenisation)},
      "model": state_dict, "epoch": epochs completed, "best_rsum": float, "metrics": dict,
      # training checkpoints also carry
-     "optimizer": ..., "scheduler": ..., "scaler": ..., "rng": {"torch", "cuda", "python"}}
+     "optimizer": ..., "scheduler": ..., "scaler": ..., "best_epoch": the "epoch" of the best validation,
+     # and when written mid-epoch (--save-every, a stop signal): steps done in epoch "epoch", their running sums
+     "step": int, "partial": dict, "rng": one {"torch", "cuda", "python"} per process}
+
+Every value is plain data (dicts, lists, tuples, strings, numbers, tensors); a file holding another object is
+refused.
 
 The model config alone rebuilds the network (:func:`models.joint.build_model`, :func:`load_model`).
 
@@ -21,10 +26,13 @@ applied by :func:`load_words`; its ImageNet classification network initialises t
 from __future__ import annotations
 
 import argparse
+import contextlib
+import logging
 import pickle
 import re
 import zipfile
 from dataclasses import asdict, fields
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -37,16 +45,49 @@ from misc.config import ROOT
 from misc.errors import UserError, few, first_line
 from misc.files import atomic_path
 from misc.words import TextOptions, WordVectors, load_word_vectors
+from models.config import ModelConfig
 from models.joint import JointEmbedding, build_model
 
+log = logging.getLogger(__name__)
 FORMAT = "dsve-loc"
 VERSION = 1
+LAST, BEST = "last.pth.tar", "best.pth.tar"
+PLAIN = (str, int, float, bool, type(None), torch.Tensor)
 
 
-def atomic_save(obj: Any, path: Path) -> None:
-    """``torch.save`` to a temporary file in the same folder, then rename: readers never see half a file."""
+def atomic_save(obj: Any, path: Path | str) -> None:
+    """``torch.save`` through :func:`misc.files.atomic_path`: readers (and a power cut) find the previous file or
+    the complete new one; a full disk is one line naming ``path``, the previous file intact."""
     with atomic_path(path) as temporary:
         torch.save(obj, temporary)
+
+
+def save_training(state: dict[str, Any], folder: Path, is_best: bool) -> None:
+    """Write a training checkpoint as ``folder/last.pth.tar`` and, if it is the best, first as ``best.pth.tar``: a
+    kill between the two leaves a best newer than last (replayed identically on resume), never an older one."""
+    if is_best:
+        atomic_save(state, folder / BEST)
+    atomic_save(state, folder / LAST)
+
+
+def check_best(folder: Path, state: dict[str, Any]) -> None:
+    """Check that ``folder/best.pth.tar`` is the best the resumed run ``state`` records (epoch, val rsum), in the
+    log. A missing or stale one (an older version killed between its two writes) is rewritten from ``state`` when
+    ``state`` is that best epoch's own checkpoint, else it is a warning."""
+    best_epoch, path = state.get("best_epoch"), Path(folder) / BEST
+    if best_epoch is None:
+        return
+    found = load(path) if path.is_file() else {}
+    held, what = found.get("epoch"), f"the run's best (epoch {best_epoch}, val rsum {state['best_rsum']:.2f})"
+    newer = isinstance(held, int) and held > best_epoch  # written before a kill: the replayed epochs rewrite it
+    if newer or (held, found.get("best_rsum")) == (best_epoch, state["best_rsum"]):
+        log.info("%s holds %s%s", path, what, " or a newer one" if newer else "")
+    elif state["epoch"] == best_epoch and not state.get("step"):
+        atomic_save(state, path)
+        log.warning("%s was missing or stale (epoch %s): rewritten from the resumed checkpoint, %s", path, held, what)
+    else:
+        log.warning("%s %s, not %s, now lost; rewritten when validation beats it", path,
+                    "is missing" if held is None else f"holds epoch {held}", what)
 
 
 def portable_path(path: Path | str | None) -> str | None:
@@ -77,14 +118,12 @@ def read(path: Path | str) -> dict[str, Any]:
     try:
         with torch.serialization.safe_globals(original.READABLE_GLOBALS):
             data = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as error:
+    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError, TypeError,
+            KeyError) as error:
         unsupported = re.search(r"Unsupported global: GLOBAL (\S+)", str(error))
-        if unsupported:
+        if isinstance(error, pickle.UnpicklingError) and unsupported:
             raise UserError(f"{path} holds Python objects ({unsupported[1]}), not plain data: it is not a "
                               f"checkpoint this code reads") from error
-        raise UserError(f"{path} is not a readable checkpoint (truncated or not a torch file?): "
-                          f"{first_line(error)}") from error
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, TypeError, KeyError) as error:
         raise UserError(f"{path} is not a readable checkpoint (truncated or not a torch file?): "
                           f"{first_line(error)}") from error
     if not isinstance(data, dict):
@@ -114,15 +153,47 @@ def as_checkpoint(data: dict[str, Any], path: Path | str) -> dict[str, Any]:
     if found != FORMAT:
         raise UserError(f"{path} is neither a DSVE-Loc checkpoint (no 'format': '{FORMAT}' key) nor an original "
                           f"dsve-loc model.pth.tar; its keys: {few(data)}")
-    if data.get("version", 0) > VERSION:
-        raise UserError(f"{path} has format version {data['version']}; this code reads up to {VERSION}")
+    if not isinstance(data.get("version", 0), int) or data.get("version", 0) > VERSION:
+        raise UserError(f"{path} has format version {data['version']!r}; this code reads up to {VERSION}")
+    check_plain(data, path)
+    saved, weights = data.get("config"), data.get("model")
+    if not isinstance(saved, dict) or not all(isinstance(saved.get(key, {}), dict) for key in ("model", "train")) \
+            or "model" not in saved:
+        raise UserError(f"{path} holds no model configuration (config.model, a dict), so its network cannot be "
+                        f"rebuilt: it is not a checkpoint of this project's train.py or misc.checkpoint")
+    if not isinstance(weights, dict) or not all(isinstance(value, torch.Tensor) for value in weights.values()):
+        raise UserError(f"{path}: 'model' is not a state dict of tensors")
+    with naming(path):
+        config.from_dict(ModelConfig, saved["model"])
     return data
+
+
+def check_plain(value: Any, path: Path | str, where: str = "") -> None:
+    """Refuse, in one line, any value inside a checkpoint that is not plain data (:data:`PLAIN`, dicts, lists,
+    tuples): ``weights_only`` loading admits a few classes for the original release's files, not for ours."""
+    if isinstance(value, (dict, list, tuple)):
+        for key, item in value.items() if isinstance(value, dict) else enumerate(value):
+            check_plain(key, path, where)
+            check_plain(item, path, f"{where}.{key}" if where else str(key))
+    elif not isinstance(value, PLAIN):
+        raise UserError(f"{path} holds a Python object ({type(value).__module__}.{type(value).__qualname__} at "
+                        f"{where or 'the top'}), not plain data: it is not a checkpoint this code reads")
+
+
+@contextlib.contextmanager
+def naming(source: Path | str) -> Iterator[None]:
+    """Prefix the one-line errors raised inside with ``source``: a bad value or name in a checkpoint's config."""
+    try:
+        yield
+    except UserError as error:
+        raise UserError(f"{source}: {error}") from None
 
 
 def model_from(state: dict[str, Any], source: Path | str, device: torch.device | str = "cpu") -> JointEmbedding:
     """Rebuild the network of a loaded checkpoint (read from ``source``), load its weights, move it to
     ``device`` in eval mode."""
-    model = build_model(state["config"]["model"])
+    with naming(source):
+        model = build_model(state["config"]["model"])
     load_weights(model, state["model"], source)
     return model.to(device).eval()
 

@@ -13,6 +13,7 @@ from collections.abc import Callable
 
 import numpy as np
 import torch
+from PIL import Image
 from pycocotools.coco import COCO
 from torch.utils.data import Dataset
 from torchvision import transforms
@@ -22,7 +23,7 @@ from visual_genome import utils as vg_utils
 from misc import config, demo
 from misc.config import TrainConfig
 from misc.errors import UserError
-from misc.images import decode_image
+from misc.images import decode_image, failure_reason
 from misc.words import Encoded, WordVectors, tokenize
 
 log = logging.getLogger(__name__)
@@ -98,7 +99,7 @@ def load_records(dataset: str, split: str) -> list[Record]:
     if dataset not in DATASET_KEYS:
         candidate = Path(dataset)
         if candidate.is_file():
-            return caption_file_records(candidate)
+            return readable_records(caption_file_records(candidate), candidate)
         raise UserError(f"unknown dataset {dataset!r}: use coco, flickr30k, demo or a JSON-lines caption file")
     images_key, split_key = DATASET_KEYS[dataset]
     demo = dataset == "demo"
@@ -112,6 +113,26 @@ def check_images(records: list[Record], key: str = "") -> None:
     if missing:
         where = f" (config key '{key}')" if key else ""
         raise UserError(f"{len(missing)} of {len(records)} images are missing, e.g. {missing[0]}{where}")
+
+
+def readable_records(records: list[Record], source: Path) -> list[Record]:
+    """The records whose image opens as an image: PIL reads its header and ``verify()`` checks its structure
+    without decoding pixels. The others (missing, not an image, truncated where the check sees it) are skipped and
+    counted in the log; :class:`PairDataset` replaces any that still fails to decode during training."""
+    kept, skipped = [], []
+    for record in records:
+        try:
+            with Image.open(record.image) as image:
+                image.verify()
+            kept.append(record)
+        except Exception as error:  # any failure to open the file means the same: the image cannot be used
+            skipped.append(f"{record.image} ({failure_reason(error)})")
+    if skipped:
+        log.warning("%s: skipped %d of %d images that cannot be read, e.g. %s", source, len(skipped), len(records),
+                    skipped[0])
+    if not kept:
+        raise UserError(f"{source}: none of its {len(records)} images can be read, e.g. {skipped[0]}")
+    return kept
 
 
 def uses_demo(dataset: str) -> bool:
@@ -160,6 +181,11 @@ class PairDataset(Dataset):
     with ``captions_per_image`` >= the caption count every caption is used. An item is (image, captions, image
     index): with ``group`` all the image's captions of the epoch come in one item (one crop, encoded once),
     otherwise each caption is an item of its own with its own crop (the original release's pairs).
+
+    An item's random augmentation is drawn from (seed, epoch, item) alone, whatever process, worker or position
+    in the epoch draws it, so a run resumed mid-epoch sees the same crops. An image that fails to decode is
+    replaced by the next one that decodes, with that image's captions and index (batches keep their size and
+    their pairs stay true); each such file is logged once per process and counted in ``unreadable``.
     """
 
     def __init__(self, records: list[Record], transform: Callable, captions_per_image: int = 5,
@@ -167,6 +193,7 @@ class PairDataset(Dataset):
         self.records, self.transform, self.per_image, self.seed = records, transform, captions_per_image, seed
         self.per_item = captions_per_image if group else 1
         self.epoch = 0
+        self.unreadable: set[Path] = set()
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -176,12 +203,29 @@ class PairDataset(Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, list[str], int]:
         image_index, item = divmod(index, self.per_image // self.per_item)
+        image_index, image = self.decoded(image_index)
         record = self.records[image_index]
         order = np.random.default_rng([self.seed, self.epoch, image_index]).permutation(len(record.captions))
         slots = range(item * self.per_item, (item + 1) * self.per_item)
         captions = [record.captions[order[slot % len(order)]] for slot in slots]
-        # Annotated datasets: full scale and stored orientation (their boxes and masks are on the stored pixels).
-        return self.transform(decode_image(record.image, exif=False)), captions, image_index
+        with torch.random.fork_rng(devices=[]):  # torchvision's transforms draw from torch's global generator
+            torch.manual_seed(int(np.random.SeedSequence([self.seed, self.epoch, index]).generate_state(1)[0]))
+            return self.transform(image), captions, image_index
+
+    def decoded(self, image_index: int) -> tuple[int, Image.Image]:
+        """The first image from ``image_index`` on (cyclically) that decodes, and its index."""
+        for offset in range(len(self.records)):
+            candidate = (image_index + offset) % len(self.records)
+            path = self.records[candidate].image
+            try:
+                # Annotated datasets: full scale and stored orientation (boxes and masks are on the stored pixels).
+                return candidate, decode_image(path, exif=False)
+            except Exception as error:  # any decoding failure: the image is replaced, never the epoch stopped
+                if path not in self.unreadable:
+                    self.unreadable.add(path)
+                    log.warning("training image %s cannot be decoded (%s): replaced by the next one (%d unreadable "
+                                "so far in this process)", path, failure_reason(error), len(self.unreadable))
+        raise UserError(f"none of the {len(self.records)} training images can be decoded")
 
 
 class ImageDataset(Dataset):

@@ -1,14 +1,20 @@
 """torchrun set-up, and the global batch: embeddings gathered from every process with their gradients, so the
-hardest negatives of eq. 7 are mined over the whole batch as in single-process training."""
+hardest negatives of eq. 7 are mined over the whole batch as in single-process training. Also what lets a run stop
+and resume anywhere: the epoch's sample order from a position, and the stop signals clusters send."""
 from __future__ import annotations
 
+import itertools
 import os
+import signal
+import threading
 from dataclasses import dataclass
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 import torch.distributed as dist
 import torch.distributed._functional_collectives as collectives
+from torch.utils.data import Dataset, DistributedSampler
 
 from misc.errors import UserError
 
@@ -55,6 +61,67 @@ def teardown(context: Context) -> None:
 def barrier(context: Context) -> None:
     if context.distributed:
         dist.barrier()
+
+
+def gather_objects(value: Any, context: Context) -> list[Any]:
+    """``value`` of every process, in rank order (``[value]`` outside torchrun)."""
+    if not context.distributed:
+        return [value]
+    values: list[Any] = [None] * context.world_size
+    dist.all_gather_object(values, value)
+    return values
+
+
+class EpochSampler(DistributedSampler):
+    """This process's share of an epoch's shuffled order, drawn from (seed, epoch) as torch's
+    ``DistributedSampler`` draws it, from any position: a run resumed after k batches sees the same later ones."""
+
+    def __init__(self, dataset: Dataset, context: Context, seed: int) -> None:
+        super().__init__(dataset, num_replicas=context.world_size, rank=context.rank, shuffle=True, seed=seed,
+                         drop_last=True)
+        self.start = 0
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        """Epoch ``epoch`` from its ``start``-th item of this process on."""
+        super().set_epoch(epoch)
+        self.start = start
+
+    def __iter__(self) -> Iterator[int]:
+        return itertools.islice(super().__iter__(), self.start, None)
+
+    def __len__(self) -> int:
+        return super().__len__() - self.start
+
+
+class StopSignals:
+    """Within ``with``: SIGTERM and SIGUSR1 (what clusters send before pre-empting a job) are recorded rather than
+    obeyed, so that training writes a checkpoint at its next step and then exits; :meth:`received` agrees over
+    processes. Outside the main thread (where Python cannot catch signals) nothing is installed."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self, context: Context) -> None:
+        self.context, self.signal, self.previous = context, 0, {}
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            self.previous = {number: signal.signal(number, self.record) for number in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        for number, handler in self.previous.items():
+            signal.signal(number, handler)
+
+    def record(self, number: int, frame: object) -> None:
+        self.signal = number
+
+    def received(self) -> int:
+        """The signal any process received (0: none); every process must call it at the same points."""
+        if not self.context.distributed:
+            return self.signal
+        flag = torch.tensor([self.signal], device=self.context.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return int(flag.item())
 
 
 def gather(tensor: torch.Tensor) -> torch.Tensor:

@@ -2,6 +2,7 @@
 the training step that pairs each image embedding with its captions."""
 from __future__ import annotations
 
+import json
 from collections import Counter
 from pathlib import Path
 
@@ -10,9 +11,11 @@ import pytest
 import torch
 from gensim.models import KeyedVectors
 from PIL import Image
+from torchvision import transforms
 
-from misc.datasets import PairCollate, PairDataset, Record
+from misc.datasets import PairCollate, PairDataset, Record, load_records
 from misc.engine import train_one_epoch
+from misc.errors import UserError
 from misc.words import WordVectors
 
 
@@ -59,9 +62,13 @@ class Recorder(torch.nn.Module):
         return self.scale * images.mean(dim=(1, 2, 3))[:, None], words[:, 0]
 
 
-def test_training_step_pairs_each_image_with_its_captions(records: list[Record]) -> None:
+def words() -> WordVectors:
     table = KeyedVectors(vector_size=1)
     table.add_vectors(["image"], np.ones((1, 1), dtype=np.float32))
+    return WordVectors(table, Path("t"))
+
+
+def test_training_step_pairs_each_image_with_its_captions(records: list[Record]) -> None:
     seen = []
 
     def loss_fn(image_emb: torch.Tensor, text_emb: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
@@ -70,10 +77,56 @@ def test_training_step_pairs_each_image_with_its_captions(records: list[Record])
         return image_emb.sum()
 
     dataset = PairDataset(records, to_tensor, 5, seed=0, group=True)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=3, collate_fn=PairCollate(WordVectors(table, Path("t"))))
+    loader = torch.utils.data.DataLoader(dataset, batch_size=3, collate_fn=PairCollate(words()))
     model = Recorder()
     train_one_epoch(model, loader, torch.optim.SGD(model.parameters(), lr=0.0), loss_fn, torch.device("cpu"),
                     progress=False)
     ids = torch.cat([i for _, i in seen])
     assert ids.tolist() == [i for i in range(4) for _ in range(5)]  # five captions per image, image by image
     torch.testing.assert_close(torch.cat([e for e, _ in seen]), 40.0 * ids.float())  # each with its own image
+
+
+def test_a_json_lines_dataset_skips_images_that_cannot_be_read(records: list[Record], tmp_path: Path,
+                                                               caplog: pytest.LogCaptureFixture) -> None:
+    truncated = tmp_path / "truncated.png"
+    truncated.write_bytes(records[1].image.read_bytes()[:40])
+    lines = [{"image": "0.png", "captions": ["a grey image"]}, {"image": "missing.png", "captions": ["gone"]},
+             {"image": "truncated.png", "captions": ["half an image"]}]
+    source = tmp_path / "data.jsonl"
+    source.write_text("\n".join(json.dumps(line) for line in lines))
+    kept = load_records(str(source), "train")
+    assert [record.image.name for record in kept] == ["0.png"]
+    assert "skipped 2 of 3 images that cannot be read" in caplog.text
+    truncated.unlink()
+    (tmp_path / "0.png").unlink()
+    with pytest.raises(UserError, match="none of its 3 images can be read"):
+        load_records(str(source), "train")
+
+
+def test_an_image_that_fails_to_decode_is_replaced_with_its_captions(records: list[Record], tmp_path: Path,
+                                                                     caplog: pytest.LogCaptureFixture) -> None:
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    records[1] = Record(broken, ["a broken image"], 1)
+    dataset = PairDataset(records, to_tensor, 1, seed=0)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=2, collate_fn=PairCollate(words()))
+    batches = list(loader)
+    assert [len(ids) for _, _, ids in batches] == [2, 2]  # every batch full
+    assert [i for _, _, ids in batches for i in ids.tolist()] == [0, 2, 2, 3]  # image 1 -> image 2, with its captions
+    torch.testing.assert_close(batches[0][0][1], batches[1][0][0])
+    assert dataset.unreadable == {broken} and caplog.text.count("cannot be decoded") == 1
+
+
+def test_augmentation_depends_on_seed_epoch_and_item_only(records: list[Record]) -> None:
+    pixels = np.arange(32 * 32 * 3, dtype=np.uint32).reshape(32, 32, 3) % 251
+    Image.fromarray(pixels.astype(np.uint8)).save(records[0].image)
+    crop = transforms.Compose([transforms.RandomResizedCrop(4, scale=(0.1, 1.0)), transforms.ToTensor()])
+    dataset = PairDataset(records, crop, 5, seed=2)
+    forward = [dataset[i][0] for i in range(len(dataset))]
+    torch.manual_seed(99)  # another global random state, and another order
+    backward = [dataset[i][0] for i in reversed(range(len(dataset)))][::-1]
+    for first, second in zip(forward, backward):
+        torch.testing.assert_close(first, second, rtol=0, atol=0)
+    assert not all(torch.equal(forward[0], other) for other in forward[1:5])  # one image, different crops
+    dataset.set_epoch(1)
+    assert not torch.equal(dataset[0][0], forward[0])

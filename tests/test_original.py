@@ -235,7 +235,7 @@ def test_convert_cli_writes_a_plain_checkpoint_of_the_same_model(original, tmp_p
     result = subprocess.run([sys.executable, "-m", "misc.checkpoint", "convert", original.model, out], cwd=ROOT,
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
-    assert f"-> {out}: trunk=resnet18 maps_dim=32 embed_dim=24" in result.stdout
+    assert f"-> {out}: arch=dsve trunk=resnet18 maps_dim=32 embed_dim=24" in result.stdout
     assert sorted(p.name for p in out.parent.iterdir()) == ["dsve.pth.tar"]  # no temporary file left behind
     plain = torch.load(out, map_location="cpu", weights_only=True)  # no pickled class inside
     assert plain["origin"]["args"]["name"] == "tiny" and "optimizer" not in plain

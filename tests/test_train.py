@@ -92,7 +92,7 @@ def test_eval_retrieval_json_matches_features_path(two_epochs: Path, tiny_world:
 @pytest.mark.parametrize("args, message", [
     (["--resume", "nowhere.pth.tar"], "checkpoint nowhere.pth.tar not found"),
     (["--words", "missing.bin"], "word vectors missing.bin not found"),
-    (["--set", "model.depth=3"], "--set 'model.depth=3'"),
+    (["--set", "model.depth=3"], "--set model.depth=3"),
 ])
 def test_train_bad_input_is_one_line(tiny_world: Path, tmp_path: Path, args: list[str], message: str):
     result = run_cli("train.py", "--preset", "demo", "--out", tmp_path, *args, world=tiny_world, check=False)

@@ -3,7 +3,9 @@
     python text_features_extraction.py -p runs/demo/best.pth.tar -d captions.txt -o captions.npz
 
 Empty lines, lines with no word and lines that are not valid UTF-8 are skipped and reported with their line
-numbers; out-of-vocabulary words are counted (they map to the UNK vector).
+numbers; out-of-vocabulary words are counted (they map to the UNK vector). Lines are embedded in batches of lines
+of similar length (at most --batch-size lines and --max-tokens padded tokens), so memory follows the batch: a
+very long line is embedded on its own.
 
 Output (.npz): features (M, d) float32 unit rows; the embedded lines, verbatim, as lines_utf8 (their UTF-8 bytes
 one after the other) and lines_offsets (M + 1,): line i is lines_utf8[offsets[i]:offsets[i + 1]]
@@ -18,12 +20,13 @@ import logging
 
 import numpy as np
 
-from misc.cli import add_device_args, add_extraction_args, add_words_arg, parser_for, run
+from misc.cli import add_device_args, add_extraction_args, add_words_arg, parser_for, positive_int, run
 from misc.errors import UserError
 from misc.arrays import skipped_array, text_column, write_npz
 from misc.extraction import describe_checkpoint, log_skipped
 from misc.inference import Inference
 from misc.texts import embed_lines, read_text_lines
+from misc.words import MAX_TOKENS
 
 log = logging.getLogger("text_features_extraction")
 
@@ -31,6 +34,8 @@ log = logging.getLogger("text_features_extraction")
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = parser_for(__doc__)
     add_extraction_args(parser, "data", "text file, one caption a line", batch_size=256)
+    parser.add_argument("--max-tokens", type=positive_int, default=MAX_TOKENS,
+                        help=f"padded tokens per batch, lines x longest (default: {MAX_TOKENS})")
     add_words_arg(parser)
     add_device_args(parser)
     return parser.parse_args(argv)
@@ -43,7 +48,7 @@ def main(argv: list[str] | None = None) -> None:
         raise UserError(f"{args.data}: no line to embed")
     model = Inference.load(args.checkpoint, args.words, args.device, args.amp)
     text, features, oov, tokens = embed_lines(model.model, model.words, text, model.device, args.batch_size,
-                                              model.amp, not args.no_progress)
+                                              model.amp, not args.no_progress, args.max_tokens)
     if not text.lines:
         raise UserError(f"{args.data}: no line with a word in the vocabulary to embed")
     log_skipped([(f"{args.data}:{number}", reason) for number, reason in text.skipped], args.out)

@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterable
 
 import numpy as np
 
+from misc.errors import UserError
 from misc.files import atomic_path
 
 
@@ -57,26 +58,43 @@ def _write_streamed(member: Any, value: Streamed, name: str) -> None:
 
 
 def npz_array(path: Path, name: str, mmap: bool = False) -> np.ndarray:
-    """One array of an .npz; with ``mmap`` an uncompressed one is memory-mapped (read-only) instead of read."""
+    """One array of an .npz; with ``mmap`` an uncompressed one is memory-mapped (read-only) instead of read.
+
+    A member holding Python objects (pickled data, which could run code when loaded) is refused with a one-line
+    :class:`UserError` naming the file and the member; every reader of feature files comes through here.
+    """
     with zipfile.ZipFile(path) as archive:
         info = archive.getinfo(f"{name}.npy")
         if not mmap or info.compress_type != zipfile.ZIP_STORED:
             with archive.open(info) as member:
+                _refuse_objects(path, name, _read_header(member)[2])
+                member.seek(0)
                 return np.lib.format.read_array(member, allow_pickle=False)
     with open(path, "rb") as handle:
         handle.seek(info.header_offset)
         local = handle.read(30)  # the member's local header: name and extra-field lengths at bytes 26-29
         name_length, extra_length = struct.unpack("<HH", local[26:30])
         handle.seek(info.header_offset + 30 + name_length + extra_length)
-        version = np.lib.format.read_magic(handle)
-        reader = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-        shape, fortran, dtype = reader(handle)
+        shape, fortran, dtype = _read_header(handle)
         offset = handle.tell()
-    if dtype.hasobject:
-        raise ValueError(f"{path}: {name} holds Python objects")
+    _refuse_objects(path, name, dtype)
     if math.prod(shape) == 0:
         return np.empty(shape, dtype=dtype)
     return np.memmap(path, dtype=dtype, mode="r", shape=shape, offset=offset, order="F" if fortran else "C")
+
+
+def _read_header(handle: Any) -> tuple[tuple[int, ...], bool, np.dtype]:
+    """Shape, Fortran order and dtype of the .npy at ``handle``'s position, which is left at the data."""
+    version = np.lib.format.read_magic(handle)
+    reader = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    return reader(handle)
+
+
+def _refuse_objects(path: Path, name: str, dtype: np.dtype) -> None:
+    if dtype.hasobject:
+        raise UserError(f"{path}: array '{name}' holds Python objects (pickled data, which could run code when "
+                        f"loaded): refused; feature files hold numbers and text only, make it again with the "
+                        f"extraction commands")
 
 
 def npz_names(path: Path) -> set[str]:
@@ -101,13 +119,25 @@ def file_sha256(path: Path) -> str:
 
 
 def text_array(values: list[str]) -> np.ndarray:
-    """Strings as a fixed-width unicode array (loads without pickle); an empty list keeps a width of 1."""
+    """Strings as a fixed-width unicode array (loads without pickle); an empty list keeps a width of 1.
+
+    numpy pads such strings with NUL and drops trailing NULs when reading them back (leading ones stay): a value
+    ending in NUL is a ValueError here, since it would not round-trip; store such text with :func:`text_column`.
+    """
+    _check_fixed_width(values)
     return np.array(values, dtype=str) if values else np.empty(0, dtype="<U1")
 
 
 def skipped_array(skipped: list[tuple[str, str]]) -> np.ndarray:
     """(K, 2) strings: where (a path or a line number) and why."""
+    _check_fixed_width([text for entry in skipped for text in entry])
     return np.array(skipped, dtype=str).reshape(-1, 2) if skipped else np.empty((0, 2), dtype="<U1")
+
+
+def _check_fixed_width(values: Iterable[str]) -> None:
+    for value in values:
+        if value.endswith("\x00"):
+            raise ValueError(f"{value!r} ends in NUL, which a fixed-width string array drops; use text_column")
 
 
 def text_column(values: list[str], name: str) -> dict[str, np.ndarray]:
@@ -126,6 +156,10 @@ class TextColumn:
     def __init__(self, path: Path, name: str) -> None:
         self.data = npz_array(path, f"{name}_utf8", mmap=True)
         self.offsets = npz_array(path, f"{name}_offsets")
+        offsets = self.offsets
+        if (self.data.ndim != 1 or offsets.ndim != 1 or not len(offsets) or offsets[0] != 0
+                or offsets[-1] != len(self.data) or (np.diff(offsets) < 0).any()):
+            raise ValueError(f"{path}: {name}_offsets do not cut {name}_utf8 into strings")
 
     def __len__(self) -> int:
         return len(self.offsets) - 1

@@ -13,7 +13,7 @@ from tqdm import tqdm
 from misc import retrieval
 from misc.errors import UserError
 from misc.datasets import ImageDataset, Record, eval_captions, eval_transform
-from misc.words import WordVectors
+from misc.words import MAX_TOKENS, Encoded, WordVectors
 from models.joint import JointEmbedding
 
 log = logging.getLogger(__name__)
@@ -31,23 +31,30 @@ def resolve_device(name: str) -> torch.device:
 
 
 def autocast(device: torch.device, amp: str | None) -> contextlib.AbstractContextManager:
-    """Mixed precision on CUDA only; ``amp`` is None, 'bf16' or 'fp16'."""
-    if amp is None or device.type != "cuda":
+    """Mixed precision: ``amp`` is None, 'bf16' (CUDA or CPU) or 'fp16' (CUDA only: a clear error on the CPU)."""
+    if amp is None:
         return contextlib.nullcontext()
-    return torch.autocast("cuda", dtype=AMP_DTYPES[amp])
+    if device.type != "cuda" and amp != "bf16":
+        raise UserError(f"--amp {amp} needs CUDA; on the CPU use --amp bf16 or no --amp")
+    return torch.autocast(device.type, dtype=AMP_DTYPES[amp])
 
 
 def train_one_epoch(model: torch.nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer, loss_fn: LossFn,
                     device: torch.device, amp: str | None = None, scaler: torch.amp.GradScaler | None = None,
                     memory_format: torch.memory_format = torch.contiguous_format, grad_clip: float | None = None,
-                    progress: bool = True, description: str = "train") -> dict[str, float]:
+                    progress: bool = True, description: str = "train", totals: dict[str, float] | None = None,
+                    after_step: Callable[[dict[str, float]], None] | None = None) -> dict[str, float]:
     """One pass over ``loader`` of (images, Encoded captions, image id of each caption); the model must already be
     in its stage. With n captions per image (consecutive), each image embedding is the positive of its n captions.
     ``grad_clip`` caps the global gradient norm of each step.
 
-    Returns the mean loss, wall and data-wait seconds, pairs per second and the out-of-vocabulary rate.
+    ``totals`` are the running sums (loss, steps, pairs, oov, tokens) of the steps an epoch resumed mid-way has
+    already done (a checkpoint's ``partial``); ``after_step(totals)`` is called after every step (mid-epoch
+    checkpoints, stop signals). Returns the epoch's mean loss and out-of-vocabulary rate, and this pass's wall and
+    data-wait seconds and pairs per second.
     """
-    total_loss, steps, pairs, oov, tokens, waited = 0.0, 0, 0, 0, 0, 0.0
+    totals = dict(totals or {"loss": 0.0, "steps": 0, "pairs": 0, "oov": 0, "tokens": 0})
+    pairs_before, waited = totals["pairs"], 0.0
     start = tick = time.perf_counter()
     bar = tqdm(loader, desc=description, disable=not progress, leave=False, dynamic_ncols=True)
     for images, captions, ids in bar:
@@ -71,14 +78,17 @@ def train_one_epoch(model: torch.nn.Module, loader: DataLoader, optimizer: torch
             scaler.update()
         else:
             optimizer.step()
-        total_loss += loss.item()
-        steps, pairs = steps + 1, pairs + len(ids)
-        oov, tokens = oov + captions.oov, tokens + captions.tokens
-        bar.set_postfix(loss=f"{total_loss / steps:.3f}")
+        for key, value in (("loss", loss.item()), ("steps", 1), ("pairs", len(ids)), ("oov", captions.oov),
+                           ("tokens", captions.tokens)):
+            totals[key] += value
+        bar.set_postfix(loss=f"{totals['loss'] / totals['steps']:.3f}")
+        if after_step is not None:
+            after_step(totals)
         tick = time.perf_counter()
     seconds = time.perf_counter() - start
-    return {"loss": total_loss / max(steps, 1), "seconds": seconds, "data_seconds": waited,
-            "pairs_per_s": pairs / max(seconds, 1e-9), "oov_rate": oov / max(tokens, 1)}
+    return {"loss": totals["loss"] / max(totals["steps"], 1), "seconds": seconds, "data_seconds": waited,
+            "pairs_per_s": (totals["pairs"] - pairs_before) / max(seconds, 1e-9),
+            "oov_rate": totals["oov"] / max(totals["tokens"], 1)}
 
 
 @torch.no_grad()
@@ -93,23 +103,45 @@ def encode_images(model: JointEmbedding, loader: DataLoader, device: torch.devic
     return torch.cat(chunks)
 
 
-def caption_batches(captions: list[str], words: WordVectors, batch_size: int) -> Iterator:
-    for start in range(0, len(captions), batch_size):
-        yield words.encode(captions[start:start + batch_size])
+def caption_batches(captions: list[str], words: WordVectors, batch_size: int,
+                    max_tokens: int = MAX_TOKENS) -> Iterator[tuple[list[int], Encoded]]:
+    """Padded batches of ``captions`` for the text path, each with the positions of its captions in ``captions``.
+
+    Captions are tokenised 64 batches' worth at a time and sorted by token count, so that a batch is padded to its
+    own longest caption, not to the longest of all. A batch holds at most ``batch_size`` captions and
+    ``max_tokens`` padded tokens (captions x longest); a caption longer than that is a batch of its own. Memory is
+    bounded by the batch: one long line among short ones costs its own length once, not once per caption.
+    """
+    window = 64 * batch_size
+    for start in range(0, len(captions), window):
+        tokenized = words.tokenized(captions[start:start + window], first=start)
+        order = sorted(range(len(tokenized)), key=lambda row: len(tokenized[row]))
+        begin = 0
+        while begin < len(order):
+            end = begin + 1  # order is by length: the caption at end - 1 is the batch's longest
+            while (end < len(order) and end - begin < batch_size
+                   and (end - begin + 1) * len(tokenized[order[end]]) <= max_tokens):
+                end += 1
+            rows = order[begin:end]
+            yield [start + row for row in rows], words.encode_tokens([tokenized[row] for row in rows])
+            begin = end
 
 
 @torch.no_grad()
 def encode_captions(model: JointEmbedding, captions: list[str], words: WordVectors, device: torch.device,
-                    batch_size: int = 256, amp: str | None = None, progress: bool = True) -> torch.Tensor:
-    """(M, d) float32 unit caption embeddings on the CPU, in input order."""
+                    batch_size: int = 256, amp: str | None = None, progress: bool = True,
+                    max_tokens: int = MAX_TOKENS) -> torch.Tensor:
+    """(M, d) float32 unit caption embeddings (eq. 4) on the CPU, in input order, encoded by length-sorted batches
+    of at most ``batch_size`` captions and ``max_tokens`` padded tokens (see :func:`caption_batches`). A caption's
+    embedding does not depend on its batch: the SRU reads its real tokens only (the padding comes after them)."""
     model.eval()
-    chunks = []
-    total = (len(captions) + batch_size - 1) // batch_size
-    for encoded in tqdm(caption_batches(captions, words, batch_size), total=total, desc="captions",
-                        disable=not progress, leave=False, dynamic_ncols=True):
-        with autocast(device, amp):
-            chunks.append(model.text(encoded.words.to(device), encoded.lengths).float().cpu())
-    return torch.cat(chunks)
+    embeddings = torch.empty(len(captions), model.config.embed_dim)
+    with tqdm(total=len(captions), desc="captions", disable=not progress, leave=False, dynamic_ncols=True) as bar:
+        for positions, encoded in caption_batches(captions, words, batch_size, max_tokens):
+            with autocast(device, amp):
+                embeddings[positions] = model.text(encoded.words.to(device), encoded.lengths).float().cpu()
+            bar.update(len(positions))
+    return embeddings
 
 
 def encode_records(model: JointEmbedding, records: list[Record], words: WordVectors, device: torch.device,

@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from misc.arrays import Streamed, file_sha256, npz_array, skipped_array, text_array, write_npz
-from misc.files import write_json
+from misc.files import write_json, writing
 from misc.errors import UserError
 from misc.datasets import eval_transform
 from misc.engine import autocast
@@ -193,8 +193,9 @@ class PartStore:
             raise
 
     def _lock(self) -> None:
-        self.folder.mkdir(parents=True, exist_ok=True)
-        self.lock = open(self.folder / "lock", "w")  # noqa: SIM115 - held open for the whole run
+        with writing(self.folder):  # a read-only or full output folder: one line, before any work
+            self.folder.mkdir(parents=True, exist_ok=True)
+            self.lock = open(self.folder / "lock", "w")  # noqa: SIM115 - held open for the whole run
         try:
             fcntl.flock(self.lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -15,7 +15,7 @@ import faiss
 import numpy as np
 
 from misc.arrays import TextColumn, npz_array, npz_fingerprint, npz_names
-from misc.errors import UserError
+from misc.errors import UserError, first_line
 from misc.files import atomic_path, write_json
 
 log = logging.getLogger(__name__)
@@ -36,15 +36,21 @@ class Collection:
 
 
 def load_collection(path: Path) -> Collection:
-    """Open a feature file written by the image or text extraction."""
+    """Open a feature file written by the image or text extraction; a file that is not one (unreadable, crafted,
+    pickled objects inside, rows and labels that do not match) is a one-line :class:`UserError` naming it."""
     path = Path(path)
     try:
-        names = npz_names(path)
-    except (OSError, zipfile.BadZipFile) as error:
-        raise UserError(f"{path}: not a readable .npz feature file ({error})") from error
+        return _collection(path)
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as error:
+        raise UserError(f"{path}: not a readable feature file ({first_line(error)}); make it again with "
+                        f"image_features_extraction.py or text_features_extraction.py") from error
+
+
+def _collection(path: Path) -> Collection:
+    names = npz_names(path)
     if "features" not in names or not names & {"paths", "lines_utf8"}:
         raise UserError(f"{path}: expected 'features' and 'paths' (image features) or 'lines_utf8' (text "
-                          f"features, as text_features_extraction.py writes them)")
+                        f"features, as text_features_extraction.py writes them)")
     kind = "image" if "paths" in names else "text"
     features = npz_array(path, "features", mmap=True)
     if features.ndim != 2 or features.dtype != np.float32:
@@ -52,7 +58,10 @@ def load_collection(path: Path) -> Collection:
     config = json.loads(str(npz_array(path, "config"))) if "config" in names else {}
     numbers = npz_array(path, "line_numbers") if kind == "text" else None
     labels = npz_array(path, "paths") if kind == "image" else TextColumn(path, "lines")
-    return Collection(path, features, labels, kind, config, numbers)
+    if len(labels) != len(features) or (numbers is not None and len(numbers) != len(features)):
+        raise UserError(f"{path}: {len(features)} feature rows but {len(labels)} {kind} labels; the file was not "
+                        f"written by the extraction commands, make it again")
+    return Collection(path, features, labels, kind, config if isinstance(config, dict) else {}, numbers)
 
 
 def exact_search(queries: np.ndarray, features: np.ndarray, k: int,
@@ -139,7 +148,7 @@ def load_or_build_index(collection: Collection, nlist: int | None = None) -> tup
         with atomic_path(index_path) as temporary:
             faiss.write_index(index, str(temporary))
         write_json(sidecar, wanted)
-    except (OSError, RuntimeError) as error:  # faiss reports a failed write as a RuntimeError
+    except (UserError, OSError, RuntimeError) as error:  # faiss reports a failed write as a RuntimeError
         log.warning("could not save the index to %s (%s); it is used for this search only, and built again next "
                     "time", index_path, str(error).strip().splitlines()[0])
     else:

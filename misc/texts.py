@@ -10,7 +10,7 @@ import torch
 
 from misc.errors import UserError
 from misc.engine import encode_captions
-from misc.words import WordVectors
+from misc.words import MAX_TOKENS, WordVectors
 from models.joint import JointEmbedding
 
 
@@ -24,15 +24,17 @@ class TextLines:
 
 
 def read_text_lines(path: Path) -> TextLines:
-    """Lines of a file, one caption each. Lines that are not valid UTF-8 or blank are skipped with a reason;
-    a UTF-8 byte-order mark and Windows line ends are accepted."""
+    """Lines of a file, one caption each, kept verbatim (NUL and any other character included) but for their line
+    end (``\n`` or ``\r\n``). Lines that are not valid UTF-8 or blank are skipped with a reason; a UTF-8
+    byte-order mark on the first line is dropped."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"text file {path} not found")
     result = TextLines([], [], [])
     with open(path, "rb") as handle:
         for number, raw in enumerate(handle, start=1):
-            raw = raw.rstrip(b"\n").rstrip(b"\r")
+            if raw.endswith(b"\n"):  # one line end only: b"a\r\r\n" is the line "a\r"
+                raw = raw[:-2] if raw.endswith(b"\r\n") else raw[:-1]
             if number == 1 and raw.startswith(b"\xef\xbb\xbf"):
                 raw = raw[3:]
             try:
@@ -49,10 +51,11 @@ def read_text_lines(path: Path) -> TextLines:
 
 
 def embed_lines(model: JointEmbedding, words: WordVectors, text: TextLines, device: torch.device,
-                batch_size: int = 256, amp: str | None = None,
-                progress: bool = True) -> tuple[TextLines, np.ndarray, np.ndarray, np.ndarray]:
+                batch_size: int = 256, amp: str | None = None, progress: bool = True,
+                max_tokens: int = MAX_TOKENS) -> tuple[TextLines, np.ndarray, np.ndarray, np.ndarray]:
     """Embed the lines of ``text`` (eq. 4): returns the lines kept, their unit embeddings (M, d) float32, their
-    out-of-vocabulary token counts (M,) and token counts (M,).
+    out-of-vocabulary token counts (M,) and token counts (M,). Batches hold at most ``batch_size`` lines and
+    ``max_tokens`` padded tokens (:func:`misc.engine.caption_batches`), so a very long line costs its own length.
 
     Lines that give no token as ``words`` tokenises them are skipped. So is a line whose words are all unknown to
     a vocabulary without an UNK vector: it embeds to zero (the SRU of a zero sequence stays zero), not to a unit
@@ -62,8 +65,7 @@ def embed_lines(model: JointEmbedding, words: WordVectors, text: TextLines, devi
     skipped = text.skipped + [(text.numbers[row], "no words") for row in np.flatnonzero(tokens == 0)]
     text = _keep(text, tokens > 0)
     oov, tokens = oov[tokens > 0], tokens[tokens > 0]
-    features = (encode_captions(model, text.lines, words, device, batch_size, amp, progress).numpy() if text.lines
-                else np.empty((0, model.config.embed_dim), dtype=np.float32))
+    features = encode_captions(model, text.lines, words, device, batch_size, amp, progress, max_tokens).numpy()
     keep = np.linalg.norm(features, axis=1) > 0.5
     skipped += [(text.numbers[row], "no word in the vocabulary (zero embedding)") for row in np.flatnonzero(~keep)]
     text = _keep(text, keep)

@@ -33,6 +33,7 @@ from numpy.lib import format as npy
 from misc.errors import UserError
 
 UNK = "UNK"
+MAX_TOKENS = 16384  # padded tokens (captions x longest) per batch of the text path: bounds its memory
 
 
 @cache
@@ -113,18 +114,29 @@ class WordVectors:
 
     def lookup(self, tokens: list[str]) -> tuple[np.ndarray, int]:
         """(T, dim) vectors for ``tokens`` and the number of out-of-vocabulary tokens among them."""
-        rows = [self.index(token) for token in tokens]
-        matrix = np.stack([self.vectors.vectors[r] if r is not None else self.unk for r in rows]).astype(np.float32)
-        return matrix, sum(r is None for r in rows)
+        rows = np.array([-1 if (row := self.index(token)) is None else row for token in tokens], dtype=np.int64)
+        matrix = np.empty((len(rows), self.dim), dtype=np.float32)
+        matrix[rows >= 0] = self.vectors.vectors[rows[rows >= 0]]
+        matrix[rows < 0] = self.unk
+        return matrix, int((rows < 0).sum())
 
-    def encode(self, captions: list[str]) -> Encoded:
-        """Tokenise and embed a batch of captions; an empty caption is a ValueError naming its position."""
+    def tokenized(self, captions: list[str], first: int = 0) -> list[list[str]]:
+        """The embedded tokens of every caption; one without any is a ValueError naming its position (counted from
+        ``first``, the position of ``captions[0]`` in a longer list)."""
         tokenized = [self.tokens(caption) for caption in captions]
         for position, tokens in enumerate(tokenized):
             if not tokens:
-                raise ValueError(f"caption {position} has no words: {captions[position]!r}")
+                raise ValueError(f"caption {first + position} has no words: {captions[position]!r}")
+        return tokenized
+
+    def encode(self, captions: list[str]) -> Encoded:
+        """Tokenise and embed a batch of captions; an empty caption is a ValueError naming its position."""
+        return self.encode_tokens(self.tokenized(captions))
+
+    def encode_tokens(self, tokenized: list[list[str]]) -> Encoded:
+        """Embed a batch of tokenised captions (each with at least one token), right-padded to the longest."""
         lengths = torch.tensor([len(tokens) for tokens in tokenized], dtype=torch.long)
-        words = torch.zeros(len(captions), int(lengths.max()), self.dim)
+        words = torch.zeros(len(tokenized), int(lengths.max()), self.dim)
         oov = 0
         for row, tokens in enumerate(tokenized):
             matrix, missing = self.lookup(tokens)

@@ -3,6 +3,7 @@
 # make test-fast - the tests not marked slow (the quick loop while editing)
 # make lint      - ruff (configured in pyproject.toml)
 # make bench     - run the benchmarks and write bench/RESULTS.md (not part of the tests)
+# make bench-gpu - the paper model on one CUDA GPU, written to bench/RESULTS-gpu.md (fails at once without CUDA)
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -10,7 +11,7 @@ STAMP := $(VENV)/.installed
 RUN := runs/demo
 export TORCH_EXTENSIONS_DIR := $(CURDIR)/.cache/torch_extensions
 
-.PHONY: demo test test-fast lint bench clean
+.PHONY: demo test test-fast lint bench bench-gpu clean
 
 $(STAMP): requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -38,6 +39,9 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/run.py
+
+bench-gpu: $(STAMP)
+	$(PY) bench/gpu.py
 
 clean:
 	rm -rf runs/demo data/demo

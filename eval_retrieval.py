@@ -13,19 +13,16 @@ import logging
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from misc import config, demo
 from misc.cli import (add_checkpoint_args, add_device_args, add_output_args, add_size_arg, add_words_arg, parser_for,
                       positive_int, run)
 from misc.errors import UserError
-from misc.datasets import EVAL_PROTOCOLS, load_records
-from misc.engine import encode_records
-from misc.inference import Inference
 from misc.files import atomic_path, update_results, write_json
 from misc.retrieval import caption_owner_default, evaluate, format_table
 
 log = logging.getLogger("eval_retrieval")
+# misc.datasets.EVAL_PROTOCOLS, spelled out: --features and --help import no model, image or word library
+EVAL_PROTOCOLS = ("resize", "crop")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -47,11 +44,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def load_features(path: Path) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def load_features(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """images (N, d), captions (M, d) float32 and the owner image of each caption, from a features .npz."""
     try:
         with np.load(path) as data:
             images, captions = data["images"], data["captions"]
-            owner = torch.from_numpy(data["owner"]) if "owner" in data else None
+            owner = data.get("owner")
     except (OSError, ValueError) as error:
         raise UserError(f"{path}: not a readable .npz file ({error})") from error
     except KeyError as error:
@@ -63,10 +61,17 @@ def load_features(path: Path) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]
             owner = caption_owner_default(len(images), len(captions))
         except ValueError as error:
             raise UserError(f"{path}: {error}; or store an 'owner' array (image index of each caption)") from error
-    return torch.from_numpy(images).float(), torch.from_numpy(captions).float(), owner
+    return images.astype(np.float32, copy=False), captions.astype(np.float32, copy=False), owner
 
 
-def embed_split(args: argparse.Namespace) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def embed_split(args: argparse.Namespace) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Embed the split's images and captions with the checkpoint (the model, image and word libraries are
+    imported here, only on this path)."""
+    from misc import config, demo
+    from misc.datasets import load_records
+    from misc.engine import encode_records
+    from misc.inference import Inference
+
     model = Inference.load(args.checkpoint, args.words, args.device, args.amp)
     dataset = args.dataset or model.config["train"]["dataset"]
     if dataset == "demo":
@@ -75,9 +80,10 @@ def embed_split(args: argparse.Namespace) -> tuple[torch.Tensor, torch.Tensor, t
     size = args.size or (256 if args.protocol == "crop" else model.test_size)
     log.info("embedding %d images (%dx%d) and their captions from %s on %s", len(records), size, size, dataset,
              model.device)
-    return encode_records(model.model, records, model.words, model.device, size, batch_size=args.batch_size,
-                          workers=args.workers if args.workers is not None else 2, amp=model.amp,
-                          progress=not args.no_progress, protocol=args.protocol)
+    embedded = encode_records(model.model, records, model.words, model.device, size, batch_size=args.batch_size,
+                              workers=args.workers if args.workers is not None else 2, amp=model.amp,
+                              progress=not args.no_progress, protocol=args.protocol)
+    return tuple(np.asarray(x) for x in embedded)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -88,7 +94,7 @@ def main(argv: list[str] | None = None) -> None:
         images, captions, owner = embed_split(args)
     if args.save_features:
         with atomic_path(args.save_features) as temporary:
-            np.savez(temporary, images=images.numpy(), captions=captions.numpy(), owner=owner.numpy())
+            np.savez(temporary, images=images, captions=captions, owner=owner)
     try:
         results = evaluate(images, captions, owner, protocols=tuple(args.protocols))
     except ValueError as error:

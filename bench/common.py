@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import os
 import platform
+import subprocess
+import sys
 import statistics
 import time
 from pathlib import Path
@@ -41,3 +43,46 @@ def verdict(measured: float, target: float, unit: str = "x", at_least: bool = Tr
     """'target >= 20x: met' / 'target <= 2048 MiB: NOT met', for the tables."""
     met = measured >= target if at_least else measured <= target
     return f"target {'>=' if at_least else '<='} {target:g}{unit}: {'met' if met else 'NOT met'}"
+
+
+def interleaved(procedures: dict[str, Callable[[], Any]], runs: int,
+                warmup: dict[str, Callable[[], Any]] | None = None) -> dict[str, list[float]]:
+    """Wall times of ``runs`` rounds A B A B ... (one call of every procedure per round, in turn), after one
+    untimed call of each warm-up procedure (default: the procedures themselves), so that a change in the
+    machine's load hits both sides alike."""
+    for fn in (procedures if warmup is None else warmup).values():
+        fn()
+    times: dict[str, list[float]] = {name: [] for name in procedures}
+    for _ in range(runs):
+        for name, fn in procedures.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def command(*argv: str) -> Callable[[], None]:
+    """A procedure running ``python argv...`` from the repository root (a whole command: start-up, imports, work,
+    output), failing loudly if it fails."""
+    root = Path(__file__).resolve().parents[1]
+
+    def call() -> None:
+        result = subprocess.run([sys.executable, *argv], cwd=root, capture_output=True, text=True)
+        if result.returncode:
+            raise RuntimeError(f"{' '.join(argv)} failed: {result.stderr.strip()[-500:]}")
+    return call
+
+
+def ratio_line(label: str, slow: list[float], fast: list[float], target: float | None = None) -> str:
+    """'label: A 12.3 s / B 1.1 s = 11.2x (runs 10.9-11.6x)': ratio of the medians, min-max of the per-round
+    ratios, and the target verdict when there is one."""
+    ratios = [s / f for s, f in zip(slow, fast)]
+    ratio = statistics.median(slow) / statistics.median(fast)
+    line = (f"{label}: {statistics.median(slow):.2f} s / {statistics.median(fast):.2f} s = {ratio:.1f}x "
+            f"(per round {min(ratios):.1f}-{max(ratios):.1f}x, {len(ratios)} rounds)")
+    return line + (f" ({verdict(ratio, target)})" if target else "")
+
+
+def load() -> str:
+    """The load average now (other processes on a shared machine slow every row)."""
+    return "load average now " + ", ".join(f"{x:.1f}" for x in os.getloadavg())

@@ -1,6 +1,6 @@
 """Run every benchmark in turn and write bench/RESULTS.md: the machine, then each benchmark's printed tables.
 
-    python bench/run.py            # what `make bench` runs (7 minutes on 2 idle CPU cores)
+    python bench/run.py            # what `make bench` runs (about 10 minutes on 2 shared CPU cores)
     python bench/run.py --quick    # smoke sizes, written to bench/RESULTS-quick.md
 
 Each benchmark runs in its own process, its output shown as it comes and kept verbatim in the results file, which
@@ -20,7 +20,8 @@ sys.path.insert(0, str(HERE.parent))
 from bench.common import machine  # noqa: E402
 from misc.files import atomic_path  # noqa: E402
 
-BENCHMARKS = ["bench_retrieval.py", "bench_heatmaps.py", "bench_train.py", "bench_extraction.py", "bench_search.py"]
+BENCHMARKS = ["bench_retrieval.py", "bench_heatmaps.py", "bench_amp.py", "bench_train.py", "bench_extraction.py",
+              "bench_search.py"]
 
 
 def title(script: Path) -> str:
@@ -63,9 +64,11 @@ def main() -> None:
     runner = " ".join(["python", "bench/run.py", *flags])
     header = (f"# Benchmark results\n\nWritten by `make bench` (`{runner}`) on {started:%Y-%m-%d %H:%M} UTC; all "
               f"benchmarks took {total / 60:.1f} min.\n\n"
-              f"Machine: {machine()}.\n\nEach section is the benchmark's own output: both paths run in the same "
-              f"process on the same seeded inputs, times are medians of the stated runs, and every target line "
-              f"says whether it is met. `bench/README.md` explains what each benchmark measures.\n")
+              f"Machine: {machine()}.\n\nEach section is the benchmark's own output. Compared procedures run on the "
+              f"same seeded inputs in interleaved rounds (A B A B ..., after a warm-up), as whole commands and in "
+              f"process where stated; a ratio is of the medians, with the min-max of the rounds' ratios; the load "
+              f"average is printed because the machine may be shared; every target line says whether it is met. "
+              f"`bench/README.md` explains what each benchmark measures.\n")
     with atomic_path(out) as temporary:
         temporary.write_text("\n".join([header, *sections]), encoding="utf-8")
     print(f"wrote {out.relative_to(HERE.parent)} ({total / 60:.1f} min)" + (f"; failed: {', '.join(failed)}"

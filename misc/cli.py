@@ -68,10 +68,26 @@ def add_words_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--words", type=Path, help="word-vector file (default: the checkpoint's)")
 
 
+class TorchThreads(argparse.Action):
+    """``--threads N``: ``torch.set_num_threads(N)`` as the flag is read, so that every command honours it (torch
+    is imported only then)."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        import torch
+
+        torch.set_num_threads(values)
+        setattr(namespace, self.dest, values)
+
+
 def add_device_args(parser: argparse.ArgumentParser) -> None:
+    """``--device``, ``--amp``, ``--threads``, ``--workers`` and ``--no-progress``."""
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto)")
     parser.add_argument("--amp", nargs="?", const="bf16", choices=["bf16", "fp16"], default=None,
-                        help="mixed precision on CUDA (bare --amp means bf16); ignored on the CPU")
+                        help="mixed precision (bare --amp means bf16): bf16 on CUDA or the CPU (autocast, "
+                             "channels-last; embeddings change slightly), fp16 on CUDA only")
+    parser.add_argument("--threads", type=positive_int, action=TorchThreads,
+                        help="CPU threads for torch (default: torch's choice, one per core)")
     parser.add_argument("--workers", type=int, default=None, help="data-loading processes")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
 

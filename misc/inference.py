@@ -32,19 +32,25 @@ class Inference:
     state: dict[str, Any]  # the checkpoint as loaded: "config", "model", ...
     checkpoint: Path
     device: torch.device
-    amp: str | None = None  # mixed precision on CUDA; None on the CPU
+    amp: str | None = None  # mixed precision: "bf16" (CUDA or CPU), "fp16" (CUDA) or None
     words_path: Path | None = None  # overrides the word-vector file the checkpoint names
 
     @classmethod
     def load(cls, path: Path | str, words: Path | str | None = None, device: torch.device | str = "auto",
              amp: str | None = None) -> Inference:
         """Load a checkpoint (this project's or the original release's); ``words`` overrides the stored
-        word-vector file; ``device`` is a torch device or ``auto``."""
+        word-vector file; ``device`` is a torch device or ``auto``.
+
+        ``amp="bf16"`` on the CPU runs the image path in bfloat16 autocast with channels-last tensors (oneDNN's
+        fast layout); embeddings stay float32 and close to, not equal to, float32 inference.
+        """
         device = resolve_device(device) if isinstance(device, str) else device
+        autocast(device, amp)  # fp16 without CUDA fails here, before the checkpoint is read
         state = checkpoint.load(path)
         network = checkpoint.model_from(state, path, device)
-        return cls(network, state, Path(path), device, amp if device.type == "cuda" else None,
-                   Path(words) if words else None)
+        if amp is not None:
+            network.image.to(memory_format=torch.channels_last)
+        return cls(network, state, Path(path), device, amp, Path(words) if words else None)
 
     @cached_property
     def words(self) -> WordVectors:
@@ -75,11 +81,16 @@ class Inference:
         """The evaluation preprocessing of a PIL image (default size: :attr:`test_size`)."""
         return eval_transform(size or self.test_size, protocol)
 
+    def _input(self, images: torch.Tensor) -> torch.Tensor:
+        """A batch on the device, channels-last under mixed precision (the layout of the image path then)."""
+        layout = torch.channels_last if self.amp else torch.contiguous_format
+        return images.to(self.device, memory_format=layout, non_blocking=True)
+
     @torch.no_grad()
     def maps(self, images: torch.Tensor) -> torch.Tensor:
         """Feature maps G (B, D', h, w) float32 of a batch of normalised images."""
         with autocast(self.device, self.amp):
-            return self.model.image.feature_maps(images.to(self.device, non_blocking=True)).float()
+            return self.model.image.feature_maps(self._input(images)).float().contiguous()
 
     @torch.no_grad()
     def embed_maps(self, maps: torch.Tensor) -> torch.Tensor:
@@ -90,7 +101,7 @@ class Inference:
     def embed_images(self, images: torch.Tensor) -> torch.Tensor:
         """Unit image embeddings (B, d) float32 of a batch of normalised images, on the CPU."""
         with autocast(self.device, self.amp):
-            return self.model.image(images.to(self.device, non_blocking=True)).float().cpu()
+            return self.model.image(self._input(images)).float().cpu()
 
     def embed_texts(self, texts: list[str], batch_size: int = 256, progress: bool = False) -> torch.Tensor:
         """Unit text embeddings (T, d) float32 on the device (eq. 4); every text must have a word."""

@@ -77,8 +77,10 @@ def heatmaps(maps: torch.Tensor, weight: torch.Tensor, texts: torch.Tensor, k: i
 
 
 def heatmaps_full(maps: torch.Tensor, weight: torch.Tensor, texts: torch.Tensor, k: int) -> torch.Tensor:
-    """Reference for :func:`heatmaps`: all d maps G' = A·G (eq. 8), then the |v_u|-weighted sum of k of them."""
-    projected = F.conv2d(maps.float(), weight.float()[:, :, None, None])  # G' (B, d, h, w)
+    """Reference for :func:`heatmaps`, the original release's order: all d maps G' = A·G (eq. 8) as one dense
+    product per image, then the |v_u|-weighted sum of k of them."""
+    b, channels, h, w = maps.shape
+    projected = torch.matmul(weight.float(), maps.float().reshape(b, channels, h * w)).reshape(b, -1, h, w)  # G'
     weights, indices = top_k(texts.float(), k)  # (T, k) or (B, T, k)
     if texts.dim() == 2:
         picked = projected[:, indices]  # (B, T, k, h, w)

@@ -5,20 +5,36 @@ import numpy as np
 import pytest
 import torch
 
-from misc.retrieval import (caption_owner_default, evaluate, format_table, rank_captions, rank_images,
-                            recall_metrics)
+from misc.retrieval import Workspace, caption_owner_default, evaluate, format_table, ranks, recall_metrics
 
 
-def unit(n: int, d: int, seed: int) -> torch.Tensor:
-    """n random unit vectors of size d."""
-    x = torch.randn(n, d, generator=torch.Generator().manual_seed(seed))
-    return x / x.norm(dim=1, keepdim=True)
+def unit(n: int, d: int, seed: int) -> np.ndarray:
+    """n random float32 unit vectors of size d."""
+    x = np.random.default_rng(seed).standard_normal((n, d)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
 
 
-def shuffled(captions: torch.Tensor, owner: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+def shuffled(captions: np.ndarray, owner: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """The same captions and owners in a random order, so an image's captions are not contiguous."""
-    perm = torch.randperm(len(owner), generator=torch.Generator().manual_seed(seed))
+    perm = np.random.default_rng(seed).permutation(len(owner))
     return captions[perm], owner[perm]
+
+
+def rank_captions(images, captions, owner, max_scores: int = 10**9) -> np.ndarray:
+    return ranks(images, captions, owner, Workspace(max_scores))[0]
+
+
+def rank_images(images, captions, owner, max_scores: int = 10**9) -> np.ndarray:
+    return ranks(images, captions, owner, Workspace(max_scores))[1]
+
+
+def two_product_ranks(images, captions, owner) -> tuple[np.ndarray, np.ndarray]:
+    """The previous rule: each direction its own product, its positive read from that product."""
+    by_image = images @ captions.T  # (N, M)
+    best = np.array([by_image[i, owner == i].max() for i in range(len(images))])
+    by_caption = captions @ images.T  # (M, N)
+    positive = by_caption[np.arange(len(captions)), owner]
+    return 1 + (by_image > best[:, None]).sum(1), 1 + (by_caption > positive[:, None]).sum(1)
 
 
 def brute_ranks(scores: np.ndarray, positive: np.ndarray, positive_first: bool = True) -> np.ndarray:
@@ -34,18 +50,17 @@ def brute_ranks(scores: np.ndarray, positive: np.ndarray, positive_first: bool =
     return np.array(ranks)
 
 
-def brute_both(images: torch.Tensor, captions: torch.Tensor, owner: torch.Tensor, positive_first: bool = True):
+def brute_both(images: np.ndarray, captions: np.ndarray, owner: np.ndarray, positive_first: bool = True):
     """Brute-force (caption retrieval ranks, image retrieval ranks)."""
-    scores = (images @ captions.T).numpy()  # (N, M)
-    owner = owner.numpy()
+    scores = images @ captions.T  # (N, M)
     is_pos = owner[None, :] == np.arange(len(images))[:, None]  # (N, M)
     return brute_ranks(scores, is_pos, positive_first), brute_ranks(scores.T, is_pos.T, positive_first)
 
 
-def tied_data(n: int, m: int, d: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+def tied_data(n: int, m: int, d: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Small-integer embeddings: every score is exact, and many scores are equal."""
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(-1, 2, (n, d), generator=g).float(), torch.randint(-1, 2, (m, d), generator=g).float()
+    rng = np.random.default_rng(seed)
+    return rng.integers(-1, 2, (n, d)).astype(np.float32), rng.integers(-1, 2, (m, d)).astype(np.float32)
 
 
 @pytest.mark.parametrize("shuffle", [False, True])
@@ -54,38 +69,53 @@ def test_ranks_match_brute_force_on_random_data(shuffle):
     if shuffle:
         captions, owner = shuffled(captions, owner, 2)
     expected_cap, expected_img = brute_both(images, captions, owner)
-    got_cap, got_img = rank_captions(images, captions, owner), rank_images(images, captions, owner)
-    assert got_cap.dtype == got_img.dtype == torch.long
-    np.testing.assert_array_equal(got_cap.numpy(), expected_cap)
-    np.testing.assert_array_equal(got_img.numpy(), expected_img)
+    got_cap, got_img = ranks(images, captions, owner)
+    assert got_cap.dtype == got_img.dtype == np.int64
+    np.testing.assert_array_equal(got_cap, expected_cap)
+    np.testing.assert_array_equal(got_img, expected_img)
     full = evaluate(images, captions, owner, protocols=("full",))["full"]
-    assert full["caption_retrieval"] == recall_metrics(torch.from_numpy(expected_cap))
-    assert full["image_retrieval"] == recall_metrics(torch.from_numpy(expected_img))
+    assert full["caption_retrieval"] == recall_metrics(expected_cap)
+    assert full["image_retrieval"] == recall_metrics(expected_img)
+    # CPU torch tensors are read as they are
+    assert evaluate(torch.from_numpy(images), torch.from_numpy(captions), torch.from_numpy(owner),
+                    protocols=("full",))["full"] == full
 
 
 def test_ties_do_not_push_the_positive_down():
     images, captions = tied_data(40, 200, 3, 3)
     captions, owner = shuffled(captions, caption_owner_default(40, 200), 4)
     expected_cap, expected_img = brute_both(images, captions, owner)
-    np.testing.assert_array_equal(rank_captions(images, captions, owner).numpy(), expected_cap)
-    np.testing.assert_array_equal(rank_images(images, captions, owner).numpy(), expected_img)
+    np.testing.assert_array_equal(rank_captions(images, captions, owner), expected_cap)
+    np.testing.assert_array_equal(rank_images(images, captions, owner), expected_img)
     # the data must really contain ties that matter: the opposite convention gives other ranks
     last_cap, last_img = brute_both(images, captions, owner, positive_first=False)
     assert (last_cap != expected_cap).any() and (last_img != expected_img).any()
 
 
-@pytest.mark.parametrize("chunk", [1, 7, 10**6])
-def test_chunk_size_does_not_change_ranks(chunk):
-    images, captions = unit(50, 8, 5), unit(250, 8, 6)
-    captions, owner = shuffled(captions, caption_owner_default(50, 250), 7)
-    torch.testing.assert_close(rank_captions(images, captions, owner, chunk), rank_captions(images, captions, owner))
-    torch.testing.assert_close(rank_images(images, captions, owner, chunk), rank_images(images, captions, owner))
-    tied_images, tied_captions = tied_data(30, 150, 3, 8)
-    tied_owner = caption_owner_default(30, 150)
-    torch.testing.assert_close(rank_captions(tied_images, tied_captions, tied_owner, chunk),
-                               rank_captions(tied_images, tied_captions, tied_owner))
-    torch.testing.assert_close(rank_images(tied_images, tied_captions, tied_owner, chunk),
-                               rank_images(tied_images, tied_captions, tied_owner))
+@pytest.mark.parametrize("max_scores", [1, 7 * 250, 10**6])
+@pytest.mark.parametrize("tied", [False, True])
+def test_fused_product_equals_two_products_for_any_block(max_scores, tied):
+    """One score product for both directions, whole or in blocks of rows, ranks as one product per direction
+    does, exact ties included (tied data: small-integer vectors, every score exact)."""
+    images, captions = tied_data(30, 150, 3, 8) if tied else (unit(50, 8, 5), unit(250, 8, 6))
+    captions, owner = shuffled(captions, caption_owner_default(len(images), len(captions)), 7)
+    expected_cap, expected_img = two_product_ranks(images, captions, owner)
+    got_cap, got_img = ranks(images, captions, owner, Workspace(max_scores))
+    np.testing.assert_array_equal(got_cap, expected_cap)
+    np.testing.assert_array_equal(got_img, expected_img)
+    if tied:  # ties that matter are present: counting ties as higher would give other ranks
+        scores = images @ captions.T
+        positive = scores[owner, np.arange(len(owner))]
+        assert ((scores >= positive).sum(0) != expected_img).any()  # the positive counts itself: ties-last rank
+
+
+def test_workspace_is_reused_across_folds():
+    images, captions = unit(2000, 8, 20), unit(10000, 8, 21)
+    workspace = Workspace()
+    ranks(images[:1000], captions[:5000], caption_owner_default(1000, 5000), workspace)
+    buffer = workspace.scores
+    ranks(images[1000:], captions[5000:], caption_owner_default(1000, 5000), workspace)
+    assert workspace.scores is buffer and buffer.size == 1000 * 5000
 
 
 def test_perfect_embedding_ranks_everything_first():
@@ -99,9 +129,9 @@ def test_perfect_embedding_ranks_everything_first():
 
 def test_hand_made_two_images_ten_captions():
     # image 0 scores a caption by its x, image 1 by its y; captions 0-4 belong to image 0, 5-9 to image 1
-    images = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
-    captions = torch.tensor([[0.5, 0.9], [0.4, 0.8], [0.3, 0.1], [0.2, 0.2], [0.1, 0.3],
-                             [0.9, 0.05], [0.8, 0.7], [0.7, 0.6], [0.6, 0.5], [0.05, 0.4]])
+    images = np.array([[1.0, 0.0], [0.0, 1.0]], dtype=np.float32)
+    captions = np.array([[0.5, 0.9], [0.4, 0.8], [0.3, 0.1], [0.2, 0.2], [0.1, 0.3],
+                             [0.9, 0.05], [0.8, 0.7], [0.7, 0.6], [0.6, 0.5], [0.05, 0.4]], dtype=np.float32)
     owner = caption_owner_default(2, 10)
     # image 0: best own x is 0.5, beaten by 0.9 0.8 0.7 0.6; image 1: best own y is 0.7, beaten by 0.9 0.8
     assert rank_captions(images, captions, owner).tolist() == [5, 3]
@@ -152,4 +182,4 @@ def test_caption_owner_default():
 
 def test_image_without_caption_is_rejected():
     with pytest.raises(ValueError, match="at least one caption"):
-        rank_captions(unit(3, 4, 17), unit(4, 4, 18), torch.tensor([0, 0, 2, 2]))
+        ranks(unit(3, 4, 17), unit(4, 4, 18), np.array([0, 0, 2, 2]))

@@ -16,13 +16,12 @@ import numpy as np
 
 from misc.cli import (add_checkpoint_args, add_device_args, add_output_args, add_size_arg, add_words_arg, parser_for,
                       positive_int, run)
+from misc.config import EVAL_PROTOCOLS
 from misc.errors import UserError
 from misc.files import atomic_path, update_results, write_json
 from misc.retrieval import caption_owner_default, evaluate, format_table
 
 log = logging.getLogger("eval_retrieval")
-# misc.datasets.EVAL_PROTOCOLS, spelled out: --features and --help import no model, image or word library
-EVAL_PROTOCOLS = ("resize", "crop")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -108,6 +108,7 @@ def configured(key: str) -> bool:
 
 # --------------------------------------------------------------------------- hyper-parameters
 
+EVAL_PROTOCOLS = ("resize", "crop")  # evaluation preprocessing (misc.datasets.eval_transform)
 LOSSES = ("hard", "sum", "npair", "triplet")  # misc.loss.build_loss
 OPTIMIZERS = ("adam", "sgd")
 FROZEN_MODES = ("train", "eval")
@@ -193,6 +194,18 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
                   "lr_halve_epochs": [3], "text_from_epoch": 0, "trunk_from_epoch": 0,
                   "frozen_trunk": ["conv1", "bn1", "layer1"], "frozen_mode": "eval", "loss": "hard",
                   "sum_loss_epochs": 2,
+                  "crop_size": 96, "crop_scale": [0.85, 1.0], "flip": False, "eval_size": 96, "test_size": 96,
+                  "captions_per_image": 5, "group_captions": True, "workers": 1},
+    },
+    # The matchmap system on the demo world, in about three minutes on 2 CPU cores: a random ResNet-18 cut after
+    # layer3 (a 6 x 6 grid of region vectors at 96 x 96, for pointing), 256-d regions and LSTM, the demo's 64-d
+    # word vectors, the N-pair loss with Adam; data, crops and frozen layers as the demo preset.
+    "demo-matchmap": {
+        "model": {"arch": "matchmap", "trunk": "resnet18", "trunk_cut": "layer3", "region_dim": 256,
+                  "lstm_hidden": 256, "word_dim": 64, "score": "avg_both", "trunk_init": "scratch"},
+        "train": {"dataset": "demo", "split": "train", "epochs": 1, "batch_size": 32, "lr": 1e-3,
+                  "lr_halve_epochs": [], "text_from_epoch": 0, "trunk_from_epoch": 0,
+                  "frozen_trunk": ["conv1", "bn1", "layer1"], "frozen_mode": "eval", "loss": "npair",
                   "crop_size": 96, "crop_scale": [0.85, 1.0], "flip": False, "eval_size": 96, "test_size": 96,
                   "captions_per_image": 5, "group_captions": True, "workers": 1},
     },

@@ -21,7 +21,7 @@ from visual_genome import local as vg_local
 from visual_genome import utils as vg_utils
 
 from misc import config, demo
-from misc.config import TrainConfig
+from misc.config import EVAL_PROTOCOLS, TrainConfig
 from misc.errors import UserError
 from misc.images import decode_image, failure_reason
 from misc.words import Encoded, WordVectors, tokenize
@@ -154,7 +154,6 @@ def train_transform(cfg: TrainConfig) -> Callable:
     return transforms.Compose(steps + [transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
 
 
-EVAL_PROTOCOLS = ("resize", "crop")
 
 
 def eval_transform(size: int, protocol: str = "resize") -> Callable:

@@ -103,6 +103,7 @@ def embed_image_batches(encoder: ImageEncoder, loader: Iterable[ImageBatch], dev
     encoder.eval()
     timing = timing if timing is not None else Timing()
     embed_dim = encoder.proj.out_features
+    layout = torch.channels_last if amp else torch.contiguous_format  # as misc.inference lays out the network
     start = tick = time.perf_counter()
     for batch in tqdm(loader, desc="images", disable=not progress, leave=False, dynamic_ncols=True):
         began = time.perf_counter()
@@ -110,7 +111,7 @@ def embed_image_batches(encoder: ImageEncoder, loader: Iterable[ImageBatch], dev
         maps = None
         if len(batch.indices):
             with autocast(device, amp):
-                grids = encoder.feature_maps(batch.images.to(device, non_blocking=True))  # (B, D', h, w)
+                grids = encoder.feature_maps(batch.images.to(device, memory_format=layout, non_blocking=True))
                 features = encoder.embed_maps(grids).float().cpu().numpy()  # (B, d)
             if with_maps:
                 maps = grids.to(torch.float16).cpu().numpy()

@@ -1,7 +1,10 @@
-"""Train DSVE-Loc (paper §4.1): staged Adam training with the hard-negative triplet loss.
+"""Train DSVE-Loc (paper §4.1): staged Adam training with the hard-negative triplet loss; or the matchmap system
+of Das et al. 2019 (model.arch=matchmap: presets das2019 and demo-matchmap), N-pair loss and SGD.
 
     python train.py                      # COCO when configured in misc/config.py, else the built-in demo world
     python train.py --preset demo        # small model on the demo world, minutes on 2 CPU cores
+    python train.py --preset demo-matchmap   # the matchmap system on the demo world, minutes on 2 CPU cores
+    python train.py --preset das2019 --weights IMAGENET1K_V1   # Das et al. 2019 (words: config key glove_vectors)
     python train.py --resume runs/paper/last.pth.tar
     python train.py --preset paper --init pretrained_classif_152_2400.pth.tar   # the original release's start
     python train.py --preset paper --weights IMAGENET1K_V1   # torchvision's ImageNet trunk, from torch hub's cache
@@ -32,7 +35,7 @@ from misc.engine import evaluate_records, resolve_device, train_one_epoch
 from misc.retrieval import format_table
 from misc.schedule import build_optimizer, build_scheduler, describe, enter_stage, epoch_loss, loss_kind
 from misc.words import load_word_vectors
-from models.joint import JointEmbedding, build_model
+from models.joint import Model, build_model
 from models.visual import IMAGENET_WEIGHTS, trunk_weights_file
 
 log = logging.getLogger("train")
@@ -43,14 +46,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = parser_for(__doc__)
     parser.add_argument("--preset", choices=list(config.PRESETS), default=None,
                         help="paper (default when COCO is configured; the original code's schedule), paper-text "
-                             "(the schedule as the paper's text states it) or demo")
+                             "(the schedule as the paper's text states it), demo, das2019 (the matchmap system of Das "
+                             "et al. 2019) or demo-matchmap")
     add_set_arg(parser)
     parser.add_argument("--dataset", help="coco | flickr30k | demo | a JSON-lines caption file")
     parser.add_argument("--epochs", type=positive_int)
     parser.add_argument("--batch-size", type=positive_int)
     parser.add_argument("--seed", type=int)
     parser.add_argument("--limit", type=positive_int, help="train on the first N images only (smoke runs)")
-    parser.add_argument("--words", type=Path, help="word-vector file (default: config key word_vectors)")
+    parser.add_argument("--words", type=Path, help="word-vector file (default: config key word_vectors; "
+                                                   "glove_vectors for model.arch=matchmap; the demo world's on it)")
     parser.add_argument("--resume", type=Path,
                         help="continue a run from its last.pth.tar, in that file's folder unless --out says otherwise")
     parser.add_argument("--save-every", type=positive_int, metavar="N",
@@ -60,7 +65,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     trunk = start.add_mutually_exclusive_group()
     trunk.add_argument("--init", type=Path, metavar="CKPT",
                        help="the original classification network (pretrained_classif_152_2400.pth.tar: trunk and "
-                            "1x1 conv), an original model.pth.tar or a checkpoint (every weight)")
+                            "1x1 conv) or an original model.pth.tar (both DSVE only), or a checkpoint (every weight)")
     trunk.add_argument("--resnet-weights", nargs="?", const=CONFIGURED, type=Path, metavar="FILE",
                        help="a torchvision state dict of the trunk (default: config key resnet_weights)")
     trunk.add_argument("--weights", choices=IMAGENET_WEIGHTS,
@@ -134,23 +139,36 @@ def trunk_source(args: argparse.Namespace) -> str | None:
 
 
 def check_trunk_source(model_cfg: ModelConfig, preset: str) -> None:
-    """A new run names its trunk's start, and a weights file it names exists (before any data loads)."""
+    """A new run names its trunk's start, a weights file it names exists, and the original release's files start
+    DSVE only (before any data loads)."""
     if not model_cfg.trunk_init:
         raise UserError(f"preset {preset!r} needs a trunk to start from: --init CKPT (the original release's "
                           f"pretrained_classif_152_2400.pth.tar), --resnet-weights [FILE] (a torchvision state dict; "
                           f"default: config key resnet_weights), --weights {'|'.join(IMAGENET_WEIGHTS)} "
                           f"(torchvision's, from torch hub's cache) or --from-scratch")
-    if model_cfg.trunk_init != "scratch" and not model_cfg.trunk_init.startswith("checkpoint:"):
+    if model_cfg.trunk_init.startswith("checkpoint:"):
+        init = model_cfg.trunk_init.removeprefix("checkpoint:")
+        if model_cfg.arch != "dsve" and checkpoint.kind(checkpoint.read(init)) != checkpoint.FORMAT:
+            raise UserError(f"--init {init}: not a checkpoint of this project; the original release's networks "
+                            f"initialise DSVE only: start the model.arch={model_cfg.arch} trunk with --weights, "
+                            f"--resnet-weights or --from-scratch")
+    elif model_cfg.trunk_init != "scratch":
         trunk_weights_file(model_cfg.trunk, model_cfg.trunk_init)
 
 
-def new_model(model_cfg: ModelConfig) -> JointEmbedding:
+def new_model(model_cfg: ModelConfig) -> Model:
     """A model for a new run, its trunk started from ``model_cfg.trunk_init``."""
     if model_cfg.trunk_init.startswith("checkpoint:"):
         model = build_model(model_cfg)
         log.info(checkpoint.init_from(model, model_cfg.trunk_init.removeprefix("checkpoint:")))
         return model
     return build_model(model_cfg, init_trunk=True)
+
+
+def words_key(model_cfg: ModelConfig, demo: bool) -> str:
+    """The config key of the default word vectors: the demo world's on it, else GloVe for the matchmap (Das et al.
+    2019) and the skip-thought table for DSVE."""
+    return "glove_vectors" if model_cfg.arch == "matchmap" and not demo else "word_vectors"
 
 
 def seed_for(cfg: TrainConfig, epoch: int, rank: int) -> None:
@@ -188,7 +206,7 @@ class Position:
     val: dict | None = None
 
 
-def resume(state: dict, path: Path, model: JointEmbedding, optimizer: torch.optim.Optimizer, scheduler: Any,
+def resume(state: dict, path: Path, model: Model, optimizer: torch.optim.Optimizer, scheduler: Any,
            scaler: torch.amp.GradScaler | None, cfg: TrainConfig, context: distributed.Context) -> Position:
     """Load a training checkpoint's weights and optimizer, scheduler and scaler states; its :class:`Position`."""
     kinds = {"optimizer": dict, "scheduler": dict, "epoch": int, "best_rsum": float, "metrics": dict}
@@ -249,7 +267,8 @@ def train(args: argparse.Namespace, model_cfg: ModelConfig, cfg: TrainConfig, wo
     if is_demo and main_process:
         demo.ensure(config.DEMO_DIR)
     distributed.barrier(context)
-    words = load_word_vectors(Path(words_path) if words_path else config.path("word_vectors", demo=is_demo))
+    words = load_word_vectors(Path(words_path) if words_path else config.path(words_key(model_cfg, is_demo),
+                                                                                demo=is_demo))
     if words.dim != model_cfg.word_dim:
         raise UserError(f"word vectors {words.source} are {words.dim}-d but the model expects "
                           f"model.word_dim={model_cfg.word_dim}")
@@ -295,7 +314,7 @@ def train(args: argparse.Namespace, model_cfg: ModelConfig, cfg: TrainConfig, wo
     log.info("training %s on %d %s images (%d pairs/epoch), validating on %d; %d process(es) on %s; run folder %s",
              model_cfg.trunk, len(train_records), cfg.dataset, len(dataset) * dataset.per_item, len(val_records),
              context.world_size, device, out)
-    log.info(describe(cfg))
+    log.info(describe(cfg, model_cfg.arch))
     writer = SummaryWriter(str(out / "tensorboard")) if main_process else None
     saved_config = {"model": asdict(model_cfg), "train": asdict(cfg),
                     "word_vectors": checkpoint.portable_path(words.source)}
@@ -334,10 +353,10 @@ def train(args: argparse.Namespace, model_cfg: ModelConfig, cfg: TrainConfig, wo
                 if number:
                     stop(number, out / checkpoint.LAST)
 
-            stats = train_one_epoch(network, loader, optimizer, epoch_loss(cfg, epoch, context.distributed), device,
-                                    amp, scaler, memory_format, cfg.grad_clip,
-                                    progress=main_process and not args.no_progress, description=f"epoch {epoch}",
-                                    totals=position.partial, after_step=after_step)
+            stats = train_one_epoch(network, loader, optimizer, epoch_loss(cfg, epoch), device, amp, scaler,
+                                    memory_format, cfg.grad_clip, progress=main_process and not args.no_progress,
+                                    description=f"epoch {epoch}", totals=position.partial, after_step=after_step,
+                                    global_batch=context.distributed)
             position.step, position.partial = 0, None
             scheduler.step()
             if main_process:

@@ -1,6 +1,7 @@
-"""torchrun set-up, and the global batch: embeddings gathered from every process with their gradients, so the
-hardest negatives of eq. 7 are mined over the whole batch as in single-process training. Also what lets a run stop
-and resume anywhere: the epoch's sample order from a position, and the stop signals clusters send."""
+"""torchrun set-up, and the global batch: both systems' outputs gathered from every process with their gradients,
+so the score matrix, and the hardest negatives of eq. 7, cover the whole batch as in single-process training. Also
+what lets a run stop and resume anywhere: the epoch's sample order from a position, and the stop signals clusters
+send."""
 from __future__ import annotations
 
 import itertools
@@ -8,7 +9,7 @@ import os
 import signal
 import threading
 from dataclasses import dataclass
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -132,15 +133,24 @@ def gather(tensor: torch.Tensor) -> torch.Tensor:
     return collectives.all_gather_single_autograd(tensor, gather_dim=0, group=dist.group.WORLD)
 
 
-def global_loss(loss_fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
-    """Wrap a batch loss so that it sees the global batch.
+def pad_steps(words: torch.Tensor) -> torch.Tensor:
+    """Word features (B, T, D) zero-padded to the longest caption of every process's batch, so that they gather;
+    the matchmap's scores read real tokens only (:func:`models.matchmap.word_mask`)."""
+    steps = torch.tensor([words.shape[1]], device=words.device)
+    dist.all_reduce(steps, op=dist.ReduceOp.MAX)
+    return torch.nn.functional.pad(words, (0, 0, 0, int(steps.item()) - words.shape[1]))
 
-    Every process computes the same global loss L. The all-gather's backward sums the gradients that all
-    processes send to each part, so each process's embeddings receive world_size * dL/dx; DDP then averages
+
+def global_outputs(image_out: torch.Tensor, text_out: torch.Tensor, lengths: torch.Tensor,
+                   ids: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """What the score matrix of the global batch needs, gathered from every process in rank order: the image
+    outputs (DSVE's embeddings, the matchmap's region grids), the text outputs (embeddings, or word features padded
+    to one length), the caption lengths and the image ids.
+
+    Every process then computes the same global loss L. The all-gather's backward sums the gradients that all
+    processes send to each part, so each process's outputs receive world_size * dL/dx; DDP then averages
     parameter gradients over processes, which gives exactly dL/dtheta of single-process training.
     """
-
-    def wrapped(images: torch.Tensor, captions: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        return loss_fn(gather(images), gather(captions), ids=gather(ids))
-
-    return wrapped
+    if text_out.dim() == 3 and dist.is_initialized():
+        text_out = pad_steps(text_out)
+    return gather(image_out), gather(text_out), gather(lengths), gather(ids)

@@ -1,4 +1,5 @@
-"""The loops every CLI shares: one training epoch, encoding images and captions, retrieval evaluation."""
+"""The loops every CLI shares: one training epoch, encoding images and captions, retrieval evaluation, for both
+systems (models/joint.py): DSVE's unit embeddings and the matchmap's region and word vectors."""
 from __future__ import annotations
 
 import contextlib
@@ -10,14 +11,16 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from misc import retrieval
+from misc import distributed, retrieval
+from misc.checkpoint import unwrap
 from misc.errors import UserError
 from misc.datasets import ImageDataset, Record, eval_captions, eval_transform
+from misc.loss import LossFn
 from misc.words import MAX_TOKENS, Encoded, WordVectors
-from models.joint import JointEmbedding
+from models.joint import Model
+from models.matchmap import masked_mean
 
 log = logging.getLogger(__name__)
-LossFn = Callable[..., torch.Tensor]  # loss_fn(image_emb, text_emb, ids=image_ids)
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -39,20 +42,38 @@ def autocast(device: torch.device, amp: str | None) -> contextlib.AbstractContex
     return torch.autocast(device.type, dtype=AMP_DTYPES[amp])
 
 
+def batch_scores(model: Model, image_out: torch.Tensor, text_out: torch.Tensor, lengths: torch.Tensor,
+                 ids: torch.Tensor, global_batch: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """The score matrix of a training batch (B, B), row i being the image of caption i, and the image id of each
+    pair (B,). With n captions per image (consecutive), each image output is repeated n times before scoring, so
+    DSVE's scores are the cosines of today's loss (image_emb @ text_emb.T) exactly. ``global_batch``: over every
+    process's batch (:func:`misc.distributed.global_outputs`)."""
+    image_out = image_out.float().repeat_interleave(len(text_out) // len(image_out), dim=0)
+    outputs = (image_out, text_out.float(), lengths, ids)
+    if global_batch:
+        outputs = distributed.global_outputs(*outputs)
+    image_out, text_out, lengths, ids = outputs
+    return model.score(image_out, text_out, lengths), ids
+
+
 def train_one_epoch(model: torch.nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer, loss_fn: LossFn,
                     device: torch.device, amp: str | None = None, scaler: torch.amp.GradScaler | None = None,
                     memory_format: torch.memory_format = torch.contiguous_format, grad_clip: float | None = None,
                     progress: bool = True, description: str = "train", totals: dict[str, float] | None = None,
-                    after_step: Callable[[dict[str, float]], None] | None = None) -> dict[str, float]:
-    """One pass over ``loader`` of (images, Encoded captions, image id of each caption); the model must already be
-    in its stage. With n captions per image (consecutive), each image embedding is the positive of its n captions.
-    ``grad_clip`` caps the global gradient norm of each step.
+                    after_step: Callable[[dict[str, float]], None] | None = None,
+                    global_batch: bool = False) -> dict[str, float]:
+    """One pass over ``loader`` of (images, Encoded captions, image id of each caption); the model (either system,
+    bare or wrapped in DDP) must already be in its stage. Each step's loss is ``loss_fn(scores, ids=ids)`` on the
+    model's score matrix of the batch (:func:`batch_scores`): with n captions per image (consecutive), each image
+    is the positive of its n captions. ``global_batch`` (DDP) scores the global batch. ``grad_clip`` caps the
+    global gradient norm of each step.
 
     ``totals`` are the running sums (loss, steps, pairs, oov, tokens) of the steps an epoch resumed mid-way has
     already done (a checkpoint's ``partial``); ``after_step(totals)`` is called after every step (mid-epoch
     checkpoints, stop signals). Returns the epoch's mean loss and out-of-vocabulary rate, and this pass's wall and
     data-wait seconds and pairs per second.
     """
+    bare = unwrap(model)
     totals = dict(totals or {"loss": 0.0, "steps": 0, "pairs": 0, "oov": 0, "tokens": 0})
     pairs_before, waited = totals["pairs"], 0.0
     start = tick = time.perf_counter()
@@ -60,11 +81,11 @@ def train_one_epoch(model: torch.nn.Module, loader: DataLoader, optimizer: torch
     for images, captions, ids in bar:
         waited += time.perf_counter() - tick
         images = images.to(device, memory_format=memory_format, non_blocking=True)
-        words, lengths = captions.words.to(device, non_blocking=True), captions.lengths
+        words, lengths = captions.words.to(device, non_blocking=True), captions.lengths.to(device)
         with autocast(device, amp):
-            image_emb, text_emb = model(images, words, lengths)
-        image_emb = image_emb.repeat_interleave(len(text_emb) // len(image_emb), dim=0)
-        loss = loss_fn(image_emb.float(), text_emb.float(), ids=ids.to(device))
+            image_out, text_out = model(images, words, lengths)
+        scores, pair_ids = batch_scores(bare, image_out, text_out, lengths, ids.to(device), global_batch)
+        loss = loss_fn(scores, ids=pair_ids)
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:
             scaler.scale(loss).backward()
@@ -91,15 +112,47 @@ def train_one_epoch(model: torch.nn.Module, loader: DataLoader, optimizer: torch
             "oov_rate": totals["oov"] / max(totals["tokens"], 1)}
 
 
+def embeddable(model: Model) -> bool:
+    """Whether the model's score is a dot product of one vector per image and one per caption: DSVE's cosine, and
+    the matchmap's ``avg_both`` (<mean_t w[t], mean_hw v[h, w]>, M being bilinear); not ``max_img`` / ``max_text``."""
+    return model.config.arch == "dsve" or model.config.score == "avg_both"
+
+
+def image_vectors(model: Model, images: torch.Tensor) -> torch.Tensor:
+    """One vector per image (B, d) for :func:`embeddable` models: DSVE's unit embedding x (eq. 1), the matchmap's
+    mean region vector mean_hw v[h, w]."""
+    out = model.image(images)
+    return out.mean(dim=(2, 3)) if model.config.arch == "matchmap" else out
+
+
+def text_vectors(model: Model, words: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """One vector per caption (B, d) for :func:`embeddable` models: DSVE's unit embedding y (eq. 4), the matchmap's
+    mean word vector mean_t w[t] over the caption's real tokens."""
+    out = model.text(words, lengths)
+    return masked_mean(out, lengths) if model.config.arch == "matchmap" else out
+
+
+def vector_dim(model: Model) -> int:
+    return model.config.region_dim if model.config.arch == "matchmap" else model.config.embed_dim
+
+
+def check_embeddable(model: Model) -> None:
+    if not embeddable(model):
+        raise UserError(f"model.score = {model.config.score!r}: the matchmap pools its matchmaps with a max, so an "
+                        f"image or a caption has no vector of its own; retrieval needs the score matrix "
+                        f"(misc.engine.evaluate_records), and only model.score=avg_both has features")
+
+
 @torch.no_grad()
-def encode_images(model: JointEmbedding, loader: DataLoader, device: torch.device, amp: str | None = None,
+def encode_images(model: Model, loader: DataLoader, device: torch.device, amp: str | None = None,
                   progress: bool = True) -> torch.Tensor:
-    """(N, d) float32 unit image embeddings on the CPU, in loader order."""
+    """(N, d) float32 image vectors (:func:`image_vectors`) on the CPU, in loader order."""
+    check_embeddable(model)
     model.eval()
     chunks = []
     for images in tqdm(loader, desc="images", disable=not progress, leave=False, dynamic_ncols=True):
         with autocast(device, amp):
-            chunks.append(model.image(images.to(device, non_blocking=True)).float().cpu())
+            chunks.append(image_vectors(model, images.to(device, non_blocking=True)).float().cpu())
     return torch.cat(chunks)
 
 
@@ -128,37 +181,82 @@ def caption_batches(captions: list[str], words: WordVectors, batch_size: int,
 
 
 @torch.no_grad()
-def encode_captions(model: JointEmbedding, captions: list[str], words: WordVectors, device: torch.device,
+def encode_captions(model: Model, captions: list[str], words: WordVectors, device: torch.device,
                     batch_size: int = 256, amp: str | None = None, progress: bool = True,
                     max_tokens: int = MAX_TOKENS) -> torch.Tensor:
-    """(M, d) float32 unit caption embeddings (eq. 4) on the CPU, in input order, encoded by length-sorted batches
-    of at most ``batch_size`` captions and ``max_tokens`` padded tokens (see :func:`caption_batches`). A caption's
-    embedding does not depend on its batch: the SRU reads its real tokens only (the padding comes after them)."""
+    """(M, d) float32 caption vectors (:func:`text_vectors`; DSVE: eq. 4) on the CPU, in input order, encoded by
+    length-sorted batches of at most ``batch_size`` captions and ``max_tokens`` padded tokens (see
+    :func:`caption_batches`). A caption's vector does not depend on its batch: the SRU and the LSTM read its real
+    tokens first (the padding comes after them)."""
+    check_embeddable(model)
     model.eval()
-    embeddings = torch.empty(len(captions), model.config.embed_dim)
+    embeddings = torch.empty(len(captions), vector_dim(model))
     with tqdm(total=len(captions), desc="captions", disable=not progress, leave=False, dynamic_ncols=True) as bar:
         for positions, encoded in caption_batches(captions, words, batch_size, max_tokens):
             with autocast(device, amp):
-                embeddings[positions] = model.text(encoded.words.to(device), encoded.lengths).float().cpu()
+                embeddings[positions] = text_vectors(model, encoded.words.to(device),
+                                                     encoded.lengths.to(device)).float().cpu()
             bar.update(len(positions))
     return embeddings
 
 
-def encode_records(model: JointEmbedding, records: list[Record], words: WordVectors, device: torch.device,
+def image_loader(records: list[Record], image_size: int, protocol: str, batch_size: int, workers: int,
+                 device: torch.device) -> DataLoader:
+    return DataLoader(ImageDataset([r.image for r in records], eval_transform(image_size, protocol)),
+                      batch_size=batch_size, num_workers=workers, pin_memory=device.type == "cuda")
+
+
+def encode_records(model: Model, records: list[Record], words: WordVectors, device: torch.device,
                    image_size: int, batch_size: int = 64, workers: int = 2, amp: str | None = None,
                    progress: bool = True, protocol: str = "resize") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Embed a split's images and their first five captions: (images (N, d), captions (M, d), owner (M,)).
-    ``protocol`` is the image preprocessing of :func:`misc.datasets.eval_transform`."""
-    loader = DataLoader(ImageDataset([r.image for r in records], eval_transform(image_size, protocol)),
-                        batch_size=batch_size, num_workers=workers, pin_memory=device.type == "cuda")
+    """Vectors of a split's images and their first five captions whose dot products are the model's scores
+    (:func:`embeddable` models): (images (N, d), captions (M, d), owner (M,)), what
+    :func:`misc.retrieval.evaluate` takes. ``protocol`` is the image preprocessing of
+    :func:`misc.datasets.eval_transform`."""
+    check_embeddable(model)
+    loader = image_loader(records, image_size, protocol, batch_size, workers, device)
     images = encode_images(model, loader, device, amp, progress)
     texts, owner = eval_captions(records)
     captions = encode_captions(model, texts, words, device, batch_size=4 * batch_size, amp=amp, progress=progress)
     return images, captions, owner
 
 
-def evaluate_records(model: JointEmbedding, records: list[Record], words: WordVectors, device: torch.device,
+@torch.no_grad()
+def score_records(model: Model, records: list[Record], words: WordVectors, device: torch.device, image_size: int,
+                  batch_size: int = 64, workers: int = 2, amp: str | None = None, progress: bool = True,
+                  protocol: str = "resize") -> tuple[torch.Tensor, torch.Tensor]:
+    """The model's score of each of a split's images with each of their first five captions, (N, M) float32 on
+    the CPU, and the owner image of each caption (M,): for scores no single vector gives (the matchmap's
+    ``max_img`` / ``max_text``). Every caption's word vectors are kept (on the CPU, by length-sorted batch); each
+    batch of images is then scored against all of them, so memory holds one image batch's regions."""
+    model.eval()
+    texts, owner = eval_captions(records)
+    encoded = []
+    for positions, batch in caption_batches(texts, words, 4 * batch_size):
+        lengths = batch.lengths.to(device)
+        with autocast(device, amp):
+            encoded.append((positions, model.text(batch.words.to(device), lengths).float().cpu(), lengths))
+    scores = torch.empty(len(records), len(texts))
+    row = 0
+    loader = image_loader(records, image_size, protocol, batch_size, workers, device)
+    for images in tqdm(loader, desc="images", disable=not progress, leave=False, dynamic_ncols=True):
+        with autocast(device, amp):
+            regions = model.image(images.to(device, non_blocking=True)).float()
+        for positions, text_out, lengths in encoded:
+            scores[row:row + len(regions), positions] = model.score(regions, text_out.to(device), lengths).cpu()
+        row += len(regions)
+    return scores, owner
+
+
+def evaluate_records(model: Model, records: list[Record], words: WordVectors, device: torch.device,
                      image_size: int, protocols: tuple[str, ...] = ("1k", "full"), **encode_options) -> dict:
-    """Cross-modal retrieval metrics of a split (see :func:`misc.retrieval.evaluate`)."""
-    images, captions, owner = encode_records(model, records, words, device, image_size, **encode_options)
-    return retrieval.evaluate(images, captions, owner, protocols=protocols)
+    """Cross-modal retrieval metrics of a split (see :func:`misc.retrieval.evaluate`) by the model's own score.
+
+    Embeddable models are ranked from their vectors (:func:`encode_records`). Otherwise the whole score matrix S
+    (N, M) is computed (:func:`score_records`) and ranked as the products of one-hot image vectors with the
+    captions' score columns: e_i . S[:, j] = S[i, j] exactly, folds included."""
+    if embeddable(model):
+        images, captions, owner = encode_records(model, records, words, device, image_size, **encode_options)
+        return retrieval.evaluate(images, captions, owner, protocols=protocols)
+    scores, owner = score_records(model, records, words, device, image_size, **encode_options)
+    return retrieval.evaluate(torch.eye(len(scores)), scores.t().contiguous(), owner, protocols=protocols)

@@ -1,5 +1,6 @@
 """The whole training schedule of §4.1 in one place: for every epoch its learning rate, the parts that train and
-the loss; the one Adam optimizer and the one step-decay scheduler of a run; entering an epoch's stage.
+the loss; the one optimizer and the one lr scheduler of a run; entering an epoch's stage. Both systems train by
+it: DSVE's parts (projection, SRU, 1x1 conv, trunk) and the matchmap's (3x3 conv head, LSTM, trunk).
 
 The paper preset is the schedule the original release's train.py ran, which is one epoch later than the paper's
 text (preset ``paper-text``) for the learning rate and the trunk. Its MultiStepLR (milestones 2..6, halving) is
@@ -7,29 +8,30 @@ stepped with ``step(epoch)`` at the end of each epoch, so the lr set after epoch
 but is computed from e: epoch 3 is the first at 5e-4 and epoch 7 the first at 3.125e-5. The text pipeline is
 added to the optimizer after epoch 1 (it trains from epoch 2) and the trunk after epoch ``fepoch`` = 8 (it trains
 from epoch 9), with conv1, bn1, layer1 and layer2 left frozen. Every part stays in train mode throughout
-(``model.train()``), frozen or not: ``TrainConfig.frozen_mode``.
+(``model.train()``), frozen or not: ``TrainConfig.frozen_mode``. The matchmap preset (Das et al. 2019) trains
+every part from the start with SGD and momentum, its lr divided by 10 every 10 epochs (``lr_decay_every``).
 """
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
-from collections.abc import Callable
 
 import torch
 from torch import nn
 
 from misc.config import TrainConfig
-from misc.distributed import global_loss
-from misc.loss import triplet_loss
-from models.joint import JointEmbedding
+from misc.loss import LossFn, build_loss
+from models.joint import Model
 
-PARTS = ("projection", "SRU", "1x1 conv", "trunk")  # the parts that can train, in the order they join
-LOSS_NAMES = {"hard": "hardest negatives (eq. 7)", "sum": "sum over negatives (eq. 5)"}
+# The parts that can train, in the order they join: the first always trains, the second (text) from
+# text_from_epoch, the others from trunk_from_epoch.
+PARTS = {"dsve": ("projection", "SRU", "1x1 conv", "trunk"), "matchmap": ("3x3 conv", "LSTM", "trunk")}
+LOSS_NAMES = {"hard": "hardest negatives (eq. 7)", "sum": "sum over negatives (eq. 5)", "npair": "N-pair",
+              "triplet": "sampled triplets"}
 
 
 @dataclass(frozen=True)
 class Epoch:
-    """What one epoch does: its learning rate, the parts that train and the triplet loss ('hard' or 'sum')."""
+    """What one epoch does: its learning rate, the parts that train and the loss (a ``TrainConfig.loss`` name)."""
 
     epoch: int
     lr: float
@@ -38,40 +40,50 @@ class Epoch:
 
 
 def lr_at(cfg: TrainConfig, epoch: int) -> float:
-    """``cfg.lr`` halved once for every epoch of ``cfg.lr_halve_epochs`` up to ``epoch`` included."""
+    """``cfg.lr`` times ``lr_decay`` once every ``lr_decay_every`` epochs when that is set, else halved once for
+    every epoch of ``cfg.lr_halve_epochs`` up to ``epoch`` included."""
+    if cfg.lr_decay_every:
+        return cfg.lr * cfg.lr_decay ** (epoch // cfg.lr_decay_every)
     return cfg.lr * 0.5 ** sum(milestone <= epoch for milestone in cfg.lr_halve_epochs)
 
 
-def parts_at(cfg: TrainConfig, epoch: int) -> tuple[str, ...]:
-    """The parts that train at ``epoch``: the projection A, b always; the SRU from ``text_from_epoch``; the 1x1
-    conv and the trunk (but its ``frozen_trunk`` layers) from ``trunk_from_epoch``."""
-    trains = {"projection": True, "SRU": epoch >= cfg.text_from_epoch,
-              "1x1 conv": epoch >= cfg.trunk_from_epoch, "trunk": epoch >= cfg.trunk_from_epoch}
-    return tuple(part for part in PARTS if trains[part])
+def parts_at(cfg: TrainConfig, epoch: int, arch: str = "dsve") -> tuple[str, ...]:
+    """The parts of ``arch`` that train at ``epoch``. DSVE: the projection A, b always; the SRU from
+    ``text_from_epoch``; the 1x1 conv and the trunk (but its ``frozen_trunk`` layers) from ``trunk_from_epoch``.
+    Matchmap: the 3x3 conv head always; the LSTM from ``text_from_epoch``; the trunk from ``trunk_from_epoch``."""
+    first, text, *late = PARTS[arch]
+    starts = {first: 0, text: cfg.text_from_epoch, **dict.fromkeys(late, cfg.trunk_from_epoch)}
+    return tuple(part for part in PARTS[arch] if epoch >= starts[part])
 
 
 def loss_kind(cfg: TrainConfig, epoch: int) -> str:
-    """'sum' (eq. 5) during the first ``sum_loss_epochs``, then ``cfg.loss`` ('hard', eq. 7, or 'sum')."""
+    """'sum' (eq. 5) during the first ``sum_loss_epochs``, then ``cfg.loss`` ('hard', eq. 7, 'sum', 'npair' or
+    'triplet')."""
     return cfg.loss if epoch >= cfg.sum_loss_epochs else "sum"
 
 
-def resolve(cfg: TrainConfig) -> list[Epoch]:
+def resolve(cfg: TrainConfig, arch: str = "dsve") -> list[Epoch]:
     """The schedule of every epoch of the run."""
-    return [Epoch(epoch, lr_at(cfg, epoch), parts_at(cfg, epoch), loss_kind(cfg, epoch))
+    return [Epoch(epoch, lr_at(cfg, epoch), parts_at(cfg, epoch, arch), loss_kind(cfg, epoch))
             for epoch in range(cfg.epochs)]
 
 
-def describe(cfg: TrainConfig) -> str:
+def optimizer_name(cfg: TrainConfig) -> str:
+    return f"SGD (momentum {cfg.momentum:g})" if cfg.optimizer == "sgd" else "Adam"
+
+
+def describe(cfg: TrainConfig, arch: str = "dsve") -> str:
     """The resolved schedule as a compact table: one row per run of epochs that train alike."""
     rows: list[list] = []
-    for plan in resolve(cfg):
+    for plan in resolve(cfg, arch):
         same = rows and (rows[-1][1], rows[-1][2], rows[-1][3]) == (plan.lr, plan.parts, plan.loss)
         if same:
             rows[-1][0][1] = plan.epoch
         else:
             rows.append([[plan.epoch, plan.epoch], plan.lr, plan.parts, plan.loss])
     frozen = ", ".join(cfg.frozen_trunk) or "none"
-    lines = [f"schedule: Adam; frozen parts in {cfg.frozen_mode} mode; trunk layers never trained: {frozen}",
+    lines = [f"schedule: {optimizer_name(cfg)}; frozen parts in {cfg.frozen_mode} mode; trunk layers never "
+             f"trained: {frozen}",
              f"{'epochs':<8}{'lr':<11}{'trains':<36}loss"]
     for (first, last), lr, parts, loss in rows:
         epochs = str(first) if first == last else f"{first}-{last}"
@@ -79,40 +91,47 @@ def describe(cfg: TrainConfig) -> str:
     return "\n".join(lines)
 
 
-def epoch_loss(cfg: TrainConfig, epoch: int, distributed: bool = False) -> Callable[..., torch.Tensor]:
-    """The triplet loss of ``epoch`` (see :func:`loss_kind`), over the global batch under DDP."""
-    loss_fn = functools.partial(triplet_loss, margin=cfg.margin, hardest=loss_kind(cfg, epoch) == "hard")
-    return global_loss(loss_fn) if distributed else loss_fn
+def epoch_loss(cfg: TrainConfig, epoch: int) -> LossFn:
+    """The loss of ``epoch`` (see :func:`loss_kind`) on a batch's score matrix: ``loss_fn(scores, ids=ids)``."""
+    return build_loss(loss_kind(cfg, epoch), cfg.margin)
 
 
-def build_optimizer(model: JointEmbedding, cfg: TrainConfig) -> torch.optim.Adam:
-    """Adam over every parameter; parameters frozen in the current stage get no gradient and are skipped, as the
-    original's parameters were before it added them to its optimizer."""
+def build_optimizer(model: Model, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """Adam, or SGD with ``cfg.momentum`` (``cfg.optimizer``), over every parameter; parameters frozen in the
+    current stage get no gradient and are skipped, as the original's parameters were before it added them to its
+    optimizer."""
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum)
     return torch.optim.Adam(model.parameters(), lr=cfg.lr)
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> torch.optim.lr_scheduler.MultiStepLR:
-    """lr halved at each epoch of ``cfg.lr_halve_epochs``, stepped once after every epoch: it gives
-    :func:`lr_at` for every epoch."""
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> torch.optim.lr_scheduler.LRScheduler:
+    """Stepped once after every epoch, it gives :func:`lr_at` for every epoch: lr x ``lr_decay`` every
+    ``lr_decay_every`` epochs (StepLR) when that is set, else halved at each epoch of ``cfg.lr_halve_epochs``."""
+    if cfg.lr_decay_every:
+        return torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg.lr_decay_every, gamma=cfg.lr_decay)
     return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=cfg.lr_halve_epochs, gamma=0.5)
 
 
-def part_modules(model: JointEmbedding) -> dict[str, nn.Module]:
+def part_modules(model: Model) -> dict[str, nn.Module]:
+    """The trainable parts of either system by name (:data:`PARTS`)."""
+    if model.config.arch == "matchmap":
+        return {"3x3 conv": model.image.head, "LSTM": model.text, "trunk": model.image.trunk}
     return {"projection": model.image.proj, "SRU": model.text, "1x1 conv": model.image.adapt,
             "trunk": model.image.trunk}
 
 
-def frozen_modules(model: JointEmbedding, epoch: int, cfg: TrainConfig) -> list[nn.Module]:
+def frozen_modules(model: Model, epoch: int, cfg: TrainConfig) -> list[nn.Module]:
     """Modules that do not train at ``epoch``: the parts not in :func:`parts_at`, and the ``frozen_trunk`` layers
     (paper: conv1, bn1, layer1, layer2) once the trunk trains."""
-    parts = parts_at(cfg, epoch)
+    parts = parts_at(cfg, epoch, model.config.arch)
     frozen = [module for part, module in part_modules(model).items() if part not in parts]
     if "trunk" in parts:
         frozen += [getattr(model.image.trunk, name) for name in cfg.frozen_trunk]
     return frozen
 
 
-def enter_stage(model: JointEmbedding, epoch: int, cfg: TrainConfig) -> list[str]:
+def enter_stage(model: Model, epoch: int, cfg: TrainConfig) -> list[str]:
     """Put ``model`` in training mode for ``epoch``: frozen parts get no gradient; with ``frozen_mode`` 'train'
     they stay in train mode as in the original (batch norm normalises with the batch's statistics and updates its
     running ones, dropout drops), with 'eval' they keep their batch-norm statistics and drop nothing.

@@ -8,7 +8,7 @@ from misc import config, schedule
 from misc.config import TrainConfig
 from misc.errors import UserError
 from models.config import ModelConfig
-from misc.loss import triplet_loss
+from misc.loss import npair_loss, triplet_loss
 from models.joint import build_model
 
 ALL = ("projection", "SRU", "1x1 conv", "trunk")
@@ -58,11 +58,48 @@ def test_sum_loss_warm_up_then_the_configured_loss():
     images, captions = torch.nn.functional.normalize(torch.randn(2, 6, 8), dim=-1)
     ids = torch.arange(6)
     summed, hardest = (triplet_loss(images, captions, hardest=h, ids=ids) for h in (False, True))
+    npair = npair_loss(images @ captions.t(), ids=ids)
     assert summed > hardest
     for cfg, expected in ((TrainConfig(loss="hard", sum_loss_epochs=2), [summed, summed, hardest, hardest]),
-                          (TrainConfig(loss="hard"), [hardest] * 4), (TrainConfig(loss="sum"), [summed] * 4)):
-        got = [schedule.epoch_loss(cfg, epoch)(images, captions, ids=ids) for epoch in range(4)]
+                          (TrainConfig(loss="hard"), [hardest] * 4), (TrainConfig(loss="sum"), [summed] * 4),
+                          (TrainConfig(loss="npair", sum_loss_epochs=1), [summed, npair, npair, npair])):
+        got = [schedule.epoch_loss(cfg, epoch)(images @ captions.t(), ids=ids) for epoch in range(4)]
         assert torch.stack(got).tolist() == torch.stack(expected).tolist()
+
+
+def test_step_decay_and_sgd_with_momentum():
+    cfg = TrainConfig(epochs=7, lr=1e-2, lr_halve_epochs=[], lr_decay_every=3, lr_decay=0.1, optimizer="sgd",
+                      momentum=0.8, text_from_epoch=0, trunk_from_epoch=0)
+    assert [epoch.lr for epoch in schedule.resolve(cfg)] == pytest.approx([1e-2] * 3 + [1e-3] * 3 + [1e-4])
+    model = torch.nn.Linear(2, 1)
+    optimizer = schedule.build_optimizer(model, cfg)
+    assert isinstance(optimizer, torch.optim.SGD) and optimizer.param_groups[0]["momentum"] == 0.8
+    scheduler = schedule.build_scheduler(optimizer, cfg)
+    assert isinstance(scheduler, torch.optim.lr_scheduler.StepLR)
+    for epoch in schedule.resolve(cfg):
+        assert optimizer.param_groups[0]["lr"] == pytest.approx(epoch.lr, rel=1e-12), epoch
+        optimizer.step()
+        scheduler.step()
+    header, _, *rows = schedule.describe(cfg).splitlines()
+    assert header.startswith("schedule: SGD (momentum 0.8);")
+    assert [row.split()[0] for row in rows] == ["0-2", "3-5", "6"]
+    assert schedule.describe(TrainConfig()).startswith("schedule: Adam;")
+    assert isinstance(schedule.build_optimizer(model, TrainConfig()), torch.optim.Adam)
+
+
+def test_matchmap_parts_join_by_the_same_epochs():
+    cfg = TrainConfig(text_from_epoch=1, trunk_from_epoch=2, frozen_trunk=["conv1", "bn1", "layer1"],
+                      frozen_mode="eval")
+    assert [schedule.parts_at(cfg, epoch, "matchmap") for epoch in range(3)] == [
+        ("3x3 conv",), ("3x3 conv", "LSTM"), ("3x3 conv", "LSTM", "trunk")]
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(arch="matchmap", trunk="resnet18", trunk_cut="layer2", region_dim=8,
+                                    lstm_hidden=8, word_dim=8))
+    assert schedule.enter_stage(model, 0, cfg) == ["3x3 conv"]
+    assert not any(p.requires_grad for p in model.text.parameters()) and not model.image.trunk.training
+    assert schedule.enter_stage(model, 2, cfg) == ["3x3 conv", "LSTM", "trunk"]
+    assert not model.image.trunk.layer1.training and model.image.trunk.layer2.training
+    assert not any(p.requires_grad for p in model.image.trunk.conv1.parameters())
 
 
 def one_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:

@@ -17,7 +17,7 @@ from misc.cli import (add_checkpoint_args, add_device_args, add_size_arg, add_wo
 from misc.errors import UserError
 from misc.images import read_image
 from misc.inference import Inference
-from misc.localization import choose_k, heatmaps, peak_location
+from misc.localization import apply_filters, peak_location
 from misc.visualize import figure_size, overlays, save_png
 from misc.words import tokenize
 
@@ -53,15 +53,15 @@ def main(argv: list[str] | None = None) -> None:
         if model.known_words(text) == 0:
             log.warning("no word of %r is in the vocabulary: its heatmap means little", text)
     size = args.size or model.test_size
-    k = choose_k(args.k, model.dim, PAPER_K)
+    k = model.choose_k(args.k, PAPER_K)
 
-    maps = model.maps(model.transform(size)(image)[None])  # (1, D', h, w)
-    heat = heatmaps(maps, model.weight, model.embed_texts(args.text), k)[0].cpu()  # (T, h, w)
+    maps = model.maps(model.transform(size)(image)[None])  # (1, C, h, w)
+    heat = apply_filters(maps, model.filters(args.text, k))[0].cpu()  # (T, h, w)
     peaks = peak_location(heat, *image.size)  # (T, 2) in the image's pixels
     save_png(overlays(image, heat, peaks, args.text, args.alpha), args.out)
     width, height = figure_size(*image.size, len(args.text))
     print(f"{args.out}: {width}x{height} px, {len(args.text)} heatmap(s) of {heat.shape[1]}x{heat.shape[2]} "
-          f"({size}x{size} input, k={k})")
+          f"({size}x{size} input, k={k if k is not None else 'n/a'})")
     for text, (x, y) in zip(args.text, peaks.tolist()):
         print(f"  peak of {text!r} at x={x:.0f}, y={y:.0f} of {image.size[0]}x{image.size[1]}")
 

@@ -42,7 +42,7 @@ from misc.errors import UserError
 from misc.datasets import SPLITS, ImageDataset, Record, karpathy_records, load_coco, truth_masks, uses_demo
 from misc.files import update_results, write_json
 from misc.inference import Inference
-from misc.localization import apply_filters, choose_k, text_filters, upsample
+from misc.localization import apply_filters, upsample
 from misc.segmentation import (ORIGINAL_SIDE, average_precision, binarize, iou, original_average_precision,
                                original_iou, original_prediction, original_truth)
 
@@ -103,12 +103,13 @@ def original_segmentations(coco: COCO, image_id: int) -> dict[int, list]:
     return grouped
 
 
-def segment(model: Inference, coco: COCO, records: list[Record], categories: list[int], texts: torch.Tensor,
-            size: int, k: int, threshold: float, protocol: str, score: str, batch_size: int, workers: int,
+def segment(model: Inference, coco: COCO, records: list[Record], categories: list[int], texts: list[str],
+            size: int, k: int | None, threshold: float, protocol: str, score: str, batch_size: int, workers: int,
             progress: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Scores, IoUs (0 where the category is absent; NaN for the original's 0 / 0) and presence of every
     (image, category): each (N, C)."""
-    filters = text_filters(model.weight, texts, k)  # (C, D'), shared by every image
+    filters = model.filters(texts, k)  # (C, D'), shared by every image
+    vectors = model.embed_texts(texts) if score == "similarity" else None  # (C, d)
     column = {category: c for c, category in enumerate(categories)}
     loader = DataLoader(ImageDataset([r.image for r in records], model.transform(size)), batch_size=batch_size,
                         num_workers=workers, pin_memory=model.device.type == "cuda")
@@ -117,7 +118,7 @@ def segment(model: Inference, coco: COCO, records: list[Record], categories: lis
         maps = model.maps(images)  # (B, D', h, w)
         heat = apply_filters(maps, filters)  # (B, C, h, w)
         if score == "similarity":
-            scores.append((model.embed_maps(maps) @ texts.T).cpu())  # (B, C)
+            scores.append((model.embed_maps(maps) @ vectors.T).cpu())  # (B, C)
         else:
             scores.append(heat.flatten(2).amax(dim=2).cpu())
         heat = heat.cpu()
@@ -192,10 +193,10 @@ def main(argv: list[str] | None = None) -> None:
     unknown = [queries[c] for c in categories if model.known_words(queries[c]) == 0]
     if unknown:
         log.warning("no word of these queries is in the vocabulary: %s", ", ".join(unknown))
-    texts = model.embed_texts([queries[c] for c in categories])  # (C, d)
-    k = choose_k(args.k, model.dim, PAPER_K)
+    texts = [queries[c] for c in categories]
+    k = model.choose_k(args.k, PAPER_K)
     size = args.size or model.test_size
-    log.info("semantic segmentation (%s): %d images of %s, %d categories, %dx%d, k=%d, threshold %.2f on %s",
+    log.info("semantic segmentation (%s): %d images of %s, %d categories, %dx%d, k=%s, threshold %.2f on %s",
              args.protocol, len(records), images_from, len(categories), size, size, k, args.threshold, model.device)
     scores, ious, present = segment(model, coco, records, categories, texts, size, k, args.threshold,
                                     args.protocol, args.score, args.batch_size,
@@ -226,7 +227,7 @@ def main(argv: list[str] | None = None) -> None:
         results["score"] = args.score
 
     print(f"semantic segmentation ({args.protocol}): {len(records)} images of {images_from}, {len(evaluated)} "
-          f"categories with positives, {size}x{size}, k={k}, threshold {args.threshold:g}")
+          f"categories with positives, {size}x{size}, k={k if k is not None else 'n/a'}, threshold {args.threshold:g}")
     print(f"  {'IoU':<8}{'mAP':>8}{'paper':>8}")
     for t in IOU_THRESHOLDS:
         value = means[f"mAP@{t}"]

@@ -12,7 +12,6 @@ the embeddings are gathered with their gradients, as in train.py.
 from __future__ import annotations
 
 import argparse
-import functools
 import os
 import socket
 import statistics
@@ -30,8 +29,8 @@ from torch.nn.parallel import DistributedDataParallel  # noqa: E402
 
 from bench.common import machine  # noqa: E402
 from misc.config import preset  # noqa: E402
-from misc.distributed import global_loss  # noqa: E402
-from misc.loss import triplet_loss  # noqa: E402
+from misc.engine import batch_scores  # noqa: E402
+from misc.loss import build_loss  # noqa: E402
 from misc.schedule import build_optimizer, enter_stage  # noqa: E402
 from models.joint import build_model  # noqa: E402
 
@@ -48,10 +47,8 @@ def step_times(rank: int, world_size: int, name: str, steps: int, size: int | No
     model = build_model(model_cfg)
     enter_stage(model, max(train_cfg.trunk_from_epoch, train_cfg.text_from_epoch), train_cfg)  # the costliest stage
     optimizer = build_optimizer(model, train_cfg)
-    loss_fn = functools.partial(triplet_loss, margin=train_cfg.margin, hardest=train_cfg.loss == "hard")
-    network = model
-    if world_size > 1:
-        network, loss_fn = DistributedDataParallel(model), global_loss(loss_fn)
+    loss_fn = build_loss(train_cfg.loss, train_cfg.margin)
+    network = DistributedDataParallel(model) if world_size > 1 else model
     local = batch // world_size
     per_image = train_cfg.captions_per_image if train_cfg.group_captions else 1  # captions encoded per image
     images = torch.randn(local, 3, size, size)
@@ -61,8 +58,9 @@ def step_times(rank: int, world_size: int, name: str, steps: int, size: int | No
     times = []
     for _ in range(steps + 1):  # the first step warms up
         start = time.perf_counter()
-        image_emb, text_emb = network(images, words, lengths)
-        loss = loss_fn(image_emb.repeat_interleave(per_image, dim=0), text_emb, ids=ids)
+        image_out, text_out = network(images, words, lengths)
+        scores, pair_ids = batch_scores(model, image_out, text_out, lengths, ids, global_batch=world_size > 1)
+        loss = loss_fn(scores, ids=pair_ids)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()

@@ -28,7 +28,7 @@ from misc.config import ModelConfig, preset  # noqa: E402
 from misc.engine import autocast, train_one_epoch  # noqa: E402
 from misc.files import atomic_path  # noqa: E402
 from misc.localization import heatmaps  # noqa: E402
-from misc.loss import triplet_loss  # noqa: E402
+from misc.loss import build_loss  # noqa: E402
 from misc.retrieval import evaluate  # noqa: E402
 from misc.schedule import build_optimizer, enter_stage  # noqa: E402
 from misc.words import Encoded  # noqa: E402
@@ -58,7 +58,7 @@ def training(device: torch.device, steps: int, batch: int) -> str:
     optimizer = build_optimizer(model, train_cfg)
     captions = Encoded(torch.randn(batch, WORDS, model_cfg.word_dim), torch.full((batch,), WORDS), 0, batch * WORDS)
     batches = [(torch.randn(batch, 3, 256, 256), captions, torch.arange(batch))] * (steps + 1)
-    loss_fn = functools.partial(triplet_loss, margin=train_cfg.margin, hardest=True)
+    loss_fn = build_loss("hard", train_cfg.margin)
     train_one_epoch(model, batches[:1], optimizer, loss_fn, device, "bf16", memory_format=torch.channels_last,
                     progress=False)  # warm-up: cuDNN autotuning, allocations
     torch.cuda.synchronize()

@@ -293,9 +293,9 @@ def type_name(kind: Any) -> str:
 
 
 def apply_settings(model: ModelConfig, train: TrainConfig, settings: list[str]) -> tuple[ModelConfig, TrainConfig]:
-    """Apply ``model.KEY=VALUE`` / ``train.KEY=VALUE`` settings, each value typed from its field (see
-    :func:`parse_value`) and checked with the rest of its configuration."""
-    configs = {"model": model, "train": train}
+    """Apply ``model.KEY=VALUE`` / ``train.KEY=VALUE`` settings (the last one of a key wins), each value typed from
+    its field (see :func:`parse_value`) and checked with the rest of its configuration."""
+    changes: dict[str, dict[str, Any]] = {"model": {}, "train": {}}
     for setting in settings:
         name, equals, text = setting.partition("=")
         section, dot, key = name.partition(".")
@@ -304,5 +304,6 @@ def apply_settings(model: ModelConfig, train: TrainConfig, settings: list[str]) 
             raise UserError(f"--set {setting}: expected model.KEY=VALUE or train.KEY=VALUE with KEY a field of "
                             f"ModelConfig (models/config.py) or TrainConfig (misc/config.py)"
                             f"{did_you_mean(name, names)}")
-        configs[section] = replace(configs[section], **{key: parse_value(section, key, text)})
-    return configs["model"], configs["train"]
+        changes[section][key] = parse_value(section, key, text)
+    # Checked once per section, with every setting in: fields that must agree can change together.
+    return replace(model, **changes["model"]), replace(train, **changes["train"])

@@ -18,7 +18,8 @@ import torch
 
 from misc import checkpoint
 from misc.datasets import eval_transform
-from misc.engine import autocast, encode_captions, resolve_device
+from misc.localization import choose_k
+from misc.engine import autocast, encode_captions, image_vectors, resolve_device, vector_dim
 from misc.words import WordVectors
 from models.joint import JointEmbedding
 
@@ -64,8 +65,8 @@ class Inference:
 
     @property
     def dim(self) -> int:
-        """d, the joint space's dimension."""
-        return self.model.config.embed_dim
+        """The dimension of one image's or one text's vector: d for DSVE, the region dimension for the matchmap."""
+        return vector_dim(self.model)
 
     @property
     def test_size(self) -> int:
@@ -88,20 +89,39 @@ class Inference:
 
     @torch.no_grad()
     def maps(self, images: torch.Tensor) -> torch.Tensor:
-        """Feature maps G (B, D', h, w) float32 of a batch of normalised images."""
+        """The maps heatmaps are read from, (B, C, h, w) float32, of a batch of normalised images: DSVE's G
+        (eq. 3), the matchmap's region vectors."""
         with autocast(self.device, self.amp):
-            return self.model.image.feature_maps(self._input(images)).float().contiguous()
+            return self.model.maps(self._input(images)).float().contiguous()
+
+    @torch.no_grad()
+    def filters(self, texts: list[str], k: int | None = None) -> torch.Tensor:
+        """One filter per text (T, C) on the device, applied to :meth:`maps` by
+        :func:`misc.localization.apply_filters`: DSVE's eq. 9 filter of the k largest entries, the matchmap's mean
+        word vector (its phrase map is the mean of its words' maps; ``k`` is not used)."""
+        encoded = self.words.encode(texts)
+        with autocast(self.device, self.amp):
+            return self.model.text_filters(encoded.words.to(self.device), encoded.lengths, k).float()
 
     @torch.no_grad()
     def embed_maps(self, maps: torch.Tensor) -> torch.Tensor:
-        """Unit image embeddings (B, d) from maps G (eq. 1-3)."""
+        """One vector per image (B, :attr:`dim`) from its :meth:`maps`: DSVE's unit embedding (eq. 1-3), the
+        matchmap's mean region vector."""
+        if self.model.config.arch == "matchmap":
+            return maps.mean(dim=(2, 3))
         return self.model.image.embed_maps(maps).float()
+
+    def choose_k(self, requested: int | None, paper_k: int) -> int | None:
+        """k of eq. 9 for a DSVE model (:func:`misc.localization.choose_k`); None for the matchmap, whose
+        heatmaps use every dimension."""
+        return None if self.model.config.arch == "matchmap" else choose_k(requested, self.dim, paper_k)
 
     @torch.no_grad()
     def embed_images(self, images: torch.Tensor) -> torch.Tensor:
-        """Unit image embeddings (B, d) float32 of a batch of normalised images, on the CPU."""
+        """One vector per image (B, :attr:`dim`) float32 on the CPU: DSVE's unit embedding (eq. 1), the matchmap's
+        mean region vector."""
         with autocast(self.device, self.amp):
-            return self.model.image(self._input(images)).float().cpu()
+            return image_vectors(self.model, self._input(images)).float().cpu()
 
     def embed_texts(self, texts: list[str], batch_size: int = 256, progress: bool = False) -> torch.Tensor:
         """Unit text embeddings (T, d) float32 on the device (eq. 4); every text must have a word."""

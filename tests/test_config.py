@@ -82,3 +82,11 @@ def test_bad_settings_are_one_line_naming_the_key(setting, message):
 def test_a_checkpoint_config_with_an_unknown_key_is_refused_with_a_suggestion():
     with pytest.raises(UserError, match=r"unknown keys \['embed_dims'\] \(did you mean embed_dim\?\)"):
         config.from_dict(config.ModelConfig, {"embed_dims": 8})
+
+
+def test_settings_that_must_agree_can_change_together():
+    model, _ = config.apply_settings(*config.preset("demo-matchmap"),
+                                     ["model.region_dim=16", "model.lstm_hidden=16"])
+    assert (model.region_dim, model.lstm_hidden) == (16, 16)
+    with pytest.raises(UserError, match="lstm_hidden"):
+        config.apply_settings(*config.preset("demo-matchmap"), ["model.region_dim=16"])

@@ -61,6 +61,10 @@ class Recorder(torch.nn.Module):
     def forward(self, images: torch.Tensor, words: torch.Tensor, lengths: torch.Tensor):
         return self.scale * images.mean(dim=(1, 2, 3))[:, None], words[:, 0]
 
+    def score(self, images: torch.Tensor, texts: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """Row i holds the image output of pair i (the training loop repeats each image per caption)."""
+        return images.expand(-1, len(texts))
+
 
 def words() -> WordVectors:
     table = KeyedVectors(vector_size=1)
@@ -71,10 +75,10 @@ def words() -> WordVectors:
 def test_training_step_pairs_each_image_with_its_captions(records: list[Record]) -> None:
     seen = []
 
-    def loss_fn(image_emb: torch.Tensor, text_emb: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        assert image_emb.shape == text_emb.shape
-        seen.append((image_emb.detach().squeeze(1), ids))
-        return image_emb.sum()
+    def loss_fn(scores: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        assert scores.shape == (len(ids), len(ids))
+        seen.append((scores.detach().diagonal(), ids))
+        return scores.sum()
 
     dataset = PairDataset(records, to_tensor, 5, seed=0, group=True)
     loader = torch.utils.data.DataLoader(dataset, batch_size=3, collate_fn=PairCollate(words()))

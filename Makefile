@@ -9,6 +9,10 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 RUN := runs/demo
+MM := runs/demo-matchmap
+RESULTS := $(RUN)/results.json
+DSVE := --results $(RESULTS) --results-key models.dsve.
+MATCHMAP := --results $(RESULTS) --results-key models.matchmap.
 export TORCH_EXTENSIONS_DIR := $(CURDIR)/.cache/torch_extensions
 
 .PHONY: demo test test-fast lint bench bench-gpu clean
@@ -20,13 +24,18 @@ $(STAMP): requirements.txt
 
 demo: $(STAMP)
 	$(PY) train.py --preset demo --out $(RUN) --channels-last --no-progress
-	$(PY) eval_retrieval.py -p $(RUN)/best.pth.tar --json $(RUN)/retrieval.json --results $(RUN)/results.json --no-progress
-	$(PY) pointing_game.py -p $(RUN)/best.pth.tar --split test --size 96 --json $(RUN)/pointing_game.json --results $(RUN)/results.json --overlays $(RUN) --no-progress
-	$(PY) pointing_game.py -p $(RUN)/best.pth.tar --split test --size 96 --protocol centre --json $(RUN)/pointing_game_centre.json --results $(RUN)/results.json --results-key pointing_game_centre --no-progress
-	$(PY) semantic_seg.py -p $(RUN)/best.pth.tar --split test --json $(RUN)/semantic_seg.json --results $(RUN)/results.json --no-progress
-	$(PY) semantic_seg.py -p $(RUN)/best.pth.tar --split test --protocol ranked --json $(RUN)/semantic_seg_ranked.json --results $(RUN)/results.json --results-key semantic_segmentation_ranked --no-progress
+	$(PY) eval_retrieval.py -p $(RUN)/best.pth.tar --json $(RUN)/retrieval.json $(DSVE)retrieval --no-progress
+	$(PY) pointing_game.py -p $(RUN)/best.pth.tar --split test --size 96 --json $(RUN)/pointing_game.json $(DSVE)pointing_game --overlays $(RUN) --no-progress
+	$(PY) pointing_game.py -p $(RUN)/best.pth.tar --split test --size 96 --protocol centre --json $(RUN)/pointing_game_centre.json $(DSVE)pointing_game_centre --no-progress
+	$(PY) pointing_game.py -p $(RUN)/best.pth.tar --dataset demo_entities --split test --size 96 --json $(RUN)/pointing_game_entities.json $(DSVE)pointing_game_entities --no-progress
+	$(PY) semantic_seg.py -p $(RUN)/best.pth.tar --split test --json $(RUN)/semantic_seg.json $(DSVE)semantic_segmentation --no-progress
+	$(PY) semantic_seg.py -p $(RUN)/best.pth.tar --split test --protocol ranked --json $(RUN)/semantic_seg_ranked.json $(DSVE)semantic_segmentation_ranked --no-progress
 	$(PY) localize.py -p $(RUN)/best.pth.tar -i "$$(ls data/demo/images/val2014/*.jpg | head -n 1)" -t "a red diamond" -t "a green rhombus" -t "a blue circle" -o $(RUN)/localize.png
-	@echo "results: $(RUN)/results.json"
+	$(PY) train.py --preset demo-matchmap --out $(MM) --channels-last --no-progress
+	$(PY) eval_retrieval.py -p $(MM)/best.pth.tar --json $(MM)/retrieval.json $(MATCHMAP)retrieval --no-progress
+	$(PY) pointing_game.py -p $(MM)/best.pth.tar --split test --size 96 --json $(MM)/pointing_game.json $(MATCHMAP)pointing_game --no-progress
+	$(PY) pointing_game.py -p $(MM)/best.pth.tar --dataset demo_entities --split test --size 96 --json $(MM)/pointing_game_entities.json $(MATCHMAP)pointing_game_entities --no-progress
+	@echo "results: $(RESULTS)"
 
 test: $(STAMP)
 	$(PY) -m pytest
@@ -44,4 +53,4 @@ bench-gpu: $(STAMP)
 	$(PY) bench/gpu.py
 
 clean:
-	rm -rf runs/demo data/demo
+	rm -rf $(RUN) $(MM) data/demo

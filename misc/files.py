@@ -90,8 +90,13 @@ def write_json(path: Path | str, data: Any) -> None:
 
 
 def update_results(path: Path | str, key: str, value: Any) -> None:
-    """Set ``key`` in a shared results JSON file (e.g. runs/demo/results.json), keeping the other entries."""
+    """Set ``key`` in a shared results JSON file (e.g. runs/demo/results.json), keeping the other entries; a
+    dotted key (``models.dsve.retrieval``) sets a nested entry."""
     path = Path(path)
     results = json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
-    results[key] = value
+    *parents, last = key.split(".")
+    entry = results
+    for name in parents:
+        entry = entry.setdefault(name, {})
+    entry[last] = value
     write_json(path, results)

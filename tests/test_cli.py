@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 
 import pytest
 
@@ -47,3 +48,15 @@ def test_an_undecodable_image_is_one_line_naming_it(tmp_path, capsys):
         cli.run(localize.main, ["-p", str(tmp_path / "m.pth.tar"), "-i", str(bomb), "-t", "a dog"])
     error = capsys.readouterr().err
     assert exit_.value.code == 2 and error.count("\n") == 1 and error.startswith(f"error: {bomb}: cannot read it")
+
+
+def test_results_are_merged_into_one_file_with_nested_keys(tmp_path):
+    from misc.files import update_results
+    path = tmp_path / "results.json"
+    update_results(path, "models.dsve.retrieval", {"rsum": 1.0})
+    update_results(path, "models.dsve.pointing_game", {"accuracy": 50.0})
+    update_results(path, "models.matchmap.retrieval", {"rsum": 2.0})
+    update_results(path, "note", "kept")
+    assert json.loads(path.read_text()) == {"models": {"dsve": {"retrieval": {"rsum": 1.0},
+                                                                "pointing_game": {"accuracy": 50.0}},
+                                                       "matchmap": {"retrieval": {"rsum": 2.0}}}, "note": "kept"}

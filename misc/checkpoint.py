@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import io
 import logging
 import pickle
 import re
@@ -59,7 +60,9 @@ def atomic_save(obj: Any, path: Path | str) -> None:
     """``torch.save`` through :func:`misc.files.atomic_path`: readers (and a power cut) find the previous file or
     the complete new one; a full disk is one line naming ``path``, the previous file intact."""
     with atomic_path(path) as temporary:
-        torch.save(obj, temporary)
+        buffer = io.BytesIO()
+        torch.save(obj, buffer)  # in memory first: torch reports a failed file write without its errno
+        temporary.write_bytes(buffer.getbuffer())
 
 
 def save_training(state: dict[str, Any], folder: Path, is_best: bool) -> None:

@@ -128,11 +128,13 @@ def test_a_full_disk_is_one_line_and_keeps_the_previous_checkpoint(straight: Pat
         shutil.copy(straight / name, tmp_path / name)
     before = {name: (tmp_path / name).read_bytes() for name in (checkpoint.LAST, checkpoint.BEST)}
 
-    def full_disk(obj, stream, *args, **kwargs):
-        Path(stream).write_bytes(b"the first blocks")
-        raise OSError(errno.ENOSPC, "No space left on device")
+    write = Path.write_bytes
 
-    monkeypatch.setattr(torch, "save", full_disk)
+    def full_disk(path: Path, data: bytes) -> None:  # the checkpoint's bytes reach the disk through write_bytes
+        write(path, bytes(data[:16]))
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(Path, "write_bytes", full_disk)
     status = run_in_process("train.py", ["--resume", tmp_path / checkpoint.LAST, "--epochs", "3", *SMALL],
                             tiny_world, monkeypatch)
     error = one_line_error(capsys, status)

@@ -21,6 +21,7 @@ from torch import nn
 from misc.config import TrainConfig
 from misc.loss import LossFn, build_loss
 from models.joint import Model
+from models.trunks import stage_modules
 
 # The parts that can train, in the order they join: the first always trains, the second (text) from
 # text_from_epoch, the others from trunk_from_epoch.
@@ -122,12 +123,12 @@ def part_modules(model: Model) -> dict[str, nn.Module]:
 
 
 def frozen_modules(model: Model, epoch: int, cfg: TrainConfig) -> list[nn.Module]:
-    """Modules that do not train at ``epoch``: the parts not in :func:`parts_at`, and the ``frozen_trunk`` layers
-    (paper: conv1, bn1, layer1, layer2) once the trunk trains."""
+    """Modules that do not train at ``epoch``: the parts not in :func:`parts_at`, and the ``frozen_trunk`` stages
+    (paper: conv1, bn1, layer1, layer2; :mod:`models.trunks` names every trunk's stages) once the trunk trains."""
     parts = parts_at(cfg, epoch, model.config.arch)
     frozen = [module for part, module in part_modules(model).items() if part not in parts]
     if "trunk" in parts:
-        frozen += [getattr(model.image.trunk, name) for name in cfg.frozen_trunk]
+        frozen += stage_modules(model.image.trunk, model.image.grid.stages, cfg.frozen_trunk)
     return frozen
 
 

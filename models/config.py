@@ -19,7 +19,7 @@ class ModelConfig:
     ``region_dim``, ``lstm_hidden``, ``score`` and ``word_dim``; both read ``trunk_init``."""
 
     arch: str = "dsve"
-    trunk: str = "resnet152"  # any torchvision ResNet; a VGG too for the matchmap (models.visual.build_grid_trunk)
+    trunk: str = "resnet152"  # a torchvision classification network or timm:NAME (models.trunks.build_trunk)
     maps_dim: int = 2400  # D', channels of the maps G
     embed_dim: int = 2400  # d, joint space (also the SRU hidden size)
     pooling: str = "weldon"  # or "gap"
@@ -30,12 +30,13 @@ class ModelConfig:
     text_dropout: float = 0.25  # sru's dropout: on the outputs of every SRU layer but the last
     rnn_dropout: float = 0.25  # sru's rnn_dropout: on every SRU layer's input, one mask per caption (the original's)
     forget_bias: float = 0.0  # initial SRU forget-gate bias; > 0 keeps early words in memory longer (paper: 0)
-    # What a new model's trunk starts from (models.visual.init_trunk): "scratch", "IMAGENET1K_V1" | "IMAGENET1K_V2"
-    # (torchvision's, from torch hub's cache), "file:PATH" (a torchvision state dict of the trunk) or
+    # What a new model's trunk starts from (models.trunks.init_trunk): "scratch", a torchvision weights name
+    # ("IMAGENET1K_V1", "IMAGENET1K_V2", ...: from torch hub's cache), "file:PATH" (a state dict of the whole network
+    # in the trunk's keys), "package:NAME" (an installed weights package: models.trunks.PACKAGES) or
     # "checkpoint:PATH" (train.py --init); "" = not chosen yet. A checkpoint's weights supersede it.
     trunk_init: str = ""
     # the matchmap (models/matchmap.py): region vectors v[h, w] and word vectors w[t] of the same size D
-    trunk_cut: str = ""  # the trunk's last stage kept: layer2-4 (ResNet) or conv3-5 (VGG); "" = its last one
+    trunk_cut: str = ""  # the trunk's last stage kept: layer2-4 (ResNet) or conv3-5 (VGG); "" = its last conv stage
     region_dim: int = 1024  # D, channels of the 3x3 conv on the trunk's grid
     lstm_hidden: int = 1024  # hidden size of the one-layer LSTM: must equal region_dim
     score: str = "avg_both"  # caption-image score from the matchmap: avg_both | max_img | max_text

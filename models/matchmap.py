@@ -18,7 +18,7 @@ from torch import nn
 
 from misc.localization import apply_filters
 from models.config import ModelConfig
-from models.visual import build_grid_trunk, init_trunk
+from models.trunks import build_trunk, init_trunk
 
 
 def word_mask(lengths: torch.Tensor, steps: int) -> torch.Tensor:
@@ -70,8 +70,9 @@ class RegionEncoder(nn.Module):
     def __init__(self, trunk: str, cut: str, region_dim: int) -> None:
         super().__init__()
         self.trunk_name = trunk
-        self.trunk, channels, self.dropped = build_grid_trunk(trunk, cut)
-        self.head = nn.Sequential(nn.Conv2d(channels, region_dim, kernel_size=3, padding=1),
+        self.grid = build_trunk(trunk, cut)  # the trunk with its channels, stride and stages
+        self.trunk = self.grid.module
+        self.head = nn.Sequential(nn.Conv2d(self.grid.channels, region_dim, kernel_size=3, padding=1),
                                   nn.BatchNorm2d(region_dim), nn.ReLU(inplace=True))
 
     def feature_maps(self, images: torch.Tensor) -> torch.Tensor:
@@ -82,8 +83,8 @@ class RegionEncoder(nn.Module):
         return self.feature_maps(images)
 
     def init_trunk(self, source: str) -> str:
-        """Start the trunk from ``source`` (:func:`models.visual.init_trunk`); returns what was done."""
-        return init_trunk(self.trunk, self.trunk_name, source, self.dropped)
+        """Start the trunk from ``source`` (:func:`models.trunks.init_trunk`); returns what was done."""
+        return init_trunk(self.grid, self.trunk_name, source)
 
 
 class WordEncoder(nn.Module):

@@ -11,7 +11,7 @@ from misc.localization import heatmaps as dsve_heatmaps
 from models.config import ModelConfig
 from models.joint import JointEmbedding, build_model
 from models.matchmap import Matchmap, match_scores, paired_matchmaps
-from models.visual import build_grid_trunk
+from models.trunks import build_trunk
 
 TINY = {"arch": "matchmap", "trunk": "resnet18", "trunk_cut": "layer3", "region_dim": 8, "lstm_hidden": 8,
         "word_dim": 5}
@@ -56,7 +56,8 @@ def test_the_three_scores_differ():
                                                          ("resnet50", "layer3", 1024, 14),
                                                          ("resnet50", "", 2048, 7)])
 def test_grid_trunks_give_the_papers_grids_at_224(trunk, cut, channels, grid):
-    module, dim, dropped = build_grid_trunk(trunk, cut)
+    built = build_trunk(trunk, cut)
+    module, dim, dropped = built.module, built.channels, built.dropped
     assert dim == channels
     with torch.no_grad():
         assert module.eval()(torch.randn(1, 3, 224, 224)).shape == (1, channels, grid, grid)

@@ -9,7 +9,8 @@ from misc.errors import UserError
 from models.config import ModelConfig
 from models.joint import build_model
 from models.text import TextEncoder
-from models.visual import ImageEncoder, imagenet_file
+from models.trunks import imagenet_file
+from models.visual import ImageEncoder
 from models.weldon import build_pooling, weldon_pool
 
 
@@ -68,8 +69,8 @@ def test_image_path_shapes_and_unit_norm_on_non_square_input(trunk, trunk_dim):
 def test_unknown_trunk_is_rejected_with_a_suggestion():
     with pytest.raises(UserError, match=r"model.trunk = 'resnet125': unknown \(did you mean resnet152\?\)"):
         ImageEncoder("resnet125", 8, 8, "weldon", 1, 0.0)
-    with pytest.raises(UserError, match="model.trunk = 'vgg16': unknown; choose one of resnet"):
-        ImageEncoder("vgg16", 8, 8, "weldon", 1, 0.0)
+    with pytest.raises(UserError, match="model.trunk = 'vit_b_16': unknown"):  # no feature grid to cut
+        ImageEncoder("vit_b_16", 8, 8, "weldon", 1, 0.0)
 
 
 def test_text_path_reads_the_last_real_token_of_padded_captions():

@@ -3,6 +3,7 @@
     python eval_retrieval.py -p runs/demo/best.pth.tar                # test split of the checkpoint's dataset
     python eval_retrieval.py -p model.pth.tar --dataset coco --split test --json results.json
     python eval_retrieval.py --features features.npz                  # images (N, d), captions (5N, d)
+    python eval_retrieval.py -p model.pth.tar --dataset mine.jsonl --split test   # one's own data (data/README.md)
 
 Protocols: "1k" averages folds of 1000 images (5000 captions); "full" ranks against every test image (5k on COCO).
 """
@@ -29,7 +30,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     source = parser.add_mutually_exclusive_group(required=True)
     add_checkpoint_args(source, required=False)
     source.add_argument("--features", type=Path, help="precomputed features .npz (images, captions[, owner])")
-    parser.add_argument("--split", default="test", help="split to evaluate (default: test)")
+    parser.add_argument("--split", default="test",
+                        help="split to evaluate (default: test; a JSON-lines file: any of its splits)")
     parser.add_argument("--dataset", help="coco | flickr30k | demo | JSON-lines file (default: the checkpoint's)")
     parser.add_argument("--protocol", choices=EVAL_PROTOCOLS, default="resize",
                         help="resize: SIZE x SIZE (default); crop: smaller side SIZE, centre crop 224/256 of it")

@@ -8,6 +8,8 @@
 --dataset coco (or demo, the demo world in the same formats): phrases are the Visual Genome region descriptions
 (config key vg_dir) of images that are also COCO val2014 images (or, with --split, images of that Karpathy split, to
 keep clear of training images). The image file is the COCO one, found through the cocoid of Karpathy's split file.
+--dataset FILE.jsonl (one's own data, data/README.md): phrases are each image's "regions" of --split (default test),
+boxes in the image's own pixels.
 --dataset flickr30k_entities (or demo_entities): every bracketed phrase of the captions of a Flickr30K Entities split
 (--split, default test; config keys flickr_entities and flickr_images); a hit is a point in ANY box of the phrase's
 coreference chain. Phrases of chains without a box (not visual, no box, scene) are skipped and counted; with
@@ -44,8 +46,9 @@ from tqdm import tqdm
 from misc import config, flickr_entities
 from misc.cli import (add_checkpoint_args, add_device_args, add_output_args, add_size_arg, add_words_arg, parser_for,
                       positive_int, run)
-from misc.datasets import SPLITS, ImageDataset, coco_files, read_regions, uses_demo
-from misc.errors import UserError
+from misc.custom import Entry, image_size, split_entries
+from misc.datasets import SPLITS, ImageDataset, coco_files, is_custom, read_regions, uses_demo
+from misc.errors import UserError, check_choice, did_you_mean
 from misc.files import update_results, write_json
 from misc.images import decode_image
 from misc.inference import Inference
@@ -79,11 +82,13 @@ class Item:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = parser_for(__doc__)
     add_checkpoint_args(parser)
-    parser.add_argument("--dataset", choices=DATASETS,
-                        help="phrases and data paths (default: the checkpoint's dataset, Visual Genome phrases)")
-    parser.add_argument("--split", choices=list(SPLITS),
+    parser.add_argument("--dataset",
+                        help=f"{' | '.join(DATASETS)} | a JSON-lines file with regions (default: the checkpoint's "
+                             f"dataset, Visual Genome phrases)")
+    parser.add_argument("--split",
                         help="only images of this Karpathy split (default: every COCO val2014 image); with Flickr30K "
-                             "Entities: train, val or test (default test)")
+                             "Entities: train, val or test (default test); with a JSON-lines file: any of its splits "
+                             "(default test)")
     parser.add_argument("--scene-as-image", action="store_true",
                         help="Flickr30K Entities: a scene chain without a box points at the whole image (default: "
                              "skipped)")
@@ -229,10 +234,30 @@ def write_overlays(model: Inference, items: list[Item], per_phrase: list[dict], 
     return written
 
 
+def select_custom(entries: list[Entry], model: Inference, min_words: int) -> tuple[list[Item], list[dict]]:
+    """The regions of a JSON-lines file's images (boxes in the stored image's pixels), and the skipped ones."""
+    items, skipped = [], []
+    for entry in entries:
+        item = Item(entry.line, entry.image, tuple(float(side) for side in image_size(entry.image)))
+        for number, (phrase, box) in enumerate(entry.regions):
+            keep(item, Phrase(phrase, [box], {"region": number}), None, model, min_words, skipped)
+        if item.phrases:
+            items.append(item)
+    return items, skipped
+
+
 def load_items(args: argparse.Namespace, model: Inference) -> tuple[list[Item], list[dict], str]:
     """The images and phrases of --dataset, the skipped phrases, and where the images come from."""
     trained_on = model.config["train"]["dataset"]
     dataset = args.dataset or ("flickr30k_entities" if trained_on == "flickr30k" else trained_on)
+    if is_custom(dataset):
+        split = args.split or "test"
+        entries = split_entries(Path(dataset), split)
+        items, skipped = select_custom(entries[:args.limit], model, args.min_words)
+        return items, skipped, f"{Path(dataset).name} split {split}"
+    if dataset not in DATASETS:
+        raise UserError(f"--dataset {dataset}: unknown{did_you_mean(dataset, DATASETS)}; choose one of "
+                        f"{', '.join(DATASETS)} or a JSON-lines file with regions (data/README.md)")
     entities = dataset in ("flickr30k_entities", "demo_entities")
     demo = uses_demo({"flickr30k_entities": "coco", "demo_entities": "demo"}.get(dataset, dataset))
     if entities:
@@ -243,6 +268,8 @@ def load_items(args: argparse.Namespace, model: Inference) -> tuple[list[Item], 
         images = flickr_entities.load_images(root, config.path("flickr_images", demo=demo), split, args.limit)
         items, skipped = select_entities(images, model, args.min_words, args.scene_as_image)
         return items, skipped, f"Flickr30K Entities {split}"
+    if args.split is not None:
+        check_choice("--split", args.split, SPLITS)
     vg_dir = config.path("vg_dir", demo=demo)
     files = coco_files(config.path("coco_karpathy", demo=demo), config.path("coco_images", demo=demo), args.split)
     items, skipped = select_regions(read_regions(vg_dir, files, args.limit), files, model, args.min_words)

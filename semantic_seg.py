@@ -21,6 +21,9 @@ ranked: the paper's text. Images: the Karpathy split (default test). Query: name
   by a score (--score: image-query cosine similarity, or the heatmap's maximum), a true positive when the category
   is there and IoU >= the IoU threshold; non-interpolated AP over the images that have the category.
 
+--dataset FILE.jsonl (one's own data, data/README.md): the images of --split (default test); the categories are
+the union of the split's segment categories, their masks the segments' polygons and RLE (pycocotools, as on COCO).
+
 Paper: mAP 0.34 / 0.24 / 0.15 at IoU 0.3 / 0.4 / 0.5.
 """
 from __future__ import annotations
@@ -38,8 +41,10 @@ from tqdm import tqdm
 from misc import config
 from misc.cli import (add_checkpoint_args, add_device_args, add_output_args, add_size_arg, add_words_arg, parser_for,
                       positive_int, run)
-from misc.errors import UserError
-from misc.datasets import SPLITS, ImageDataset, Record, karpathy_records, load_coco, truth_masks, uses_demo
+from misc.custom import as_coco, split_entries
+from misc.datasets import (SPLITS, ImageDataset, Record, is_custom, karpathy_records, load_coco, truth_masks,
+                           uses_demo)
+from misc.errors import UserError, check_choice
 from misc.files import update_results, write_json
 from misc.inference import Inference
 from misc.localization import apply_filters, upsample
@@ -58,11 +63,13 @@ PROTOCOLS = ("original", "ranked")
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = parser_for(__doc__)
     add_checkpoint_args(parser)
-    parser.add_argument("--dataset", choices=["coco", "demo"], help="data paths (default: the checkpoint's dataset)")
+    parser.add_argument("--dataset", help="coco | demo | a JSON-lines file with segments (default: the checkpoint's "
+                                          "dataset)")
     parser.add_argument("--protocol", choices=PROTOCOLS, default="original",
                         help="original release's metric (default) or the paper's ranked AP; see above")
-    parser.add_argument("--split", choices=list(SPLITS),
-                        help="Karpathy split (default: every annotated image for original, test for ranked)")
+    parser.add_argument("--split",
+                        help="Karpathy split (default: every annotated image for original, test for ranked); with a "
+                             "JSON-lines file: any of its splits (default test)")
     add_size_arg(parser)
     parser.add_argument("--k", type=positive_int,
                         help=f"maps summed per query (default {PAPER_K}, the paper's for d = 2400; scaled for "
@@ -162,6 +169,34 @@ def select_images(coco: COCO, annotations: Path, images_root: Path, karpathy: Pa
     return [r for r in records if r.image.is_file()]
 
 
+def load_images(dataset: str, split: str | None) -> tuple[COCO, list[Record], str]:
+    """The instances index, the images to evaluate and where they come from: COCO's instances_val2014.json (or the
+    demo world's), or the segments of a JSON-lines file's split (default test) as an in-memory COCO index."""
+    if is_custom(dataset):
+        split = split or "test"
+        entries = split_entries(Path(dataset), split)
+        coco = as_coco(entries, Path(dataset))
+        records = [Record(entry.image, [], entry.line) for entry in entries if entry.image.is_file()]
+        if len(records) < len(entries):
+            log.warning("%d images of %s are missing on disk: left out", len(entries) - len(records), dataset)
+        if not coco.cats or not records:
+            raise UserError(f"{dataset}: no {'segment' if records else 'image on disk'} in split {split!r}; "
+                            f"segmentation needs images with \"segments\" (data/README.md)")
+        return coco, records, f"{Path(dataset).name} split {split}"
+    demo = uses_demo(dataset)
+    if split is not None:
+        check_choice("--split", split, SPLITS)
+    annotations = config.required_file("coco_annotations", config.path("coco_annotations", demo=demo),
+                                       "instances_val2014.json")
+    coco = load_coco(annotations)
+    records = select_images(coco, annotations, config.path("coco_images", demo=demo),
+                            config.path("coco_karpathy", demo=demo), split)
+    images_from = f"Karpathy split {split}" if split else annotations.name
+    if not records:
+        raise UserError(f"no image of {images_from} is both in {annotations} and on disk")
+    return coco, records, images_from
+
+
 def category_ap(protocol: str, scores: torch.Tensor, ious: torch.Tensor, present: torch.Tensor,
                 threshold: float) -> float | None:
     """AP of one category (columns of the (N, C) results) at one IoU threshold, by the protocol's rule."""
@@ -176,16 +211,8 @@ def main(argv: list[str] | None = None) -> None:
         raise UserError(f"--threshold {args.threshold}: must lie in [0, 1] (a fraction of the heatmap's range)")
     split = args.split or ("test" if args.protocol == "ranked" else None)
     model = Inference.load(args.checkpoint, args.words, args.device, args.amp)
-    demo = uses_demo(args.dataset or model.config["train"]["dataset"])
-    annotations = config.required_file("coco_annotations", config.path("coco_annotations", demo=demo),
-                                       "instances_val2014.json")
-    coco = load_coco(annotations)
-    records = select_images(coco, annotations, config.path("coco_images", demo=demo),
-                            config.path("coco_karpathy", demo=demo), split)
+    coco, records, images_from = load_images(args.dataset or model.config["train"]["dataset"], split)
     records = records[:args.limit] if args.limit is not None else records
-    images_from = f"Karpathy split {split}" if split else annotations.name
-    if not records:
-        raise UserError(f"no image of {images_from} is both in {annotations} and on disk")
 
     categories = sorted(coco.getCatIds())
     names = {c: coco.cats[c]["name"] for c in categories}

@@ -6,6 +6,8 @@ of Das et al. 2019 (model.arch=matchmap: presets das2019 and demo-matchmap), N-p
     python train.py --preset demo-matchmap   # the matchmap system on the demo world, minutes on 2 CPU cores
     python train.py --preset das2019 --weights IMAGENET1K_V1   # Das et al. 2019 (words: config key glove_vectors)
     python train.py --resume runs/paper/last.pth.tar
+    python train.py --dataset mine.jsonl --split train --val-split val --words glove-6b-50d --set model.word_dim=50 \
+        --weights IMAGENET1K_V1   # one's own data (data/README.md)
     python train.py --preset paper --init pretrained_classif_152_2400.pth.tar   # the original release's start
     python train.py --preset paper --weights IMAGENET1K_V1   # torchvision's ImageNet trunk, from torch hub's cache
     torchrun --nproc_per_node=4 train.py --preset paper --init ...   # one process per GPU; global --batch-size
@@ -36,7 +38,7 @@ from misc.retrieval import format_table
 from misc.schedule import build_optimizer, build_scheduler, describe, enter_stage, epoch_loss, loss_kind
 from misc.words import load_word_vectors
 from models.joint import Model, build_model
-from models.visual import IMAGENET_WEIGHTS, trunk_weights_file
+from models.trunks import IMAGENET_WEIGHTS, trunk_weights_file
 
 log = logging.getLogger("train")
 CONFIGURED = Path("<config key resnet_weights>")  # --resnet-weights without a file
@@ -49,7 +51,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              "(the schedule as the paper's text states it), demo, das2019 (the matchmap system of Das "
                              "et al. 2019) or demo-matchmap")
     add_set_arg(parser)
-    parser.add_argument("--dataset", help="coco | flickr30k | demo | a JSON-lines caption file")
+    parser.add_argument("--dataset", help="coco | flickr30k | demo | a JSON-lines file (data/README.md)")
+    parser.add_argument("--split", help="training split (default: config train.split; any name of a JSON-lines file)")
+    parser.add_argument("--val-split", help="validation split (default: config train.val_split)")
     parser.add_argument("--epochs", type=positive_int)
     parser.add_argument("--batch-size", type=positive_int)
     parser.add_argument("--seed", type=int)
@@ -102,8 +106,8 @@ def configure(args: argparse.Namespace) -> tuple[ModelConfig, TrainConfig, str |
         model_cfg, train_cfg = config.preset(name)
         words = None
     model_cfg, train_cfg = config.apply_settings(model_cfg, train_cfg, args.set)
-    flags = {"dataset": args.dataset, "epochs": args.epochs, "batch_size": args.batch_size, "seed": args.seed,
-             "workers": args.workers}
+    flags = {"dataset": args.dataset, "split": args.split, "val_split": args.val_split, "epochs": args.epochs,
+             "batch_size": args.batch_size, "seed": args.seed, "workers": args.workers}
     train_cfg = TrainConfig(**{**asdict(train_cfg), **{k: v for k, v in flags.items() if v is not None}})
     if not args.resume:
         model_cfg = replace(model_cfg, trunk_init=source or model_cfg.trunk_init)
@@ -277,6 +281,7 @@ def train(args: argparse.Namespace, model_cfg: ModelConfig, cfg: TrainConfig, wo
         log.warning("--limit %d: %s %s has only %d images; training on all of them", args.limit, cfg.dataset,
                     cfg.split, len(train_records))
     train_records = train_records[: args.limit]
+    log.info(words.oov_report([caption for record in train_records for caption in record.captions]))
     val_records = load_records(cfg.dataset, cfg.val_split)
     dataset = PairDataset(train_records, train_transform(cfg), cfg.captions_per_image, cfg.seed,
                           cfg.group_captions)

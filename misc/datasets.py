@@ -1,6 +1,6 @@
-"""Image-caption data: Karpathy splits (COCO, Flickr30k, the demo world), plain caption files, the torch datasets,
-transforms and collation shared by training and evaluation, and the localization data: Visual Genome regions of
-COCO images and COCO instance masks."""
+"""Image-caption data: Karpathy splits (COCO, Flickr30k, the demo world), custom JSON-lines files (read by
+misc/custom.py), the torch datasets, transforms and collation shared by training and evaluation, and the
+localization data: Visual Genome regions of COCO images and COCO instance masks."""
 from __future__ import annotations
 
 import contextlib
@@ -22,7 +22,8 @@ from visual_genome import utils as vg_utils
 
 from misc import config, demo
 from misc.config import EVAL_PROTOCOLS, TrainConfig
-from misc.errors import UserError
+from misc.custom import split_entries
+from misc.errors import UserError, did_you_mean
 from misc.images import decode_image, failure_reason
 from misc.words import Encoded, WordVectors, tokenize
 
@@ -73,34 +74,33 @@ def karpathy_records(json_path: Path, images_root: Path, split: str) -> list[Rec
     return records
 
 
-def caption_file_records(path: Path) -> list[Record]:
-    """A user's own data: JSON lines ``{"image": path, "captions": [...]}``, image paths relative to the file."""
+def custom_records(path: Path, split: str) -> list[Record]:
+    """The images of ``split`` of a custom JSON-lines file (misc/custom.py) whose image opens; captions with no
+    words are skipped and counted."""
     records = []
-    for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            item = json.loads(line)
-            image, captions = Path(item["image"]), [str(c) for c in item["captions"]]
-        except (ValueError, KeyError, TypeError) as error:
-            raise UserError(f"{path}:{number}: expected {{\"image\": ..., \"captions\": [...]}} ({error})") from error
-        kept = [c for c in captions if tokenize(c)]
-        if len(kept) < len(captions):
-            log.warning("%s:%d: skipped %d captions with no words", path, number, len(captions) - len(kept))
+    for entry in split_entries(path, split):
+        kept = [c for c in entry.captions if tokenize(c)]
+        if len(kept) < len(entry.captions):
+            log.warning("%s:%d: skipped %d captions with no words", path, entry.line, len(entry.captions) - len(kept))
         if kept:
-            records.append(Record(image if image.is_absolute() else path.parent / image, kept, number))
+            records.append(Record(entry.image, kept, entry.line))
     if not records:
-        raise UserError(f"{path}: no image with captions")
-    return records
+        raise UserError(f"{path}: no image with captions in split {split!r}")
+    return readable_records(records, path)
+
+
+def is_custom(dataset: str) -> bool:
+    """Whether ``dataset`` names a custom JSON-lines file rather than a built-in dataset."""
+    return dataset not in DATASET_KEYS and Path(dataset).is_file()
 
 
 def load_records(dataset: str, split: str) -> list[Record]:
-    """Records of a named dataset (coco, flickr30k, demo) or of a JSON-lines caption file, paths from config."""
+    """Records of a named dataset (coco, flickr30k, demo) or of a custom JSON-lines file, paths from config."""
     if dataset not in DATASET_KEYS:
-        candidate = Path(dataset)
-        if candidate.is_file():
-            return readable_records(caption_file_records(candidate), candidate)
-        raise UserError(f"unknown dataset {dataset!r}: use coco, flickr30k, demo or a JSON-lines caption file")
+        if is_custom(dataset):
+            return custom_records(Path(dataset), split)
+        raise UserError(f"unknown dataset {dataset!r}{did_you_mean(dataset, DATASET_KEYS)}: use coco, flickr30k, "
+                        f"demo or a JSON-lines file (data/README.md)")
     images_key, split_key = DATASET_KEYS[dataset]
     demo = dataset == "demo"
     records = karpathy_records(config.path(split_key, demo=demo), config.path(images_key, demo=demo), split)
@@ -139,8 +139,9 @@ def uses_demo(dataset: str) -> bool:
     """Whether the localization data paths come from the demo world (generated first if there is none yet), else
     from the configured COCO / Visual Genome paths."""
     if dataset not in ("coco", "demo"):
-        raise UserError(f"dataset {dataset!r}: localization runs on COCO images ('coco') or the demo world "
-                          f"('demo'); pass --dataset")
+        raise UserError(f"dataset {dataset!r}: localization runs on COCO images ('coco'), the demo world ('demo') "
+                        f"or a JSON-lines file (data/README.md){did_you_mean(dataset, ('coco', 'demo'))}; pass "
+                        f"--dataset")
     if dataset == "demo":
         demo.ensure(config.DEMO_DIR)
     return dataset == "demo"

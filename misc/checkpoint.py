@@ -237,11 +237,6 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model
 
 
-def model_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """State dict of the bare model, whatever wrapper (DDP, compile) is around it."""
-    return unwrap(model).state_dict()
-
-
 def check_state(expected: dict[str, torch.Tensor], given: dict[str, torch.Tensor], source: Path | str) -> None:
     """One line naming a few missing, unexpected and mis-shaped keys when ``given`` does not fit ``expected``."""
     missing, unexpected = expected.keys() - given.keys(), given.keys() - expected.keys()

@@ -121,6 +121,12 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
+def oriented(image: Image.Image) -> Image.Image:
+    """An image a caller already opened, made as :func:`decode_image` makes a photo: EXIF orientation applied,
+    then RGB by the same policy."""
+    return to_rgb(ImageOps.exif_transpose(image))
+
+
 def failure_reason(error: Exception) -> str:
     """One line saying why a file was skipped."""
     if isinstance(error, FileNotFoundError):

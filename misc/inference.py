@@ -1,10 +1,12 @@
 """A trained model ready to use: its network, word vectors and image preprocessing, loaded from one checkpoint.
 
-Every CLI that uses a trained model goes through :class:`Inference`::
+Every CLI, the web app and torch.hub (hubconf.py) use a trained model through :class:`Inference`::
 
     model = Inference.load("runs/demo/best.pth.tar", device="cpu")
-    texts = model.embed_texts(["a red circle"])        # (T, d) unit rows, eq. 4
-    maps = model.maps(model.transform()(image)[None])  # (1, D', h, w): the maps G of eq. 1, for eq. 8-9
+    images = model.embed_images(["photo.jpg", pil_image])      # (N, d) unit rows, eq. 1-3
+    texts = model.embed_texts(["a red circle"])                # (T, d) unit rows, eq. 4
+    found = model.heatmaps("photo.jpg", ["a red circle"])      # eq. 9 maps, peaks, scores, unknown words
+    model.plot("photo.jpg", ["a red circle"], out="map.png")   # the figure (paper Fig. 1)
 """
 from __future__ import annotations
 
@@ -12,16 +14,57 @@ from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 from typing import Any
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
+from matplotlib.figure import Figure
+from PIL import Image
 
 from misc import checkpoint
 from misc.datasets import eval_transform
-from misc.localization import choose_k
+from misc.errors import UserError
+from misc.images import oriented, read_image
+from misc.localization import apply_filters, choose_k, peak_location
 from misc.engine import autocast, encode_captions, image_vectors, resolve_device, vector_dim
+from misc.visualize import DEFAULT_COLORMAP, overlays, panel_size, panel_title, save_png
 from misc.words import WordVectors
 from models.joint import JointEmbedding
+
+PAPER_SIZE = 416  # the image side of the paper's localization (a 13 x 13 map from ResNet-152)
+PAPER_K = 180  # eq. 9's k in the paper, for d = 2400
+ImageSource = str | Path | Image.Image
+
+
+def as_image(source: ImageSource, size: int | None = None) -> Image.Image:
+    """A PIL image, EXIF orientation applied, RGB, of a PIL image or of a path (:func:`misc.images.read_image`:
+    a JPEG at the reduced scale ``size`` x ``size`` allows, as image extraction decodes it)."""
+    return oriented(source) if isinstance(source, Image.Image) else read_image(source, size)
+
+
+@dataclass
+class Heatmaps:
+    """Where each text is in one image (eq. 9), from :meth:`Inference.heatmaps`."""
+
+    texts: list[str]
+    maps: torch.Tensor  # (T, h, w) float32 on the CPU: the filter of each text at every position (eq. 9)
+    peaks: torch.Tensor  # (T, 2) x, y of each map's largest cell centre in the pixels of ``image``
+    scores: torch.Tensor  # (T,) the image-text score: DSVE's cosine (eq. 3, 4), the matchmap's pooled score
+    unknown: list[list[str]]  # each text's words that are not in the vocabulary (they are embedded as unknown)
+    image: Image.Image  # the image as the model saw it before resizing: EXIF-oriented, RGB
+    size: int  # the image was resized to size x size for the maps
+    k: int | None  # eq. 9's k (None for the matchmap)
+
+    def titles(self) -> list[str]:
+        """Each panel's title: the text, its score and its unknown words."""
+        width = panel_size(*self.image.size)[0]
+        return [panel_title(text, float(score), unknown, width)
+                for text, score, unknown in zip(self.texts, self.scores, self.unknown)]
+
+    def figure(self, shared_scale: bool = False, boxes: Sequence[Sequence[Sequence[float]]] | None = None,
+               alpha: float = 0.5, colormap: str = DEFAULT_COLORMAP) -> Figure:
+        """The matplotlib figure of :func:`misc.visualize.overlays`; ``boxes``: per text, boxes (x, y, w, h) in
+        the image's pixels to draw."""
+        return overlays(self.image, self.maps, self.peaks, self.titles(), boxes, shared_scale, alpha, colormap)
 
 
 @dataclass
@@ -117,11 +160,21 @@ class Inference:
         return None if self.model.config.arch == "matchmap" else choose_k(requested, self.dim, paper_k)
 
     @torch.no_grad()
-    def embed_images(self, images: torch.Tensor) -> torch.Tensor:
-        """One vector per image (B, :attr:`dim`) float32 on the CPU: DSVE's unit embedding (eq. 1), the matchmap's
-        mean region vector."""
-        with autocast(self.device, self.amp):
-            return image_vectors(self.model, self._input(images)).float().cpu()
+    def embed_images(self, images: torch.Tensor | Sequence[ImageSource], size: int | None = None,
+                     batch_size: int = 32) -> torch.Tensor:
+        """One vector per image (N, :attr:`dim`) float32 on the CPU: DSVE's unit embedding (eq. 1-3), the
+        matchmap's mean region vector. ``images``: a normalised batch (N, 3, H, W), or paths and PIL images,
+        decoded as every command decodes a user's photo (EXIF orientation applied) and resized to ``size`` x
+        ``size`` (default :attr:`test_size`), in batches of ``batch_size``."""
+        if isinstance(images, torch.Tensor):
+            with autocast(self.device, self.amp):
+                return image_vectors(self.model, self._input(images)).float().cpu()
+        size = size or self.test_size
+        transform = self.transform(size)
+        vectors = [self.embed_images(torch.stack([transform(as_image(source, size))
+                                                  for source in images[start:start + batch_size]]))
+                   for start in range(0, len(images), batch_size)]
+        return torch.cat(vectors) if vectors else torch.empty(0, self.dim)
 
     def embed_texts(self, texts: list[str], batch_size: int = 256, progress: bool = False) -> torch.Tensor:
         """Unit text embeddings (T, d) float32 on the device (eq. 4); every text must have a word."""
@@ -131,3 +184,50 @@ class Inference:
     def known_words(self, text: str) -> int:
         """How many of the tokens the text path would embed are in the vocabulary."""
         return sum(self.words.index(token) is not None for token in self.words.tokens(text))
+
+    def unknown_words(self, text: str) -> list[str]:
+        """The words of ``text`` (tokens with a letter or digit) that are not in the vocabulary."""
+        return [token for token in self.words.tokens(text)
+                if any(c.isalnum() for c in token) and self.words.index(token) is None]
+
+    @torch.no_grad()
+    def scores(self, image: Image.Image, texts: list[str]) -> torch.Tensor:
+        """(T,) the model's image-text score at :attr:`test_size`, as retrieval ranks: DSVE's cosine of the unit
+        embeddings (eq. 3, 4), the matchmap's pooled matchmap (``model.score``)."""
+        maps = self.maps(self.transform()(image)[None])
+        encoded = self.words.encode(texts)
+        lengths = encoded.lengths.to(self.device)
+        with autocast(self.device, self.amp):
+            text_out = self.model.text(encoded.words.to(self.device), lengths).float()
+        image_out = maps if self.model.config.arch == "matchmap" else self.embed_maps(maps)
+        return self.model.score(image_out, text_out, lengths)[0].float().cpu()
+
+    def heatmaps(self, image: ImageSource, texts: str | list[str], size: int = PAPER_SIZE,
+                 k: int | None = None) -> Heatmaps:
+        """Each text's heatmap on the image (eq. 9) with its peak in the image's pixels, its score and its
+        unknown words. The image (path or PIL) is resized to ``size`` x ``size``; ``k`` of eq. 9 defaults to the
+        paper's 180 for d = 2400, scaled to this model's d (:meth:`choose_k`)."""
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        if not texts:
+            raise UserError("no text to localize: give at least one")
+        for text in texts:
+            if not any(any(c.isalnum() for c in token) for token in self.words.tokens(text)):
+                raise UserError(f"query {text!r} has no words")
+        picture = as_image(image)
+        k = self.choose_k(k, PAPER_K)
+        maps = self.maps(self.transform(size)(picture)[None])  # (1, C, h, w)
+        heat = apply_filters(maps, self.filters(texts, k))[0].cpu()  # (T, h, w)
+        return Heatmaps(texts, heat, peak_location(heat, *picture.size), self.scores(picture, texts),
+                        [self.unknown_words(text) for text in texts], picture, size, k)
+
+    def plot(self, image: ImageSource, texts: str | list[str], out: Path | str | None = None, size: int = PAPER_SIZE,
+             shared_scale: bool = False, boxes: Sequence[Sequence[Sequence[float]]] | None = None,
+             k: int | None = None) -> Figure:
+        """The figure of :meth:`heatmaps` (paper Fig. 1): one panel per text with a colour bar, its score and
+        unknown words in the title; ``shared_scale`` gives every panel one colour scale; ``boxes`` per text (x, y,
+        w, h in the image's pixels) are drawn. With ``out`` the figure is also written there as a PNG,
+        atomically."""
+        figure = self.heatmaps(image, texts, size, k).figure(shared_scale, boxes)
+        if out is not None:
+            save_png(figure, out)
+        return figure

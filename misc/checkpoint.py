@@ -3,7 +3,8 @@
 A checkpoint is a dict::
 
     {"format": "dsve-loc", "version": 1,
-     "config": {"model": ModelConfig as dict, "train": TrainConfig as dict, "word_vectors": path,
+     "config": {"model": ModelConfig as dict, "train": TrainConfig as dict,
+                "word_vectors": path (relative to the data root when under it), "words": {"file", "sha256"},
                 "text": TextOptions as dict (optional; absent means this project's tokenisation)},
      "model": state_dict, "epoch": epochs completed, "best_rsum": float, "metrics": dict,
      # training checkpoints also carry
@@ -28,6 +29,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
+import json
 import logging
 import pickle
 import re
@@ -40,12 +42,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from misc import config, original
+from misc import config, export, original
 from misc.cli import run
-from misc.config import ROOT
 from misc.errors import UserError, few, first_line
 from misc.files import atomic_path
-from misc.words import TextOptions, WordVectors, load_word_vectors
+from misc.words import TextOptions, WordVectors
 from models.config import ModelConfig
 from models.joint import JointEmbedding, build_model
 
@@ -93,21 +94,6 @@ def check_best(folder: Path, state: dict[str, Any]) -> None:
                     "is missing" if held is None else f"holds epoch {held}", what)
 
 
-def portable_path(path: Path | str | None) -> str | None:
-    """Store paths inside the project relative to it, so a checkpoint keeps working in another clone."""
-    if path is None:
-        return None
-    resolved = Path(path).resolve()
-    return str(resolved.relative_to(ROOT)) if resolved.is_relative_to(ROOT) else str(resolved)
-
-
-def resolve_path(stored: str | None) -> Path | None:
-    if stored is None:
-        return None
-    candidate = Path(stored)
-    return candidate if candidate.is_absolute() else ROOT / candidate
-
-
 def read(path: Path | str) -> dict[str, Any]:
     """Load any checkpoint file as plain data, with a one-line error for files that are not one.
 
@@ -135,8 +121,9 @@ def read(path: Path | str) -> dict[str, Any]:
 
 
 def load(path: Path | str) -> dict[str, Any]:
-    """Load a checkpoint of this project's format, or the original release's ``model.pth.tar`` converted to it."""
-    return as_checkpoint(read(path), path)
+    """Load a checkpoint of this project's format, an export folder (:mod:`misc.export`), or the original
+    release's ``model.pth.tar`` converted to it."""
+    return as_checkpoint(export.read_export(path) if export.is_export(path) else read(path), path)
 
 
 def kind(data: dict[str, Any]) -> str:
@@ -210,19 +197,20 @@ def load_words(state: dict[str, Any], override_path: Path | str | None = None,
                checkpoint_path: Path | str | None = None) -> WordVectors:
     """The word vectors of a loaded checkpoint, with its text preprocessing, checked against its text path.
 
-    The file is ``override_path`` (a CLI's ``--words``), else the one the checkpoint names, else config key
+    The file is ``override_path`` (a CLI's ``--words``), else the one the checkpoint names
+    (:func:`misc.export.find_words`: found by name under the data root, checked by sha256), else config key
     ``word_vectors`` (the demo world's when the checkpoint trained on it); converted original models name none,
     so they use the configured skip-thought table. ``checkpoint_path`` only names the checkpoint in errors.
     """
     saved = state["config"]
-    path = (override_path or resolve_path(saved.get("word_vectors"))
+    path = (export.find_words(saved, override_path, checkpoint_path or "checkpoint")
             or config.path("word_vectors", demo=saved["train"].get("dataset") == "demo"))
     text = saved.get("text") or {}
     known = {f.name for f in fields(TextOptions)}
     if set(text) - known:
         raise UserError(f"{checkpoint_path or 'checkpoint'}: unknown text options {sorted(set(text) - known)}; "
                           f"known: {sorted(known)}")
-    words = load_word_vectors(Path(path), TextOptions(**text))
+    words = export.read_word_vectors(Path(path), TextOptions(**text))
     expected = saved["model"]["word_dim"]
     if words.dim != expected:
         raise UserError(f"word vectors {words.source} are {words.dim}-d but {checkpoint_path or 'the checkpoint'} "
@@ -291,6 +279,22 @@ def convert_file(source: Path, out: Path) -> str:
     return f"{source} -> {out}: {summary(converted['config']['model'])}"
 
 
+def export_file(path: Path | str, out: Path | str, words: Path | str | None = None,
+                words_ref: bool = False) -> list[Path]:
+    """Export the checkpoint at ``path`` as the folder ``out`` (:func:`misc.export.write_export`) with its word
+    vectors (``words`` overrides the stored file), or only their name and sha256 (``words_ref``), and the numbers
+    of the run's ``results.json`` beside it in its model card."""
+    state = load(path)
+    vectors = None if words_ref else load_words(state, words, path)
+    found = vectors.source if vectors is not None else export.find_words(state["config"], words, path)
+    if found is not None and Path(found).is_file():
+        stored, reference = export.reference(Path(found))
+        state = {**state, "config": {**state["config"], "word_vectors": stored, "words": reference}}
+    results = Path(path).parent / "results.json"
+    numbers = json.loads(results.read_text(encoding="utf-8")) if results.is_file() else None
+    return export.write_export(state, Path(path), Path(out), vectors, numbers)
+
+
 def summary(model: dict[str, Any]) -> str:
     """``key=value`` pairs of a config dict on one line."""
     return " ".join(f"{key}={value}" for key, value in model.items())
@@ -298,7 +302,7 @@ def summary(model: dict[str, Any]) -> str:
 
 def describe(path: Path) -> str:
     """A few lines on what a checkpoint file holds."""
-    data = read(path)
+    data = export.read_export(path) if export.is_export(path) else read(path)
     found = kind(data)
     if found == "classification":
         return original.describe_classification(data, path)
@@ -306,12 +310,14 @@ def describe(path: Path) -> str:
     saved = state["config"]
     tensors = state["model"].values()
     origin = state.get("origin", {}).get("file")
+    digest = (saved.get("words") or {}).get("sha256")
     what = ("original dsve-loc model (converted on loading)" if found == "original" else
             f"DSVE-Loc checkpoint{f' converted from the original release {origin}' if origin else ''}")
     lines = [f"{path}: {what}",
              f"model: {summary(saved['model'])}",
              f"text: {summary(saved.get('text') or asdict(TextOptions()))}",
-             f"word vectors: {saved.get('word_vectors') or 'none named (config key word_vectors)'}",
+             f"word vectors: {saved.get('word_vectors') or 'none named (config key word_vectors)'}"
+             f"{f' (sha256 {digest})' if digest else ''}",
              f"epoch: {state.get('epoch')}; {len(state['model'])} tensors, "
              f"{sum(t.numel() for t in tensors if t.is_floating_point()) / 1e6:.1f} M values"]
     return "\n".join(lines)

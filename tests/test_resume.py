@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import train
+from misc import training as train
 from misc import checkpoint, config
 from misc.errors import UserError
 from models.config import ModelConfig

@@ -23,9 +23,6 @@ from pathlib import Path
 
 from misc.cli import add_device_args, add_extraction_args, add_size_arg, parser_for, positive_int, run
 from misc.errors import UserError
-from misc.inference import Inference
-from misc.extraction import describe_checkpoint, extract_images, log_skipped, maps_bytes
-from misc.images import list_images, read_list
 
 log = logging.getLogger("image_features_extraction")
 
@@ -46,6 +43,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.size is not None and args.size < 32:
         raise UserError(f"--size {args.size}: at least 32 (the trunk divides it by 32)")
+    from misc.extraction import describe_checkpoint, extract_images, log_skipped, maps_bytes
+    from misc.images import list_images, read_list
+    from misc.inference import Inference
+
     model = Inference.load(args.checkpoint, device=args.device, amp=args.amp)
     size = args.size or model.test_size
     entries = read_list(args.list, args.folder) if args.list else list_images(args.folder)

@@ -28,7 +28,8 @@ The centre baseline is a map that always peaks at the cell holding the image cen
 the same rule (the original code has no baseline; at 416 px it points at (192, 192) under original, (208, 208)
 under centre). Skipped phrases (no words, shorter than --min-words, no word in the vocabulary, an empty box, the
 image file missing, and for Flickr30K Entities a chain without a box) are counted by reason.
-Paper (d = 2400, k = 180, Visual Genome): 33.8 % accuracy, centre baseline 19.5 %.
+Paper (d = 2400, k = 180, Visual Genome): 33.8 % accuracy, centre baseline 19.5 %. Accuracies are in percent;
+--json and --results write the record of docs/results.md.
 """
 from __future__ import annotations
 
@@ -37,23 +38,17 @@ import logging
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from torch.utils.data import DataLoader
-from tqdm import tqdm
-
-from misc import config, flickr_entities
+from misc import config, results
 from misc.cli import (add_checkpoint_args, add_device_args, add_output_args, add_size_arg, add_words_arg, parser_for,
                       positive_int, run)
 from misc.custom import Entry, image_size, split_entries
-from misc.datasets import SPLITS, ImageDataset, coco_files, is_custom, read_regions, uses_demo
 from misc.errors import UserError, check_choice, did_you_mean
-from misc.files import update_results, write_json
-from misc.images import decode_image
-from misc.inference import Inference
-from misc.localization import POINTING_PROTOCOLS, apply_filters, cell_points, choose_k, peak_cells, scale_boxes
-from misc.visualize import overlays, save_png
+
+if TYPE_CHECKING:  # torch and the model code are imported after the arguments are parsed (a fast --help)
+    from misc.flickr_entities import EntitiesImage
+    from misc.inference import Inference
 
 log = logging.getLogger("pointing_game")
 PAPER = {"accuracy": 33.8, "center_baseline": 19.5}
@@ -96,8 +91,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--k", type=positive_int,
                         help=f"maps summed per phrase (default {PAPER_K}, the paper's for d = 2400; round(0.075 d) "
                              f"for smaller d); DSVE only")
-    parser.add_argument("--protocol", choices=POINTING_PROTOCOLS, default="original",
-                        help="where a peak cell points and what a hit is (default original; see above)")
+    parser.add_argument("--protocol", default="original",
+                        help="where a peak cell points and what a hit is: original (default) or centre; see above")
     parser.add_argument("--tolerance", type=float, default=0.0, metavar="PX",
                         help="also count a peak within PX pixels (SIZE x SIZE frame) of the box as a hit")
     parser.add_argument("--min-words", type=positive_int, default=1, help="skip phrases with fewer words (default 1)")
@@ -153,9 +148,11 @@ def select_regions(vg: list[tuple[object, list]], files: dict[int, Path], model:
     return items, skipped
 
 
-def select_entities(images: list[flickr_entities.EntitiesImage], model: Inference, min_words: int,
+def select_entities(images: list[EntitiesImage], model: Inference, min_words: int,
                     scene_as_image: bool) -> tuple[list[Item], list[dict]]:
     """Every bracketed phrase of the Flickr30K Entities images with the boxes of its chain, and the skipped ones."""
+    from misc import flickr_entities
+
     items, skipped = [], []
     for image in images:
         item = Item(image.image_id, image.path, (float(image.annotation.width), float(image.annotation.height)))
@@ -170,45 +167,56 @@ def select_entities(images: list[flickr_entities.EntitiesImage], model: Inferenc
     return items, skipped
 
 
-@torch.no_grad()
 def point(model: Inference, items: list[Item], size: int, k: int | None, protocol: str, tolerance: float,
           batch_size: int, workers: int, progress: bool) -> list[dict]:
     """Peak cell of every phrase's heatmap, the point the protocol makes of it in the size x size frame, and whether
     it and the centre baseline hit one of the phrase's boxes."""
+    import torch
+    from torch.utils.data import DataLoader
+    from tqdm import tqdm
+
+    from misc.datasets import ImageDataset
+    from misc.flickr_entities import phrase_hit
+    from misc.localization import apply_filters, cell_points, peak_cells, scale_boxes
+
     loader = DataLoader(ImageDataset([item.path for item in items], model.transform(size)), batch_size=batch_size,
                         num_workers=workers, pin_memory=model.device.type == "cuda")
     strict = protocol == "original"
-    results, start = [], 0
-    for images in tqdm(loader, desc="images", disable=not progress, leave=False, dynamic_ncols=True):
-        batch = items[start:start + len(images)]
-        start += len(images)
-        maps = model.maps(images)  # (B, C, h, w)
-        grid = tuple(maps.shape[-2:])
-        filters = model.filters([p.text for item in batch for p in item.phrases], k)  # (M, C)
-        padded = filters.new_zeros(len(batch), max(len(item.phrases) for item in batch), filters.shape[1])
-        row = 0
-        for b, item in enumerate(batch):
-            padded[b, :len(item.phrases)] = filters[row:row + len(item.phrases)]
-            row += len(item.phrases)
-        cells = peak_cells(apply_filters(maps, padded), column_major=strict).cpu()  # (B, P, 2)
-        points = cell_points(cells, grid, size, size, protocol)
-        centre = cell_points(torch.tensor([grid[0] // 2, grid[1] // 2]), grid, size, size, protocol)
-        for b, item in enumerate(batch):
-            for p, cell, xy in zip(item.phrases, cells[b], points[b]):
-                boxes = scale_boxes(torch.tensor(p.boxes), item.frame, (size, size))
-                results.append({**p.info, "image_id": item.image_id, "phrase": p.text, "grid": list(grid),
-                                "peak_cell": cell.tolist(), "point": xy.tolist(),
-                                **({"box": boxes[0].tolist()} if len(boxes) == 1 else {}),
-                                "boxes": boxes.tolist(),
-                                "hit": flickr_entities.phrase_hit(xy, boxes, tolerance, strict),
-                                "center_hit": flickr_entities.phrase_hit(centre, boxes, tolerance, strict)})
-    return results
+    with torch.no_grad():
+        scored, start = [], 0
+        for images in tqdm(loader, desc="images", disable=not progress, leave=False, dynamic_ncols=True):
+            batch = items[start:start + len(images)]
+            start += len(images)
+            maps = model.maps(images)  # (B, C, h, w)
+            grid = tuple(maps.shape[-2:])
+            filters = model.filters([p.text for item in batch for p in item.phrases], k)  # (M, C)
+            padded = filters.new_zeros(len(batch), max(len(item.phrases) for item in batch), filters.shape[1])
+            row = 0
+            for b, item in enumerate(batch):
+                padded[b, :len(item.phrases)] = filters[row:row + len(item.phrases)]
+                row += len(item.phrases)
+            cells = peak_cells(apply_filters(maps, padded), column_major=strict).cpu()  # (B, P, 2)
+            points = cell_points(cells, grid, size, size, protocol)
+            centre = cell_points(torch.tensor([grid[0] // 2, grid[1] // 2]), grid, size, size, protocol)
+            for b, item in enumerate(batch):
+                for p, cell, xy in zip(item.phrases, cells[b], points[b]):
+                    boxes = scale_boxes(torch.tensor(p.boxes), item.frame, (size, size))
+                    scored.append({**p.info, "image_id": item.image_id, "phrase": p.text, "grid": list(grid),
+                                    "peak_cell": cell.tolist(), "point": xy.tolist(),
+                                    **({"box": boxes[0].tolist()} if len(boxes) == 1 else {}),
+                                    "boxes": boxes.tolist(),
+                                    "hit": phrase_hit(xy, boxes, tolerance, strict),
+                                    "center_hit": phrase_hit(centre, boxes, tolerance, strict)})
+    return scored
 
 
 def per_type(per_phrase: list[dict]) -> dict[str, dict[str, float]]:
-    """Accuracy and centre baseline per Flickr30K Entities type, a phrase counting under each of its types."""
+    """Accuracy and centre baseline (percent) per Flickr30K Entities type, a phrase counting under each of its
+    types."""
+    from misc.flickr_entities import ENTITY_TYPES
+
     table = {}
-    for kind in flickr_entities.ENTITY_TYPES:
+    for kind in ENTITY_TYPES:
         rows = [r for r in per_phrase if kind in r.get("types", ())]
         if rows:
             table[kind] = {"phrases": len(rows), "accuracy": 100.0 * sum(r["hit"] for r in rows) / len(rows),
@@ -218,18 +226,28 @@ def per_type(per_phrase: list[dict]) -> dict[str, dict[str, float]]:
 
 def write_overlays(model: Inference, items: list[Item], per_phrase: list[dict], size: int, k: int | None,
                    protocol: str, folder: Path) -> list[Path]:
-    """One figure per image (misc.visualize): each phrase's heatmap over the image with the point the protocol
-    makes of its peak, the caption saying whether that point hit one of the phrase's boxes."""
+    """One figure per image (misc.visualize): each phrase's heatmap over the image with its ground-truth boxes and
+    the point the protocol made of its peak (both read from the phrase's row, so the figure shows what was
+    scored), the title saying whether that point hit one of the boxes."""
+    import torch
+
+    from misc.images import decode_image
+    from misc.localization import apply_filters, scale_boxes
+    from misc.visualize import overlays, save_png
+
     written, rows = [], iter(per_phrase)
     for item in items:
         image = decode_image(item.path, exif=False)
         maps = model.maps(model.transform(size)(image)[None])
         heat = apply_filters(maps, model.filters([p.text for p in item.phrases], k))[0].cpu()  # (P, h, w)
-        captions = [f"{p.text} ({'hit' if next(rows)['hit'] else 'miss'})" for p in item.phrases]
+        scored = [next(rows) for _ in item.phrases]  # rows are in the items' phrase order
+        frame = (float(size), float(size))  # the frame of each row's boxes and point
+        points = torch.tensor([row["point"] for row in scored]) * torch.tensor(image.size) / size  # (P, 2) x, y
+        boxes = [scale_boxes(torch.tensor(row["boxes"]), frame, image.size).tolist() for row in scored]
+        titles = [f"{p.text} ({'hit' if row['hit'] else 'miss'}, {protocol} rule)"
+                  for p, row in zip(item.phrases, scored)]
         path = folder / f"pointing_{item.image_id}.png"
-        cells = peak_cells(heat, column_major=protocol == "original")
-        save_png(overlays(image, heat, cell_points(cells, tuple(heat.shape[-2:]), *image.size, protocol).float(),
-                          captions), path)
+        save_png(overlays(image, heat, points, titles, boxes), path)
         written.append(path)
     return written
 
@@ -246,15 +264,20 @@ def select_custom(entries: list[Entry], model: Inference, min_words: int) -> tup
     return items, skipped
 
 
-def load_items(args: argparse.Namespace, model: Inference) -> tuple[list[Item], list[dict], str]:
-    """The images and phrases of --dataset, the skipped phrases, and where the images come from."""
+def load_items(args: argparse.Namespace, model: Inference) -> tuple[list[Item], list[dict], dict[str, str | None]]:
+    """The images and phrases of --dataset, the skipped phrases, and where they come from: dataset, split and
+    images_from (in words)."""
+    from misc import flickr_entities
+    from misc.datasets import SPLITS, coco_files, is_custom, read_regions, uses_demo
+
     trained_on = model.config["train"]["dataset"]
     dataset = args.dataset or ("flickr30k_entities" if trained_on == "flickr30k" else trained_on)
     if is_custom(dataset):
         split = args.split or "test"
         entries = split_entries(Path(dataset), split)
         items, skipped = select_custom(entries[:args.limit], model, args.min_words)
-        return items, skipped, f"{Path(dataset).name} split {split}"
+        return items, skipped, {"dataset": dataset, "split": split,
+                                "images_from": f"{Path(dataset).name} split {split}"}
     if dataset not in DATASETS:
         raise UserError(f"--dataset {dataset}: unknown{did_you_mean(dataset, DATASETS)}; choose one of "
                         f"{', '.join(DATASETS)} or a JSON-lines file with regions (data/README.md)")
@@ -267,13 +290,14 @@ def load_items(args: argparse.Namespace, model: Inference) -> tuple[list[Item], 
         root = config.path("flickr_entities", demo=demo)
         images = flickr_entities.load_images(root, config.path("flickr_images", demo=demo), split, args.limit)
         items, skipped = select_entities(images, model, args.min_words, args.scene_as_image)
-        return items, skipped, f"Flickr30K Entities {split}"
+        return items, skipped, {"dataset": dataset, "split": split, "images_from": f"Flickr30K Entities {split}"}
     if args.split is not None:
         check_choice("--split", args.split, SPLITS)
     vg_dir = config.path("vg_dir", demo=demo)
     files = coco_files(config.path("coco_karpathy", demo=demo), config.path("coco_images", demo=demo), args.split)
     items, skipped = select_regions(read_regions(vg_dir, files, args.limit), files, model, args.min_words)
-    return items, skipped, f"Karpathy split {args.split}" if args.split else "COCO val2014"
+    return items, skipped, {"dataset": dataset, "split": args.split,
+                            "images_from": f"Karpathy split {args.split}" if args.split else "COCO val2014"}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -284,11 +308,15 @@ def main(argv: list[str] | None = None) -> None:
         raise UserError(f"--overlays {args.overlays}: exists and is not a folder; give a folder for the PNGs")
     if args.tolerance < 0:
         raise UserError(f"--tolerance {args.tolerance:g}: pixels, at least 0")
+    from misc.inference import Inference
+    from misc.localization import POINTING_PROTOCOLS, choose_k
+
+    check_choice("--protocol", args.protocol, POINTING_PROTOCOLS)
     model = Inference.load(args.checkpoint, args.words, args.device, args.amp)
-    items, skipped, images_from = load_items(args, model)
+    items, skipped, source = load_items(args, model)
     reasons = dict(Counter(s["reason"] for s in skipped).most_common())
     if not items:
-        raise UserError(f"no phrase to evaluate in {images_from} (skipped: {reasons or 'none'})")
+        raise UserError(f"no phrase to evaluate in {source['images_from']} (skipped: {reasons or 'none'})")
     k = choose_k(args.k, model.dim, PAPER_K) if model.model.config.arch == "dsve" else None
     log.info("pointing game: %d phrases of %d images, %dx%d, k=%s on %s", sum(len(i.phrases) for i in items),
              len(items), args.size, args.size, k, model.device)
@@ -296,43 +324,37 @@ def main(argv: list[str] | None = None) -> None:
                        args.workers if args.workers is not None else 2, not args.no_progress)
 
     n = len(per_phrase)
-    summary = {"accuracy": 100.0 * sum(r["hit"] for r in per_phrase) / n,
+    metrics = {"accuracy": 100.0 * sum(r["hit"] for r in per_phrase) / n,
                "center_baseline": 100.0 * sum(r["center_hit"] for r in per_phrase) / n,
-               "phrases": n, "images": len(items), "skipped": len(skipped), "skipped_reasons": reasons,
-               "protocol": args.protocol, "tolerance": args.tolerance, "k": k, "size": args.size,
-               "grid": per_phrase[0]["grid"], "images_from": images_from, "per_type": per_type(per_phrase),
-               "checkpoint": str(args.checkpoint)}
+               "phrases": n, "images": len(items), "skipped": len(skipped), "per_type": per_type(per_phrase)}
     # The paper's Table 3 is DSVE on Visual Genome phrases: no reference for the matchmap or Flickr30K Entities.
-    paper = PAPER if model.model.config.arch == "dsve" and not summary["per_type"] else None
-    if paper:
-        summary["paper"] = paper
+    paper = PAPER if model.model.config.arch == "dsve" and not metrics["per_type"] else None
+    entry = results.record("pointing_game", checkpoint=args.checkpoint, dataset=source["dataset"],
+                           split=source["split"], size=args.size, protocol=args.protocol, metrics=metrics,
+                           settings={"k": k, "tolerance": args.tolerance, "min_words": args.min_words,
+                                     "grid": per_phrase[0]["grid"]},
+                           images_from=source["images_from"], skipped_reasons=reasons,
+                           **({"paper": paper} if paper else {}))
     hit_rule = {"original": "cell's top-left corner strictly inside the box",
                 "centre": "cell's centre inside the box"}[args.protocol]
     if args.tolerance:
         hit_rule += f", or within {args.tolerance:g} px of it (TorchRay convention)"
-    print(f"pointing game: {n} phrases of {len(items)} images ({summary['images_from']}), {args.size}x{args.size}, "
+    print(f"pointing game: {n} phrases of {len(items)} images ({source['images_from']}), {args.size}x{args.size}, "
           f"k={k if k is not None else 'n/a'}, protocol {args.protocol}: hit = {hit_rule}")
     for key, name in (("accuracy", "accuracy       "), ("center_baseline", "centre baseline")):
         reference = f"   (paper {paper[key]} %)" if paper else ""
-        print(f"  {name} {summary[key]:6.2f} %{reference}")
-    for kind, row in summary["per_type"].items():
+        print(f"  {name} {metrics[key]:6.2f} %{reference}")
+    for kind, row in metrics["per_type"].items():
         print(f"  {kind:<15} {row['accuracy']:6.2f} %   centre {row['center_baseline']:6.2f} %   "
               f"({row['phrases']} phrases)")
     if skipped:
         print(f"  skipped {len(skipped)} phrases: " + ", ".join(f"{r} {c}" for r, c in reasons.items()))
-    if args.json:
-        full = dict(summary)
-        if args.per_phrase:
-            full["per_phrase"], full["skipped_phrases"] = per_phrase, skipped
-        write_json(args.json, full)
+    rows = {"per_phrase": per_phrase, "skipped_phrases": skipped} if args.per_phrase else None
+    results.save(entry, args.json, args.results, args.results_key, rows)
     if args.overlays:
         written = write_overlays(model, items[:args.overlay_images], per_phrase, args.size, k, args.protocol,
                                  args.overlays)
         print(f"  overlays: {', '.join(str(path) for path in written)}")
-    if args.results:
-        update_results(args.results, args.results_key, {key: summary[key] for key in (
-            "accuracy", "center_baseline", "phrases", "images", "skipped", "skipped_reasons", "protocol",
-            "tolerance", "k", "size", "grid", "images_from", "per_type")})
 
 
 if __name__ == "__main__":

@@ -3,9 +3,12 @@
     python search.py --images images.npz -p model.pth.tar -q "a dog playing with a frisbee" -k 10   # text -> images
     python search.py --images images.npz --texts captions.npz --image 12          # image (row or path) -> captions
     python search.py --images images.npz --image val2014/x.jpg                    # image -> images (itself excluded)
+    python search.py --images photos.npz --image photos/cat.jpg                   # the same image, by its file
     python search.py --images images.npz -p model.pth.tar --image new_photo.jpg   # an image file not in the set
     python search.py --images big.npz -p model.pth.tar -q "a red bus" --index faiss --json -
 
+An --image that is a stored image of --images (a row number, its stored path, or the file itself as a path from
+here, inside the extracted folder) uses its stored features; any other image file is embedded (needs -p).
 The searched collection is --texts when given, else --images. Scores are cosine similarities (unit vectors).
 --index exact (default) multiplies the query by every row, by blocks (the features are memory-mapped).
 --index faiss builds an index once and saves it next to the features (FEATURES.npz.faiss, with a fingerprint of
@@ -20,18 +23,17 @@ import json
 import logging
 import sys
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 import numpy as np
 
-from misc.arrays import file_sha256
 from misc.cli import add_checkpoint_args, add_words_arg, parser_for, positive_int, run
 from misc.errors import UserError
-from misc.files import write_json
-from misc.images import read_image
-from misc.inference import Inference
-from misc.search import Collection, exact_search, index_search, load_collection, load_or_build_index
-from misc.texts import count_oov
+from misc.files import file_sha256, write_json
+
+if TYPE_CHECKING:
+    from misc.inference import Inference
+    from misc.search import Collection
 
 log = logging.getLogger("search")
 
@@ -58,11 +60,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def load_model(args: argparse.Namespace, why: str) -> Inference:
     if args.checkpoint is None:
         raise UserError(f"{why} needs the model: pass -p CHECKPOINT")
+    from misc.inference import Inference
+
     return Inference.load(args.checkpoint, args.words, args.device)
 
 
 def text_queries(args: argparse.Namespace) -> tuple[np.ndarray, list[str], str]:
     """Embeddings (Q, d) of the -q texts, their labels and the sha256 of the checkpoint that embedded them."""
+    from misc.texts import count_oov
+
     model = load_model(args, "a text query")
     oov, tokens = count_oov(model.words, args.query)
     for text, count in zip(args.query, tokens):
@@ -81,12 +87,7 @@ def image_query(args: argparse.Namespace, images: Collection | None) -> tuple[np
     """Embedding (1, d) of --image, its label, its row in --images (None for an outside file) and the sha256 of the
     checkpoint that embedded it."""
     if images is not None:
-        row = int(args.image) if args.image.isdigit() else None
-        if row is None:
-            found = np.flatnonzero(images.labels == args.image)
-            row = int(found[0]) if len(found) else None
-        elif row >= len(images.features):
-            raise UserError(f"--image {row}: {images.path} has rows 0 to {len(images.features) - 1}")
+        row = stored_row(images, args.image)
         if row is not None:
             label = str(images.labels[row])
             return np.asarray(images.features[row:row + 1]), label, row, images.config.get("checkpoint_sha256", "")
@@ -94,15 +95,38 @@ def image_query(args: argparse.Namespace, images: Collection | None) -> tuple[np
     if not path.is_file():
         where = f"a row or stored path of {images.path}, nor " if images is not None else ""
         raise UserError(f"--image {args.image}: not {where}an image file")
+    from misc.images import read_image
+
     model = load_model(args, "an image file query")
     size = (images.config.get("size") if images is not None else None) or model.test_size
     features = model.embed_images(model.transform(size)(read_image(path, size))[None]).numpy()
     return features, str(path), None, file_sha256(args.checkpoint)
 
 
+def stored_row(images: Collection, query: str) -> int | None:
+    """The row of --images that ``query`` names: a row number, a stored path (relative to the extracted folder), or
+    a path from here to a file of the extracted folder (``photos/cat.jpg`` for the stored ``cat.jpg``); None if
+    it names none of them."""
+    if query.isdigit():
+        if int(query) >= len(images.features):
+            raise UserError(f"--image {query}: {images.path} has rows 0 to {len(images.features) - 1}")
+        return int(query)
+    names = [query]
+    folder = images.config.get("folder")
+    if folder and Path(query).exists() and Path(query).resolve().is_relative_to(Path(folder)):
+        names.append(Path(query).resolve().relative_to(Path(folder)).as_posix())
+    for name in names:
+        found = np.flatnonzero(images.labels == name)
+        if len(found):
+            return int(found[0])
+    return None
+
+
 def search(collection: Collection, queries: np.ndarray, k: int, method: str,
            nprobe: int | None) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
     """Scores and rows (Q, k') best first (-1 rows: not found by an approximate index), and how they were found."""
+    from misc.search import exact_search, index_search, load_or_build_index
+
     if method == "exact":
         scores, rows = exact_search(queries, collection.features, k)
         return scores, rows, {"type": "exact"}
@@ -128,6 +152,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.texts is None and args.images is None:
         raise UserError("pass the features to search: --images and/or --texts")
+    from misc.search import load_collection
+
     images = load_collection(args.images) if args.images else None
     collection = load_collection(args.texts) if args.texts else images
     if images is not None and images.kind != "image":

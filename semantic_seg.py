@@ -24,37 +24,34 @@ ranked: the paper's text. Images: the Karpathy split (default test). Query: name
 --dataset FILE.jsonl (one's own data, data/README.md): the images of --split (default test); the categories are
 the union of the split's segment categories, their masks the segments' polygons and RLE (pycocotools, as on COCO).
 
-Paper: mAP 0.34 / 0.24 / 0.15 at IoU 0.3 / 0.4 / 0.5.
+Paper: mAP 34 / 24 / 15 % at IoU 0.3 / 0.4 / 0.5. AP and mAP are in percent (IoU, a ratio, stays in [0, 1]); --json
+and --results write the record of docs/results.md.
 """
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 from pathlib import Path
-
-import inflect
-import torch
-from pycocotools.coco import COCO
-from torch.utils.data import DataLoader
-from tqdm import tqdm
+from typing import TYPE_CHECKING
 
 from misc import config
 from misc.cli import (add_checkpoint_args, add_device_args, add_output_args, add_size_arg, add_words_arg, parser_for,
                       positive_int, run)
-from misc.custom import as_coco, split_entries
-from misc.datasets import (SPLITS, ImageDataset, Record, is_custom, karpathy_records, load_coco, truth_masks,
-                           uses_demo)
 from misc.errors import UserError, check_choice
-from misc.files import update_results, write_json
-from misc.inference import Inference
-from misc.localization import apply_filters, upsample
-from misc.segmentation import (ORIGINAL_SIDE, average_precision, binarize, iou, original_average_precision,
-                               original_iou, original_prediction, original_truth)
+from misc import results
+
+if TYPE_CHECKING:  # the libraries below are imported after the arguments are parsed (a fast --help)
+    import inflect
+    import torch
+    from pycocotools.coco import COCO
+
+    from misc.datasets import Record
+    from misc.inference import Inference
 
 log = logging.getLogger("semantic_seg")
-PAPER = {"mAP@0.3": 0.34, "mAP@0.4": 0.24, "mAP@0.5": 0.15}
+PAPER = {"mAP@0.3": 34.0, "mAP@0.4": 24.0, "mAP@0.5": 15.0}  # percent
 PAPER_K = 10
-_INFLECT = inflect.engine()
 ALREADY_PLURAL = {"skis", "scissors"}  # COCO category names
 IOU_THRESHOLDS = (0.3, 0.4, 0.5)
 PROTOCOLS = ("original", "ranked")
@@ -88,9 +85,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+@functools.cache
+def _inflect() -> inflect.engine:
+    import inflect
+
+    return inflect.engine()
+
+
 def plural(noun: str) -> str:
     """English plural of a category name (inflect); COCO's names that already are plurals stay as they are."""
-    return noun if noun in ALREADY_PLURAL else _INFLECT.plural_noun(noun)
+    return noun if noun in ALREADY_PLURAL else _inflect().plural_noun(noun)
 
 
 def query(name: str, protocol: str = "ranked") -> str:
@@ -115,6 +119,14 @@ def segment(model: Inference, coco: COCO, records: list[Record], categories: lis
             progress: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Scores, IoUs (0 where the category is absent; NaN for the original's 0 / 0) and presence of every
     (image, category): each (N, C)."""
+    import torch
+    from torch.utils.data import DataLoader
+    from tqdm import tqdm
+
+    from misc.datasets import ImageDataset, truth_masks
+    from misc.localization import apply_filters, upsample
+    from misc.segmentation import binarize, iou, original_iou, original_prediction, original_truth
+
     filters = model.filters(texts, k)  # (C, D'), shared by every image
     vectors = model.embed_texts(texts) if score == "similarity" else None  # (C, d)
     column = {category: c for c, category in enumerate(categories)}
@@ -153,6 +165,8 @@ def segment(model: Inference, coco: COCO, records: list[Record], categories: lis
 def select_images(coco: COCO, annotations: Path, images_root: Path, karpathy: Path, split: str | None) -> list[Record]:
     """The images to evaluate: those of the Karpathy split that are in the annotations file, or with no split every
     image of the annotations file (in its order, from images_root/val2014), dropping those missing on disk."""
+    from misc.datasets import Record, karpathy_records
+
     if split is None:
         records = [Record(images_root / "val2014" / info["file_name"], [], int(image_id))
                    for image_id, info in coco.imgs.items()]
@@ -172,6 +186,9 @@ def select_images(coco: COCO, annotations: Path, images_root: Path, karpathy: Pa
 def load_images(dataset: str, split: str | None) -> tuple[COCO, list[Record], str]:
     """The instances index, the images to evaluate and where they come from: COCO's instances_val2014.json (or the
     demo world's), or the segments of a JSON-lines file's split (default test) as an in-memory COCO index."""
+    from misc.custom import as_coco, split_entries
+    from misc.datasets import SPLITS, Record, is_custom, load_coco, uses_demo
+
     if is_custom(dataset):
         split = split or "test"
         entries = split_entries(Path(dataset), split)
@@ -199,10 +216,15 @@ def load_images(dataset: str, split: str | None) -> tuple[COCO, list[Record], st
 
 def category_ap(protocol: str, scores: torch.Tensor, ious: torch.Tensor, present: torch.Tensor,
                 threshold: float) -> float | None:
-    """AP of one category (columns of the (N, C) results) at one IoU threshold, by the protocol's rule."""
+    """AP in percent of one category (columns of the (N, C) results) at one IoU threshold, by the protocol's rule;
+    None without positives."""
+    from misc.segmentation import average_precision, original_average_precision
+
     if protocol == "original":
-        return original_average_precision(ious.tolist(), present.tolist(), threshold)
-    return average_precision(scores, present & (ious >= threshold), int(present.sum()))
+        ap = original_average_precision(ious.tolist(), present.tolist(), threshold)
+    else:
+        ap = average_precision(scores, present & (ious >= threshold), int(present.sum()))
+    return None if ap is None else 100.0 * ap
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -210,8 +232,12 @@ def main(argv: list[str] | None = None) -> None:
     if not 0 <= args.threshold <= 1:
         raise UserError(f"--threshold {args.threshold}: must lie in [0, 1] (a fraction of the heatmap's range)")
     split = args.split or ("test" if args.protocol == "ranked" else None)
+    from misc.inference import Inference
+    from misc.segmentation import ORIGINAL_SIDE
+
     model = Inference.load(args.checkpoint, args.words, args.device, args.amp)
-    coco, records, images_from = load_images(args.dataset or model.config["train"]["dataset"], split)
+    dataset = args.dataset or model.config["train"]["dataset"]
+    coco, records, images_from = load_images(dataset, split)
     records = records[:args.limit] if args.limit is not None else records
 
     categories = sorted(coco.getCatIds())
@@ -243,34 +269,28 @@ def main(argv: list[str] | None = None) -> None:
         means[f"mAP@{t}"] = sum(e[f"AP@{t}"] for e in evaluated) / len(evaluated) if evaluated else None
     rule = ("heatmap (uint8, 200x200) > threshold * (max - min)" if args.protocol == "original"
             else "heatmap >= min + threshold * (max - min)")
-    results = {**means, "protocol": args.protocol, "images": len(records), "images_from": images_from,
-               "queries": {names[c]: queries[c] for c in categories}, "k": k, "threshold": args.threshold,
-               "threshold_rule": rule, "size": size, "categories": len(evaluated),
-               "categories_without_positives": len(categories) - len(evaluated), "per_category": per_category,
-               "checkpoint": str(args.checkpoint), "paper": PAPER}
-    if args.protocol == "original":
-        results["mask_side"] = ORIGINAL_SIDE
-    else:
-        results["score"] = args.score
+    settings = {"k": k, "threshold": args.threshold, "threshold_rule": rule,
+                **({"mask_side": ORIGINAL_SIDE} if args.protocol == "original" else {"score": args.score})}
+    entry = results.record("semantic_seg", checkpoint=args.checkpoint, dataset=str(dataset), split=split, size=size,
+                   protocol=args.protocol, metrics={**means, "images": len(records), "categories": len(evaluated)},
+                   settings=settings, images_from=images_from, queries={names[c]: queries[c] for c in categories},
+                   categories_without_positives=len(categories) - len(evaluated), per_category=per_category,
+                   paper=PAPER)
 
     print(f"semantic segmentation ({args.protocol}): {len(records)} images of {images_from}, {len(evaluated)} "
           f"categories with positives, {size}x{size}, k={k if k is not None else 'n/a'}, threshold {args.threshold:g}")
-    print(f"  {'IoU':<8}{'mAP':>8}{'paper':>8}")
+    print(f"  {'IoU':<8}{'mAP %':>8}{'paper':>8}")
     for t in IOU_THRESHOLDS:
         value = means[f"mAP@{t}"]
-        print(f"  {t:<8}{'-' if value is None else f'{value:.3f}':>8}{PAPER[f'mAP@{t}']:>8}")
-    if args.json:
-        full = dict(results)
-        if args.per_image:
-            full["per_image"] = [
-                {"image_id": record.image_id, "category": names[category], "present": bool(present[i, c]),
-                 "iou": None if ious[i, c].isnan() else float(ious[i, c]),
-                 **({} if args.protocol == "original" else {"score": float(scores[i, c])})}
-                for i, record in enumerate(records) for c, category in enumerate(categories)]
-        write_json(args.json, full)
-    if args.results:
-        update_results(args.results, args.results_key,
-                       {key: value for key, value in results.items() if key not in ("checkpoint", "paper")})
+        print(f"  {t:<8}{'-' if value is None else f'{value:.1f}':>8}{PAPER[f'mAP@{t}']:>8.1f}")
+    rows = None
+    if args.per_image:
+        rows = {"per_image": [
+            {"image_id": item.image_id, "category": names[category], "present": bool(present[i, c]),
+             "iou": None if ious[i, c].isnan() else float(ious[i, c]),
+             **({} if args.protocol == "original" else {"score": float(scores[i, c])})}
+            for i, item in enumerate(records) for c, category in enumerate(categories)]}
+    results.save(entry, args.json, args.results, args.results_key, rows)
 
 
 if __name__ == "__main__":

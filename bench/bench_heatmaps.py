@@ -3,12 +3,20 @@
 Run from the repository root:  python bench/bench_heatmaps.py [--quick]
 
 Inputs are seeded random float32 arrays: 100 image maps G (D' = 2400, 13 x 13, a 416 x 416 input), d = 2400,
-k = 180, at 5 and at 20 phrases per image (--quick: 40 images). The original (its misc/localization.py, in numpy as
-it did): per image the dense product A·G of every row of A (d, D') with the maps, then per phrase a full argsort of
-the text embedding, the k largest entries, and their |v_u|-weighted sum of the selected rows of that product. The
-project: the k selected rows of A summed into one filter per phrase, then one product with the maps, batched over
-all images (torch). Both run interleaved (A B A B ..., after a warm-up call of each) in this process; their error
-is measured against the same computation in float64.
+k = 180, at 5 and at 20 phrases per image (--quick: 40 images); text embeddings are given (neither side's time
+includes the text encoder).
+
+Baseline, the original release's computation (its misc/localization.py, one_img_process and generate_heat_map),
+in numpy as it ran: per image the dense product A·G of every row of A (d, D') with the maps, then per phrase a full
+argsort of the text embedding, the k largest entries, and the |v_u|-weighted sum of those rows of the product.
+
+Project, what pointing_game.py, localize.py and semantic_seg.py run (the models' text_filters and
+misc.localization.apply_filters, composed here as misc.localization.heatmaps): per phrase the top-k of the text
+embedding and the |v_u|-weighted sum of the k selected rows of A as one filter (built one column panel of A at a
+time), then one batched product of all filters with all maps (torch).
+
+Both run interleaved (A B A B ..., after a warm-up call of each) in this process; their error is measured against
+the original's computation in float64. The load average is printed with each ratio: the 2 cores may be shared.
 """
 import argparse
 import functools

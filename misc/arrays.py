@@ -1,5 +1,5 @@
 """Array files: plain uncompressed ``.npz`` written atomically (optionally streamed block by block), arrays
-memory-mapped out of them, and fingerprints of files."""
+memory-mapped out of them, and fingerprints of them."""
 from __future__ import annotations
 
 import hashlib
@@ -108,14 +108,6 @@ def npz_fingerprint(path: Path) -> str:
     with zipfile.ZipFile(path) as archive:
         entries = sorted((i.filename, i.file_size, i.CRC) for i in archive.infolist())
     return hashlib.sha256(json.dumps(entries).encode()).hexdigest()
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def text_array(values: list[str]) -> np.ndarray:

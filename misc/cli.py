@@ -99,10 +99,11 @@ def add_size_arg(parser: argparse.ArgumentParser, default: int | None = None,
 
 
 def add_output_args(parser: argparse.ArgumentParser, results_key: str) -> None:
-    """``--json PATH`` (the full results), ``--results PATH`` (add the summary to a shared results file) under
-    ``--results-key`` (default ``results_key``)."""
-    parser.add_argument("--json", type=Path, help="write the full results here")
-    parser.add_argument("--results", type=Path, help="add the results to this shared JSON file, under --results-key")
+    """An evaluator's ``--json PATH`` (its results record of docs/results.md, with its rows), ``--results PATH``
+    (the same record set in a shared results file) under ``--results-key`` (default ``results_key``)."""
+    parser.add_argument("--json", type=Path, help="write the results record (docs/results.md) and its rows here")
+    parser.add_argument("--results", type=Path,
+                        help="set the results record in this shared JSON file, under --results-key (dotted keys nest)")
     parser.add_argument("--results-key", default=results_key,
                         help=f"entry of --results to write (default {results_key})")
 

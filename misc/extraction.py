@@ -21,8 +21,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from misc.arrays import Streamed, file_sha256, npz_array, skipped_array, text_array, write_npz
-from misc.files import write_json, writing
+from misc.arrays import Streamed, npz_array, skipped_array, text_array, write_npz
+from misc.files import file_sha256, write_json, writing
 from misc.errors import UserError
 from misc.datasets import eval_transform
 from misc.engine import autocast

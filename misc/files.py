@@ -1,9 +1,11 @@
 """Atomic file writes: readers see the old file or the complete new one, never a partial one; and a full disk, a
-read-only folder or a permission error while writing is one line naming the file and what to do."""
+read-only folder or a permission error while writing is one line naming the file and what to do. Also a file's
+SHA-256, streamed."""
 from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import json
 import os
 import uuid
@@ -81,6 +83,15 @@ def _fsync(path: Path) -> None:
             raise
     finally:
         os.close(descriptor)
+
+
+def file_sha256(path: Path | str) -> str:
+    """SHA-256 of a file's bytes, read in 1 MiB blocks (a checkpoint of any size costs constant memory)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def write_json(path: Path | str, data: Any) -> None:

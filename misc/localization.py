@@ -8,8 +8,9 @@ embedding v (d,), K(v) holds the indices of its k largest entries and (eq. 9)
     H = sum_{u in K(v)} |v_u| G'_u = sum_{u in K(v)} |v_u| (A_u · G) = (sum_{u in K(v)} |v_u| A_u) · G.
 
 :func:`heatmaps` uses the last form: one "filter" f = sum_u |v_u| A_u (D',) per text, a weighted sum of only k rows
-of A (``F.embedding_bag``, no (k, D') copy), then one D'-long dot product per position. :func:`heatmaps_full`
-forms all d maps G' first and picks k of them; it is the reference the tests and the benchmark compare against.
+of A (``F.embedding_bag``, no (k, D') copy), then one D'-long dot product per position, all phrases of all images
+in one batched product. Per image with P phrases that is P (k + hw) D' multiply-adds instead of the d hw D' of
+forming every G'_u (the original release's order; :func:`heatmaps_full`, the reference the tests compare against).
 
 Coordinates. A pixel p covers the interval [p, p + 1); an h x w map spread over a W x H image gives cell (i, j) the
 rectangle [j W/w, (j+1) W/w) x [i H/h, (i+1) H/h), whose centre ((j + .5) W/w, (i + .5) H/h) is where the bilinear
@@ -46,9 +47,10 @@ def top_k(texts: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def text_filters(weight: torch.Tensor, texts: torch.Tensor, k: int) -> torch.Tensor:
-    """f = sum_{u in K(v)} |v_u| A_u for each text: weight A (d, D'), texts (..., d) -> (..., D').
+    """f = sum_{u in K(v)} |v_u| A_u for each text (eq. 9 folded into one filter): weight A (d, D'), texts (..., d)
+    -> (..., D').
 
-    Only the k selected rows of A are read; no (..., k, D') tensor is formed.
+    Only the k selected rows of A are read, in one pass over all texts; no (..., k, D') tensor is formed.
     """
     weights, indices = top_k(texts.float(), k)
     flat = F.embedding_bag(indices.reshape(-1, k), weight.float(), per_sample_weights=weights.reshape(-1, k),

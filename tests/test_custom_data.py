@@ -154,7 +154,8 @@ def test_retrieval_on_a_json_lines_split(world: Path, model_file: Path, tmp_path
     out = tmp_path / "retrieval.json"
     assert run_in_process("eval_retrieval.py", ["-p", model_file, "--dataset", world, "--split", "test", "--size", "64",
                                                 "--json", out, *CLI_FLAGS], tmp_path, monkeypatch) == 0
-    assert "3 images, 9 captions" in capsys.readouterr().out and "rsum" in json.loads(out.read_text())["full"]
+    assert "3 images, 9 captions" in capsys.readouterr().out
+    assert "rsum" in json.loads(out.read_text())["metrics"]["full"]
 
 
 @pytest.mark.parametrize("protocol", ["original", "centre"])
@@ -170,7 +171,7 @@ def test_pointing_game_on_the_regions_of_a_json_lines_split(world: Path, model_f
     x, y, w, h = regions[0][1]
     assert report["per_phrase"][0]["boxes"][0] == pytest.approx([x, y * 4 / 3, w, h * 4 / 3])  # 64 x 48 -> 64 x 64
     centre_hits = [row["center_hit"] for row in report["per_phrase"]]
-    assert report["center_baseline"] == pytest.approx(100 * sum(centre_hits) / 3)
+    assert report["metrics"]["center_baseline"] == pytest.approx(100 * sum(centre_hits) / 3)
 
 
 def test_segments_become_coco_masks(world: Path) -> None:
@@ -189,7 +190,7 @@ def test_segmentation_on_the_segments_of_a_json_lines_split(world: Path, model_f
     assert run_in_process("semantic_seg.py", ["-p", model_file, "--dataset", world, "--split", "test", "--protocol",
                                               protocol, "--json", out, *CLI_FLAGS], tmp_path, monkeypatch) == 0
     report = json.loads(out.read_text())
-    assert report["images"] == 3 and sorted(report["per_category"]) == ["ground", "square"]
+    assert report["metrics"]["images"] == 3 and sorted(report["per_category"]) == ["ground", "square"]
     assert all(entry["positives"] == 3 for entry in report["per_category"].values())
 
 

@@ -130,9 +130,10 @@ def test_pointing_game_on_the_demo_worlds_entities(tiny_world, tmp_path, monkeyp
                                                  "--workers", "0", "--no-progress", "--device", "cpu"],
                             tiny_world, monkeypatch)
     report = json.loads(out.read_text())
-    assert status == 0 and report["images_from"] == "Flickr30K Entities test" and report["images"] == 4
-    assert report["k"] == (1 if "arch" not in model else None)  # round(0.075 d), d = 16; unused by the matchmap
-    assert set(report["skipped_reasons"]) <= {"scene"} and report["phrases"] + report["skipped"] == sum(
+    assert status == 0 and report["images_from"] == "Flickr30K Entities test" and report["metrics"]["images"] == 4
+    metrics = report["metrics"]
+    assert report["settings"]["k"] == (1 if "arch" not in model else None)  # round(0.075 d), d = 16; matchmap: unused
+    assert set(report["skipped_reasons"]) <= {"scene"} and metrics["phrases"] + metrics["skipped"] == sum(
         len(s.phrases) for image in fe.load_images(tiny_world / "flickr30k_entities", tiny_world, "test", 4)
         for s in image.sentences)
     for row in report["per_phrase"]:
@@ -140,6 +141,7 @@ def test_pointing_game_on_the_demo_worlds_entities(tiny_world, tmp_path, monkeyp
         assert row["point"] == [cell * (row["peak_cell"][1] + 0.5), cell * (row["peak_cell"][0] + 0.5)]
         assert row["hit"] == any(x <= row["point"][0] <= x + w and y <= row["point"][1] <= y + h
                                  for x, y, w, h in row["boxes"])
-    assert report["grid"] == ([2, 2] if "arch" not in model else [4, 4])  # strides 32 and 16 (layer3)
-    assert report["per_type"]["other"]["phrases"] == report["phrases"]
-    assert report["accuracy"] == pytest.approx(100 * sum(r["hit"] for r in report["per_phrase"]) / report["phrases"])
+    assert report["settings"]["grid"] == ([2, 2] if "arch" not in model else [4, 4])  # strides 32 and 16 (layer3)
+    assert report["metrics"]["per_type"]["other"]["phrases"] == report["metrics"]["phrases"]
+    assert report["metrics"]["accuracy"] == pytest.approx(
+        100 * sum(r["hit"] for r in report["per_phrase"]) / report["metrics"]["phrases"])

@@ -75,6 +75,51 @@ def test_selecting_rows_of_A_equals_the_full_product(k):
         apply_filters(maps, torch.randn(2, 5, 16))  # per-image filters for 2 images, maps of 3
 
 
+def gamma(n: int) -> float:
+    """Higham's gamma_n = n u / (1 - n u), u the float32 unit roundoff: a float32 sum of n products is within
+    gamma_n * sum |products| of the exact sum, in any order of summation."""
+    u = torch.finfo(torch.float32).eps / 2
+    return n * u / (1 - n * u)
+
+
+def eq9_float64(maps: torch.Tensor, weight: torch.Tensor, texts: torch.Tensor, k: int) -> torch.Tensor:
+    """Eq. 8-9 in float64 in the original's order (every G'_u, then k of them), K(v) chosen on the float32 texts."""
+    weights, indices = top_k(texts.float(), k)  # (B, T, k)
+    projected = torch.einsum("uc,bcs->bus", weight.double(), maps.double().flatten(2))  # G' (B, d, hw)
+    picked = torch.stack([projected[b, indices[b]] for b in range(len(maps))])  # (B, T, k, hw)
+    return (weights.double()[..., None] * picked).sum(dim=2).reshape(*texts.shape[:2], *maps.shape[2:])
+
+
+def test_fast_heatmaps_are_within_the_float32_bound_of_float64_and_no_worse_than_the_original_order():
+    # The filter sums k terms, then f·G sums D' terms: |H - H64| <= gamma_{k+D'} (|v_sel|^T |A_sel|) |G|, the
+    # bound of the two nested float32 sums (the inputs are float32 already, so rounding them adds nothing).
+    g = torch.Generator().manual_seed(3)
+    batch, maps_dim, dim, k = 6, 400, 300, 24
+    maps = torch.randn(batch, maps_dim, 5, 5, generator=g)
+    weight = torch.randn(dim, maps_dim, generator=g) * maps_dim ** -0.5
+    texts = torch.nn.functional.normalize(torch.randn(batch, 8, dim, generator=g), dim=-1)
+    exact = eq9_float64(maps, weight, texts, k)
+    error = (heatmaps(maps, weight, texts, k).double() - exact).abs()
+    assert (error <= gamma(k + maps_dim) * eq9_float64(maps.abs(), weight.abs(), texts, k)).all()
+    assert error.max() > 0  # float32 really was used: the bound is not checked against itself
+    original_order = (heatmaps_full(maps, weight, texts, k).double() - exact).abs()  # float32, the original's order
+    rms = [float(e.pow(2).mean().sqrt()) for e in (error, original_order)]
+    assert rms[0] <= 1.25 * rms[1], rms  # the same order of error as the original's computation, not more
+
+
+def test_matchmap_style_filters_are_within_the_float32_bound_of_float64():
+    # The matchmap's phrase map is its mean word vector applied at every region (filters (T, D) or (B, T, D)):
+    # one D-term float32 sum per position, within gamma_D sum |f_c G_c| of the float64 value.
+    g = torch.Generator().manual_seed(4)
+    maps, filters = torch.randn(3, 256, 6, 6, generator=g), torch.randn(3, 5, 256, generator=g)
+    flat = maps.double().flatten(2)  # (B, D, hw)
+    for f in (filters[0], filters):
+        exact = torch.matmul(f.double(), flat).reshape(3, 5, 6, 6)
+        bound = gamma(256) * torch.matmul(f.double().abs(), flat.abs()).reshape(3, 5, 6, 6)
+        error = (apply_filters(maps, f).double() - exact).abs()
+        assert (error <= bound).all() and error.max() > 0
+
+
 def test_default_k_scales_the_papers_ratio():
     assert default_k(2400, 180) == 180 and default_k(4800, 180) == 180
     assert default_k(256, 180) == 19 and default_k(32, 180) == 2
@@ -302,13 +347,14 @@ def test_pointing_game_cli_counts_skips_and_matches_the_boxes(tiny_world, tiny_c
             "--results", results, *CLI_FLAGS, world=world)
 
     report = json.loads(out.read_text())
+    metrics = report["metrics"]
     assert report["skipped_reasons"] == {"image missing": in_gone, "no words": 2, "no word in vocabulary": 1}
-    assert report["phrases"] + report["skipped"] == len(regions) and report["skipped"] == in_gone + 3
-    assert len(report["per_phrase"]) == report["phrases"] and len(report["skipped_phrases"]) == report["skipped"]
+    assert metrics["phrases"] + metrics["skipped"] == len(regions) and metrics["skipped"] == in_gone + 3
+    assert len(report["per_phrase"]) == metrics["phrases"] and len(report["skipped_phrases"]) == metrics["skipped"]
     kept_images = {vg_id for vg_id, r in regions[3:] if vg_id != gone}
-    assert report["images"] == len({r["vg_image_id"] for r in report["per_phrase"]}) == len(kept_images)
-    assert 0 <= report["accuracy"] <= 100 and report["k"] == 2 and report["size"] == 128
-    assert report["accuracy"] == pytest.approx(100 * sum(r["hit"] for r in report["per_phrase"]) / report["phrases"])
+    assert metrics["images"] == len({r["vg_image_id"] for r in report["per_phrase"]}) == len(kept_images)
+    assert 0 <= metrics["accuracy"] <= 100 and report["settings"]["k"] == 2 and report["size"] == 128
+    assert metrics["accuracy"] == pytest.approx(100 * sum(r["hit"] for r in report["per_phrase"]) / metrics["phrases"])
 
     # the centre baseline from the VG boxes alone: at 128 px the central cell (2, 2) of the 4 x 4 map has its
     # top-left corner at the image centre, which must lie strictly inside the box (original protocol)
@@ -316,8 +362,8 @@ def test_pointing_game_cli_counts_skips_and_matches_the_boxes(tiny_world, tiny_c
     centre_hits = [r["x"] < images[vg_id]["width"] / 2 < r["x"] + r["width"] and
                    r["y"] < images[vg_id]["height"] / 2 < r["y"] + r["height"]
                    for vg_id, r in regions if r["region_id"] in kept]
-    assert len(centre_hits) == report["phrases"] and report["protocol"] == "original"
-    assert report["center_baseline"] == pytest.approx(100 * sum(centre_hits) / len(centre_hits))
+    assert len(centre_hits) == metrics["phrases"] and report["protocol"] == "original"
+    assert metrics["center_baseline"] == pytest.approx(100 * sum(centre_hits) / len(centre_hits))
 
     # re-derived from the rows: the peak cell's top-left corner, strictly inside the box
     strict_hits = 0
@@ -327,10 +373,9 @@ def test_pointing_game_cli_counts_skips_and_matches_the_boxes(tiny_world, tiny_c
         inside = x < r["point"][0] < x + w and y < r["point"][1] < y + h
         assert r["hit"] == inside
         strict_hits += inside
-    assert report["accuracy"] == pytest.approx(100 * strict_hits / report["phrases"])
+    assert metrics["accuracy"] == pytest.approx(100 * strict_hits / metrics["phrases"])
     shared = json.loads(results.read_text())["pointing_game"]
-    assert {k: shared[k] for k in ("accuracy", "center_baseline", "phrases", "images", "skipped")} == \
-        {k: report[k] for k in ("accuracy", "center_baseline", "phrases", "images", "skipped")}
+    assert shared["metrics"] == report["metrics"]
 
 
 def test_pointing_game_split_limit_and_tolerance(tiny_world, tiny_checkpoint, tmp_path, monkeypatch):
@@ -340,9 +385,9 @@ def test_pointing_game_split_limit_and_tolerance(tiny_world, tiny_checkpoint, tm
                                                  "--overlays", tmp_path / "png", "--overlay-images", "2", *CLI_FLAGS],
                             tiny_world, monkeypatch)
     report = json.loads(out.read_text())
-    assert status == 0 and report["images"] == 3 and report["images_from"] == "Karpathy split test"
-    assert report["accuracy"] == report["center_baseline"] == 100.0  # 200 px reach every box of a 64 px frame
-    assert report["tolerance"] == 200
+    assert status == 0 and report["metrics"]["images"] == 3 and report["images_from"] == "Karpathy split test"
+    assert report["metrics"]["accuracy"] == report["metrics"]["center_baseline"] == 100.0  # 200 px: every box of 64 px
+    assert report["settings"]["tolerance"] == 200
     first_two = list(dict.fromkeys(r["image_id"] for r in report["per_phrase"]))[:2]
     assert sorted((tmp_path / "png").iterdir()) == sorted(tmp_path / "png" / f"pointing_{c}.png" for c in first_two)
     for coco_id in first_two:
@@ -367,8 +412,8 @@ def test_pointing_game_centre_protocol_points_at_cell_centres(tiny_world, tiny_c
         assert r["hit"] == (x <= r["point"][0] <= x + w and y <= r["point"][1] <= y + h)
         assert r["center_hit"] == (x <= 80 <= x + w and y <= 80 <= y + h)  # the centre of cell (2, 2)
         hits, centre_hits = hits + r["hit"], centre_hits + r["center_hit"]
-    assert report["accuracy"] == pytest.approx(100 * hits / report["phrases"])
-    assert report["center_baseline"] == pytest.approx(100 * centre_hits / report["phrases"])
+    assert report["metrics"]["accuracy"] == pytest.approx(100 * hits / report["metrics"]["phrases"])
+    assert report["metrics"]["center_baseline"] == pytest.approx(100 * centre_hits / report["metrics"]["phrases"])
     assert set(json.loads(results.read_text())) == {"pointing_game_centre"}
 
 
@@ -411,16 +456,18 @@ def test_semantic_segmentation_cli_original_protocol(tiny_world, tiny_checkpoint
     instances = json.loads((tiny_world / "annotations" / "instances_val2014.json").read_text())
     names = {c["id"]: c["name"] for c in instances["categories"]}
     present = {(a["image_id"], names[a["category_id"]]) for a in instances["annotations"]}
-    assert report["protocol"] == "original" and report["images"] == len(instances["images"])  # every val image
-    assert report["k"] == 1 and report["threshold"] == 0.45 and report["mask_side"] == 200
+    assert report["protocol"] == "original" and report["metrics"]["images"] == len(instances["images"])  # every image
+    assert report["settings"]["k"] == 1 and report["settings"]["threshold"] == 0.45
+    assert report["settings"]["mask_side"] == 200
     assert report["queries"] == {name: f"{name} {name}s" for name in names.values()}
     rows = report["per_image"]
     assert len(rows) == len(instances["images"]) * len(names)
     assert {(r["image_id"], r["category"]) for r in rows if r["present"]} == present
     assert all(r["iou"] == 0 for r in rows if not r["present"])
     for t in (0.3, 0.4, 0.5):
-        assert report[f"mAP@{t}"] == pytest.approx(original_map_from_rows(rows, t))
-    assert json.loads(results.read_text())["semantic_segmentation"]["mAP@0.5"] == report["mAP@0.5"]
+        assert report["metrics"][f"mAP@{t}"] == pytest.approx(100 * original_map_from_rows(rows, t))  # percent
+    shared = json.loads(results.read_text())["semantic_segmentation"]
+    assert shared["metrics"]["mAP@0.5"] == report["metrics"]["mAP@0.5"]
 
 
 def test_semantic_segmentation_cli_ranked_protocol(tiny_world, tiny_checkpoint, tmp_path, monkeypatch):
@@ -434,7 +481,7 @@ def test_semantic_segmentation_cli_ranked_protocol(tiny_world, tiny_checkpoint, 
     instances = json.loads((tiny_world / "annotations" / "instances_val2014.json").read_text())
     names = {c["id"]: c["name"] for c in instances["categories"]}
     present = {(a["image_id"], a["category_id"]) for a in instances["annotations"] if a["image_id"] in test_ids}
-    assert status == 0 and report["protocol"] == "ranked" and report["images"] == len(test_ids)
+    assert status == 0 and report["protocol"] == "ranked" and report["metrics"]["images"] == len(test_ids)
     assert set(report["per_category"]) == set(names.values())
     for category, name in names.items():
         entry = report["per_category"][name]
@@ -444,8 +491,9 @@ def test_semantic_segmentation_cli_ranked_protocol(tiny_world, tiny_checkpoint, 
         for t in (0.3, 0.4, 0.5):
             expected = average_precision([r["score"] for r in rows],
                                          [r["present"] and r["iou"] >= t for r in rows], entry["positives"])
-            assert entry[f"AP@{t}"] == (None if expected is None else pytest.approx(expected))
-    assert report["mAP@0.3"] >= report["mAP@0.4"] >= report["mAP@0.5"]  # a stricter IoU keeps fewer positives
+            assert entry[f"AP@{t}"] == (None if expected is None else pytest.approx(100 * expected))
+    metrics = report["metrics"]
+    assert metrics["mAP@0.3"] >= metrics["mAP@0.4"] >= metrics["mAP@0.5"]  # a stricter IoU keeps fewer positives
     assert set(json.loads(results.read_text())) == {"semantic_segmentation_ranked"}
 
 

@@ -1,6 +1,8 @@
 # make demo      - create .venv, generate the demo world, train the demo model, evaluate it, print results
 # make test      - create .venv and run the whole test suite
 # make test-fast - the tests not marked slow (the quick loop while editing)
+# make app       - the web page (app.py) on the demo model; CHECKPOINT=... FEATURES=images.npz PORT=... to change
+# make browser   - install Debian's chromium (apt-get) when /usr/bin/chromium is missing; the web page's test drives it
 # make lint      - ruff (configured in pyproject.toml)
 # make bench     - run the benchmarks and write bench/RESULTS.md (not part of the tests)
 # make bench-gpu - the paper model on one CUDA GPU, written to bench/RESULTS-gpu.md (fails at once without CUDA)
@@ -13,9 +15,13 @@ MM := runs/demo-matchmap
 RESULTS := $(RUN)/results.json
 DSVE := --results $(RESULTS) --results-key models.dsve.
 MATCHMAP := --results $(RESULTS) --results-key models.matchmap.
+CHECKPOINT ?= $(RUN)/best.pth.tar
+PORT ?= 7860
+CHROMIUM := /usr/bin/chromium
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 export TORCH_EXTENSIONS_DIR := $(CURDIR)/.cache/torch_extensions
 
-.PHONY: demo test test-fast lint bench bench-gpu clean
+.PHONY: demo test test-fast lint bench bench-gpu clean app browser
 
 $(STAMP): requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -37,8 +43,15 @@ demo: $(STAMP)
 	$(PY) pointing_game.py -p $(MM)/best.pth.tar --dataset demo_entities --split test --size 96 --json $(MM)/pointing_game_entities.json $(MATCHMAP)pointing_game_entities --no-progress
 	@echo "results: $(RESULTS)"
 
-test: $(STAMP)
+test: $(STAMP) browser
 	$(PY) -m pytest
+
+browser:
+	test -x $(CHROMIUM) || { $(SUDO) apt-get update -q && \
+		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium; }
+
+app: $(STAMP)
+	$(PY) app.py -p $(CHECKPOINT) --port $(PORT) $(if $(FEATURES),--features $(FEATURES))
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -m "not slow"

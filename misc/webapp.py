@@ -1,0 +1,252 @@
+"""The web page of app.py (gradio): where is each phrase in an image, and which images of an extracted collection
+match a text or an image.
+
+- Localization: the heatmap of every phrase (eq. 9) over the image, side by side, each with the cosine score of the
+  image and phrase embeddings (eq. 3 and 4) and the words the vocabulary lacks.
+- Search: a text or an image query against a feature file of image_features_extraction.py (or
+  text_features_extraction.py), exact top-k (misc.search), the hits as thumbnails with their scores.
+
+The functions that compute what the page shows take plain values and raise :class:`UserError`, so they are tested
+without a browser; :func:`build_ui` only wires them to gradio, which is imported there, after :func:`go_offline`.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from PIL import Image
+
+from misc import config
+from misc.files import file_sha256
+from misc.errors import UserError
+from misc.images import list_images, read_image
+from misc.inference import PAPER_SIZE, Inference
+from misc.search import Collection, exact_search, load_collection
+from misc.visualize import overlays
+
+MAX_PHRASES = 12
+THUMBNAIL = 192  # longer side of a search hit's thumbnail, in pixels
+EXAMPLES = 6  # example images offered from the demo world
+# gradio and huggingface_hub read these when imported or launched: no analytics, no version check, no hub calls.
+OFFLINE = {"GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1",
+           "GRADIO_SSR_MODE": "False"}
+LOCALIZE_COLUMNS = ["phrase", "score", "peak x", "peak y", "unknown words"]
+SEARCH_COLUMNS = ["rank", "score", "item"]
+
+
+def go_offline() -> None:
+    """Make gradio work without a network: call before gradio is imported."""
+    os.environ.update(OFFLINE)
+
+
+def parse_phrases(text: str | None) -> list[str]:
+    """The phrases of the text box, one a line (blank lines dropped)."""
+    found = [line.strip() for line in (text or "").splitlines() if line.strip()]
+    if not found:
+        raise UserError("type at least one phrase, one a line")
+    if len(found) > MAX_PHRASES:
+        raise UserError(f"{len(found)} phrases: at most {MAX_PHRASES} at once")
+    return found
+
+
+def example_images(folder: Path | None = None, count: int = EXAMPLES) -> list[Path]:
+    """Up to ``count`` images of the demo world's test images (``folder``, default its val2014), evenly spread;
+    none when the demo world was not generated."""
+    folder = Path(folder) if folder is not None else config.DEMO_DIR / "images" / "val2014"
+    if not folder.is_dir():
+        return []
+    found = list_images(folder)
+    step = max(1, len(found) // count)
+    return [folder / name for name in found[::step][:count]]
+
+
+def panel_caption(phrase: str, score: float, unknown: list[str]) -> str:
+    """A heatmap's caption: the phrase, its score and the words the vocabulary lacks."""
+    missing = f" (unknown: {', '.join(unknown)})" if unknown else ""
+    return f"{phrase}: {score:.3f}{missing}"
+
+
+def figure_image(figure: Figure) -> Image.Image:
+    """A matplotlib figure drawn into an RGB image."""
+    canvas = FigureCanvasAgg(figure)
+    canvas.draw()
+    return Image.fromarray(np.asarray(canvas.buffer_rgba())).convert("RGB")
+
+
+def localize(model: Inference, image_path: str | Path | None, text: str | None, size: int = PAPER_SIZE,
+             k: int | None = None) -> tuple[list[tuple[Image.Image, str]], list[list[Any]]]:
+    """Heatmaps of every phrase of ``text`` on the image file: one panel per phrase (its eq. 9 map over the image,
+    the peak dotted, a colour bar, the score and unknown words in the title) with a caption, and one table row
+    per phrase (phrase, eq. 3/4 cosine score, peak in the image's pixels, unknown words). ``k``: eq. 9's k
+    (default: the paper's, scaled to the model's d)."""
+    if not image_path:
+        raise UserError("upload an image or pick an example first")
+    found = model.heatmaps(image_path, parse_phrases(text), size=size, k=k)
+    panels, rows = [], []
+    for index, (phrase, title) in enumerate(zip(found.texts, found.titles())):
+        score, peak, unknown = float(found.scores[index]), found.peaks[index].tolist(), found.unknown[index]
+        figure = overlays(found.image, found.maps[index:index + 1], found.peaks[index:index + 1], [title])
+        panels.append((figure_image(figure), panel_caption(phrase, score, unknown)))
+        rows.append([phrase, round(score, 4), round(peak[0]), round(peak[1]), ", ".join(unknown)])
+    return panels, rows
+
+
+@dataclass
+class Searchable:
+    """The collections the page searches, by name, and the sha256 of the page's checkpoint (to warn when a
+    collection was made by another model, whose space the queries do not share)."""
+
+    collections: dict[str, Collection]
+    checkpoint_sha256: str
+
+
+def load_collections(path: Path, checkpoint: Path) -> Searchable:
+    """A feature file, or every ``.npz`` feature file of a folder (sorted by name)."""
+    path = Path(path)
+    if path.is_dir():
+        files = sorted(path.glob("*.npz"))
+        if not files:
+            raise UserError(f"--features {path}: no .npz feature file in this folder; make one with "
+                            f"image_features_extraction.py")
+    elif path.is_file():
+        files = [path]
+    else:
+        raise UserError(f"--features {path}: no such file or folder")
+    return Searchable({file.name: load_collection(file) for file in files}, file_sha256(checkpoint))
+
+
+def text_query(model: Inference, query: str | None) -> np.ndarray:
+    """The embedding (1, d) of a text query (eq. 4); a query none of whose words is known is refused."""
+    query = (query or "").strip()
+    if not any(character.isalnum() for character in query):
+        raise UserError("type a text query")
+    if model.known_words(query) == 0:
+        raise UserError(f"none of the words of {query!r} is in the vocabulary: try other words")
+    return model.embed_texts([query]).cpu().numpy()
+
+
+def pick(searchable: Searchable, name: str) -> Collection:
+    """The collection called ``name``."""
+    if name not in searchable.collections:
+        raise UserError(f"pick a collection among {', '.join(searchable.collections)}")
+    return searchable.collections[name]
+
+
+def image_query(model: Inference, collection: Collection, image_path: str | Path | None) -> np.ndarray:
+    """The embedding (1, d) of an image file (eq. 1-3), at the size the collection was extracted at."""
+    if not image_path:
+        raise UserError("upload a query image first")
+    return model.embed_images([image_path], size=collection.config.get("size") or model.test_size).numpy()
+
+
+def hit_location(collection: Collection, row: int) -> Path:
+    """The image file of a row: stored paths are relative to the extracted folder (recorded in the file)."""
+    stored = Path(str(collection.labels[row]))
+    return stored if stored.is_absolute() else Path(collection.config.get("folder", ".")) / stored
+
+
+def thumbnail(path: Path) -> Image.Image:
+    """A small copy of a hit's image; a grey square when the file is gone or unreadable (named in the caption)."""
+    try:
+        image = read_image(path, THUMBNAIL)
+    except (UserError, OSError):
+        return Image.new("RGB", (THUMBNAIL, THUMBNAIL), (128, 128, 128))
+    image.thumbnail((THUMBNAIL, THUMBNAIL))
+    return image
+
+
+def search(searchable: Searchable, name: str, queries: np.ndarray,
+           k: int) -> tuple[list[tuple[Image.Image, str]], list[list[Any]], str]:
+    """The top ``k`` rows of collection ``name`` for a query (1, d): thumbnails with captions (image collections),
+    table rows (rank, score, path or text line) and a note on how the result was made."""
+    collection = pick(searchable, name)
+    if queries.shape[1] != collection.features.shape[1]:
+        raise UserError(f"{name} holds {collection.features.shape[1]}-d features but the model makes "
+                        f"{queries.shape[1]}-d ones: extract it again with this checkpoint")
+    scores, rows = exact_search(queries, collection.features, int(k))
+    gallery, table = [], []
+    for rank, (score, row) in enumerate(zip(scores[0].tolist(), rows[0].tolist()), 1):
+        label = str(collection.labels[row])
+        table.append([rank, round(score, 4), label])
+        if collection.kind == "image":
+            gallery.append((thumbnail(hit_location(collection, row)), f"{score:.3f} {label}"))
+    note = f"top {len(table)} of {len(collection.features)} {collection.kind}s in {name} (exact cosine)"
+    if collection.config.get("checkpoint_sha256", searchable.checkpoint_sha256) != searchable.checkpoint_sha256:
+        note += "; warning: made by another checkpoint, the scores compare different spaces"
+    return gallery, table, note
+
+
+def build_ui(model: Inference, searchable: Searchable | None = None, size: int = PAPER_SIZE, k: int | None = None,
+             examples: list[Path] | None = None) -> Any:
+    """The page (a ``gr.Blocks``): a Localization tab and a Search tab (a hint when there is nothing to search)."""
+    go_offline()
+    import gradio as gr
+
+    def shown(function: Any) -> Any:
+        """``function`` with a user mistake shown on the page as an error box, not a server traceback."""
+        def call(*args: Any) -> Any:
+            try:
+                return function(*args)
+            except UserError as error:
+                raise gr.Error(str(error)) from error
+        return call
+
+    with gr.Blocks(title="DSVE-Loc") as page:
+        gr.Markdown(f"# DSVE-Loc\n`{model.checkpoint.name}`: {model.model.config.arch}, "
+                    f"{model.dim}-d joint space")
+        with gr.Tab("Localization"):
+            with gr.Row():
+                with gr.Column():
+                    image = gr.Image(type="filepath", label="image", elem_id="image")
+                    if examples:
+                        gr.Examples([[str(path)] for path in examples], inputs=[image], label="demo images")
+                with gr.Column():
+                    phrases = gr.Textbox(lines=4, label="phrases, one a line", elem_id="phrases",
+                                         placeholder="a big red disc\na small blue square")
+                    side_input = gr.Slider(32, 1024, value=size, step=32, label="network input side (px)")
+                    run = gr.Button("Localize", variant="primary", elem_id="localize")
+            heatmaps = gr.Gallery(label="heatmaps (eq. 9), peak dotted", columns=3, height="auto", object_fit="contain",
+                                  elem_id="heatmaps")
+            scores = gr.Dataframe(headers=LOCALIZE_COLUMNS, label="cosine scores", elem_id="scores",
+                                  interactive=False)
+            run.click(shown(lambda path, text, side: localize(model, path, text, int(side), k)),
+                      [image, phrases, side_input], [heatmaps, scores])
+        with gr.Tab("Search"):
+            if searchable is None:
+                gr.Markdown("Nothing to search: start the app with `--features FILE_OR_FOLDER`, the `.npz` of "
+                            "`image_features_extraction.py`.")
+            else:
+                names = list(searchable.collections)
+                with gr.Row():
+                    collection = gr.Dropdown(names, value=names[0], label="collection", elem_id="collection")
+                    top = gr.Slider(1, 50, value=12, step=1, label="results")
+                with gr.Row():
+                    with gr.Column():
+                        query = gr.Textbox(label="text query", elem_id="query")
+                        by_text = gr.Button("Search by text", variant="primary", elem_id="search-text")
+                    with gr.Column():
+                        query_image = gr.Image(type="filepath", label="image query", elem_id="query-image")
+                        by_image = gr.Button("Search by image", elem_id="search-image")
+                note = gr.Markdown(elem_id="search-note")
+                hits = gr.Gallery(label="hits", columns=6, elem_id="hits")
+                table = gr.Dataframe(headers=SEARCH_COLUMNS, label="ranking", elem_id="ranking", interactive=False)
+                by_text.click(shown(lambda name, text, count: search(searchable, name, text_query(model, text), count)),
+                              [collection, query, top], [hits, table, note])
+                by_image.click(shown(lambda name, path, count: search(
+                    searchable, name, image_query(model, pick(searchable, name), path), count)),
+                    [collection, query_image, top], [hits, table, note])
+    return page
+
+
+def serve(page: Any, host: str, port: int, examples: list[Path]) -> None:
+    """Serve the page until interrupted; only the example images' folders are readable besides gradio's own."""
+    try:
+        page.launch(server_name=host, server_port=port, share=False, ssr_mode=False, show_error=True,
+                    allowed_paths=sorted({str(path.parent) for path in examples}))
+    except OSError as error:
+        raise UserError(f"cannot serve on {host}:{port} ({error}); pick another --port or --host") from error

@@ -20,8 +20,8 @@ sys.path.insert(0, str(HERE.parent))
 from bench.common import machine  # noqa: E402
 from misc.files import atomic_path  # noqa: E402
 
-BENCHMARKS = ["bench_retrieval.py", "bench_heatmaps.py", "bench_amp.py", "bench_train.py", "bench_extraction.py",
-              "bench_search.py"]
+BENCHMARKS = ["bench_help.py", "bench_retrieval.py", "bench_heatmaps.py", "bench_amp.py", "bench_train.py",
+              "bench_extraction.py", "bench_search.py"]
 
 
 def title(script: Path) -> str:

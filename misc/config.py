@@ -121,6 +121,7 @@ class TrainConfig:
     dataset: str = "coco"  # coco | flickr30k | demo
     split: str = "trainrv"  # train+restval
     val_split: str = "val"
+    words: str = ""  # a new run's word vectors: a file, "glove-6b-50d", or "" for the configured key's (--words wins)
     epochs: int = 20
     batch_size: int = 160  # items per step: pairs, or images with all their captions when group_captions
     lr: float = 1e-3
@@ -208,6 +209,23 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
                   "frozen_trunk": ["conv1", "bn1", "layer1"], "frozen_mode": "eval", "loss": "npair",
                   "crop_size": 96, "crop_scale": [0.85, 1.0], "flip": False, "eval_size": 96, "test_size": 96,
                   "captions_per_image": 5, "group_captions": True, "workers": 1},
+    },
+    # The real-photo world of misc/photos.py (written to data/photos by `python -m misc.photos data/photos`) in a few
+    # minutes on 2 CPU cores, from the ImageNet EfficientNet-Lite0 package and GloVe 6B 50-d, both offline: stem to
+    # stage4 stay frozen in eval mode (fixed batch statistics, no backward through the large maps), the rest trains
+    # from the start at 128 x 128 (a 4 x 4 grid; localize at 256 or more), no flip (captions say left and right), a
+    # mild crop, every caption of an image against one crop of it.
+    "photos": {
+        "model": {"trunk": "timm:efficientnet_lite0", "trunk_init": "package:efficientnet-lite0", "maps_dim": 512,
+                  "embed_dim": 512, "weldon_k": 0.2, "word_dim": 50, "sru_layers": 1, "text_dropout": 0.1,
+                  "rnn_dropout": 0.0, "image_dropout": 0.2, "forget_bias": 2.0},
+        "train": {"dataset": str(DATA / "photos" / "photos.jsonl"), "words": "glove-6b-50d", "split": "train",
+                  "epochs": 4, "batch_size": 32, "lr": 1e-3, "lr_halve_epochs": [2, 3], "text_from_epoch": 0,
+                  "trunk_from_epoch": 0,
+                  "frozen_trunk": ["stem", "stage1", "stage2", "stage3", "stage4"], "frozen_mode": "eval",
+                  "loss": "hard", "sum_loss_epochs": 1, "crop_size": 128, "crop_scale": [0.85, 1.0], "flip": False,
+                  "eval_size": 128, "test_size": 128, "captions_per_image": 5, "group_captions": True,
+                  "workers": 1},
     },
     # Das, Ghouse, Verma, Li 2019: the matchmap of VGG-19 conv5_4 regions (3x3 conv to 1024, BN, ReLU) and a
     # one-layer LSTM (1024) over frozen GloVe-300 words, the N-pair loss, SGD with momentum 0.9, lr 1e-3 divided by

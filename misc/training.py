@@ -131,8 +131,8 @@ def train(args: argparse.Namespace, model_cfg: ModelConfig, cfg: TrainConfig, wo
     if is_demo and main_process:
         demo.ensure(config.DEMO_DIR)
     distributed.barrier(context)
-    words = load_word_vectors(Path(words_path) if words_path else config.path(words_key(model_cfg, is_demo),
-                                                                                demo=is_demo))
+    chosen = words_path or cfg.words
+    words = load_word_vectors(Path(chosen) if chosen else config.path(words_key(model_cfg, is_demo), demo=is_demo))
     if words.dim != model_cfg.word_dim:
         raise UserError(f"word vectors {words.source} are {words.dim}-d but the model expects "
                           f"model.word_dim={model_cfg.word_dim}")

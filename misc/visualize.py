@@ -134,11 +134,16 @@ def overlays(image: Image.Image, heatmaps: torch.Tensor, points: torch.Tensor, t
     return figure
 
 
+def figure_image(figure: Figure) -> Image.Image:
+    """A matplotlib figure drawn (Agg, no display) into an RGB image."""
+    canvas = FigureCanvasAgg(figure)
+    canvas.draw()
+    return Image.fromarray(np.asarray(canvas.buffer_rgba())).convert("RGB")
+
+
 def save_png(figure: Figure, path: Path | str) -> None:
     """Write the figure as an RGB PNG of exactly :func:`figure_size` pixels, atomically (a temporary file in the
     same folder, then a rename)."""
-    canvas = FigureCanvasAgg(figure)
-    canvas.draw()
-    rgb = Image.fromarray(np.asarray(canvas.buffer_rgba())).convert("RGB")
+    rgb = figure_image(figure)
     with atomic_path(path) as temporary:
         rgb.save(temporary, format="PNG")

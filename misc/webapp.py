@@ -17,8 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
 from PIL import Image
 
 from misc import config
@@ -27,7 +25,7 @@ from misc.errors import UserError
 from misc.images import list_images, read_image
 from misc.inference import PAPER_SIZE, Inference
 from misc.search import Collection, exact_search, load_collection
-from misc.visualize import overlays
+from misc.visualize import figure_image, overlays
 
 MAX_PHRASES = 12
 THUMBNAIL = 192  # longer side of a search hit's thumbnail, in pixels
@@ -69,13 +67,6 @@ def panel_caption(phrase: str, score: float, unknown: list[str]) -> str:
     """A heatmap's caption: the phrase, its score and the words the vocabulary lacks."""
     missing = f" (unknown: {', '.join(unknown)})" if unknown else ""
     return f"{phrase}: {score:.3f}{missing}"
-
-
-def figure_image(figure: Figure) -> Image.Image:
-    """A matplotlib figure drawn into an RGB image."""
-    canvas = FigureCanvasAgg(figure)
-    canvas.draw()
-    return Image.fromarray(np.asarray(canvas.buffer_rgba())).convert("RGB")
 
 
 def localize(model: Inference, image_path: str | Path | None, text: str | None, size: int = PAPER_SIZE,

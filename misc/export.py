@@ -22,7 +22,6 @@ It is written as a temporary folder, then renamed; :func:`read_export` turns it 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import os
@@ -37,7 +36,7 @@ from safetensors.torch import load_file, save_file
 
 from misc import config
 from misc.errors import UserError
-from misc.files import atomic_path, writing
+from misc.files import atomic_path, file_sha256, writing
 from misc.schedule import describe
 from misc.words import PACKAGED, TextOptions, WordVectors, load_word_vectors, packaged
 
@@ -50,11 +49,8 @@ WEIGHTS, CONFIG, WORDS, VOCAB, CARD = "model.safetensors", "config.json", "words
 
 @cache
 def _digest(path: str, size: int, mtime_ns: int) -> str:
-    hasher = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(1 << 22):
-            hasher.update(block)
-    return hasher.hexdigest()
+    """:func:`misc.files.file_sha256`, cached per file version (path, size, modification time)."""
+    return file_sha256(path)
 
 
 def sha256(path: Path) -> str:

@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 
 PAPER_DIM = 2400  # d of the paper's model; the paper's k values are for it
 POINTING_PROTOCOLS = ("original", "centre")  # where a grid cell points, see cell_points
+PANEL_BYTES = 512 * 1024  # a column panel of A read by every text in text_filters: fits one core's L2 cache
 
 
 # --------------------------------------------------------------------------- heatmaps (eq. 8-9)
@@ -50,12 +51,20 @@ def text_filters(weight: torch.Tensor, texts: torch.Tensor, k: int) -> torch.Ten
     """f = sum_{u in K(v)} |v_u| A_u for each text (eq. 9 folded into one filter): weight A (d, D'), texts (..., d)
     -> (..., D').
 
-    Only the k selected rows of A are read, in one pass over all texts; no (..., k, D') tensor is formed.
+    Only the k selected rows of A are read (``F.embedding_bag``); no (..., k, D') tensor is formed. On the CPU the
+    columns of A are taken in panels of :data:`PANEL_BYTES`, each read by every text while it sits in the core's
+    L2 cache (about 2x faster at d = D' = 2400 than gathering whole rows from memory, bench/bench_heatmaps.py);
+    every output element is the same sum in the same order either way.
     """
     weights, indices = top_k(texts.float(), k)
-    flat = F.embedding_bag(indices.reshape(-1, k), weight.float(), per_sample_weights=weights.reshape(-1, k),
-                           mode="sum")  # (T, D')
-    return flat.reshape(*texts.shape[:-1], weight.shape[1])
+    weights, indices = weights.reshape(-1, k), indices.reshape(-1, k)
+    table = weight.float()
+    rows, columns = table.shape
+    width = columns if table.device.type != "cpu" else max(16, PANEL_BYTES // (rows * table.element_size()))
+    panels = [F.embedding_bag(indices, table[:, first:first + width], per_sample_weights=weights, mode="sum")
+              for first in range(0, columns, width)]  # (T, width) each
+    flat = panels[0] if len(panels) == 1 else torch.cat(panels, dim=1)
+    return flat.reshape(*texts.shape[:-1], columns)
 
 
 def apply_filters(maps: torch.Tensor, filters: torch.Tensor) -> torch.Tensor:

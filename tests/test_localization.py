@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from misc import checkpoint
+from misc import checkpoint, localization
 from misc.config import TrainConfig
 from models.config import ModelConfig
 from misc.localization import (apply_filters, cell_points, default_k, heatmaps, heatmaps_full, peak_cells,
@@ -73,6 +73,21 @@ def test_selecting_rows_of_A_equals_the_full_product(k):
                                    rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError):
         apply_filters(maps, torch.randn(2, 5, 16))  # per-image filters for 2 images, maps of 3
+
+
+def test_filters_in_column_panels_equal_whole_rows(monkeypatch):
+    """text_filters reads A in column panels on the CPU: with panels of 16 columns (and a last, narrower one) every
+    filter is the same sum in the same order as one pass over whole rows."""
+    g = torch.Generator().manual_seed(5)
+    weight, texts = torch.randn(30, 40, generator=g), torch.randn(2, 3, 30, generator=g)
+    whole = text_filters(weight, texts, 7)  # 30 x 40 floats: one panel
+    monkeypatch.setattr(localization, "PANEL_BYTES", 16 * 30 * 4)  # 16 columns per panel: 16, 16, 8
+    panels = text_filters(weight, texts, 7)
+    assert panels.shape == (2, 3, 40)
+    assert torch.equal(panels, whole)
+    weights, indices = top_k(texts, 7)
+    expected = (weights[..., None] * weight[indices]).sum(dim=-2)  # the k selected rows, weighted by |v_u|
+    torch.testing.assert_close(panels, expected)
 
 
 def gamma(n: int) -> float:

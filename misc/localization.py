@@ -60,7 +60,8 @@ def text_filters(weight: torch.Tensor, texts: torch.Tensor, k: int) -> torch.Ten
     weights, indices = weights.reshape(-1, k), indices.reshape(-1, k)
     table = weight.float()
     rows, columns = table.shape
-    width = columns if table.device.type != "cpu" else max(16, PANEL_BYTES // (rows * table.element_size()))
+    fit = PANEL_BYTES // (rows * table.element_size()) // 16 * 16  # whole 64-byte lines: no row straddles two
+    width = columns if table.device.type != "cpu" else max(16, fit)
     panels = [F.embedding_bag(indices, table[:, first:first + width], per_sample_weights=weights, mode="sum")
               for first in range(0, columns, width)]  # (T, width) each
     flat = panels[0] if len(panels) == 1 else torch.cat(panels, dim=1)

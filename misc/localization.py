@@ -42,8 +42,18 @@ PANEL_BYTES = 512 * 1024  # a column panel of A read by every text in text_filte
 # --------------------------------------------------------------------------- heatmaps (eq. 8-9)
 
 def top_k(texts: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """K(v) of eq. 9 and the weights |v_u|: texts (..., d) -> (weights (..., k), indices (..., k))."""
-    values, indices = texts.topk(k, dim=-1, sorted=False)  # the k largest entries, not the largest |v_u|
+    """K(v) of eq. 9 and the weights |v_u|: texts (..., d) -> (weights (..., k), indices (..., k)).
+
+    The k largest entries, not the largest |v_u|. On the CPU, float32 entries are selected through integer keys in
+    the same order (the IEEE 754 bits with the magnitude bits of negatives flipped): ``topk`` compares int32 about
+    1.5x faster than float32 there (bench/bench_heatmaps.py); the two give the same set up to the order of ties.
+    """
+    if texts.device.type == "cpu" and texts.dtype == torch.float32:
+        bits = texts.contiguous().view(torch.int32)
+        keys = (bits >> 31).bitwise_and_(0x7FFFFFFF).bitwise_xor_(bits)  # order-preserving: -0.0 just below +0.0
+        indices = keys.topk(k, dim=-1, sorted=False).indices
+        return texts.gather(-1, indices).abs(), indices
+    values, indices = texts.topk(k, dim=-1, sorted=False)
     return values.abs(), indices
 
 

@@ -75,6 +75,22 @@ def test_selecting_rows_of_A_equals_the_full_product(k):
         apply_filters(maps, torch.randn(2, 5, 16))  # per-image filters for 2 images, maps of 3
 
 
+def test_selection_through_integer_keys_equals_comparing_the_floats():
+    """top_k on float32 CPU texts selects through int32 keys; float64 takes torch's own topk: the same sets, with
+    negatives, zeros, infinities, tiny and huge magnitudes and rows with fewer positive entries than k."""
+    g = torch.Generator().manual_seed(3)
+    texts = torch.randn(6, 50, generator=g) * torch.logspace(-30, 30, 50)[torch.randperm(50, generator=g)]
+    texts[0, :5] = torch.tensor([float("inf"), float("-inf"), 0.0, 1e-40, -1e-40])  # subnormals too
+    texts[1] = -texts[1].abs()  # every entry negative: the least negative win
+    texts[2] = torch.where(torch.arange(50) < 3, texts[2].abs(), -texts[2].abs())  # 3 positive entries, k = 8
+    for k in (1, 8, 50):
+        weights, indices = top_k(texts, k)
+        reference_weights, reference = top_k(texts.double(), k)
+        assert indices.dtype == reference.dtype == torch.int64
+        assert torch.equal(indices.sort(dim=-1).values, reference.sort(dim=-1).values), k
+        torch.testing.assert_close(weights, texts.gather(-1, indices).abs())
+
+
 def test_filters_in_column_panels_equal_whole_rows(monkeypatch):
     """text_filters reads A in column panels on the CPU: with panels of 16 columns (and a last, narrower one) every
     filter is the same sum in the same order as one pass over whole rows."""

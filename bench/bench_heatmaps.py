@@ -112,7 +112,7 @@ def main() -> None:
     parser.add_argument("--dim", type=int, default=2400, help="d")
     parser.add_argument("--side", type=int, default=13, help="maps are side x side")
     parser.add_argument("--k", type=int, default=180)
-    parser.add_argument("--runs", type=int, default=3, help="interleaved rounds")
+    parser.add_argument("--runs", type=int, default=5, help="interleaved rounds")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     images = args.images or (40 if args.quick else 100)

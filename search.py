@@ -76,7 +76,7 @@ def text_queries(args: argparse.Namespace) -> tuple[np.ndarray, list[str], str]:
             raise UserError(f"query {text!r} has no words")
     if oov.sum():
         log.warning("%d of %d query words are not in the vocabulary (mapped to UNK)", oov.sum(), tokens.sum())
-    features = model.embed_texts(args.query).cpu().numpy()
+    features = model.embed_texts(args.query).numpy()
     for text, norm in zip(args.query, np.linalg.norm(features, axis=1)):
         if norm < 0.5:
             raise UserError(f"query {text!r}: none of its words is in the vocabulary of {model.words.source}")

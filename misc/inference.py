@@ -177,9 +177,10 @@ class Inference:
         return torch.cat(vectors) if vectors else torch.empty(0, self.dim)
 
     def embed_texts(self, texts: list[str], batch_size: int = 256, progress: bool = False) -> torch.Tensor:
-        """Unit text embeddings (T, d) float32 on the device (eq. 4); every text must have a word."""
+        """Unit text embeddings (T, d) float32 on the CPU, as :meth:`embed_images` (eq. 4); every text must have a
+        word."""
         return encode_captions(self.model, texts, self.words, self.device, batch_size=batch_size, amp=self.amp,
-                               progress=progress).to(self.device)
+                               progress=progress)
 
     def known_words(self, text: str) -> int:
         """How many of the tokens the text path would embed are in the vocabulary."""

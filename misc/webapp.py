@@ -118,7 +118,7 @@ def text_query(model: Inference, query: str | None) -> np.ndarray:
         raise UserError("type a text query")
     if model.known_words(query) == 0:
         raise UserError(f"none of the words of {query!r} is in the vocabulary: try other words")
-    return model.embed_texts([query]).cpu().numpy()
+    return model.embed_texts([query]).numpy()
 
 
 def pick(searchable: Searchable, name: str) -> Collection:

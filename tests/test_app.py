@@ -86,7 +86,7 @@ def test_every_phrase_gets_a_panel_its_cosine_score_and_its_unknown_words(model,
     phrases = ["a red disc", "a blue frobnicated square"]
     panels, rows = webapp.localize(model, image, "\n".join(phrases), size=SIZE)
     assert [row[0] for row in rows] == phrases
-    cosines = (model.embed_texts(phrases).cpu() @ model.embed_images([image])[0]).tolist()
+    cosines = (model.embed_texts(phrases) @ model.embed_images([image])[0]).tolist()
     assert [row[1] for row in rows] == pytest.approx(cosines, abs=1e-3)
     assert [row[4] for row in rows] == ["", "frobnicated"]
     width, height = Image.open(image).size
@@ -123,7 +123,7 @@ def test_an_image_of_the_collection_finds_itself_first_with_a_thumbnail(model, s
 def test_a_text_query_ranks_the_whole_collection_by_cosine(model, searchable, collection_file):
     collection = searchable.collections[collection_file.name]
     _, table, _ = webapp.search(searchable, collection_file.name, webapp.text_query(model, "a red disc"), 100)
-    expected = np.asarray(collection.features) @ model.embed_texts(["a red disc"]).cpu().numpy()[0]
+    expected = np.asarray(collection.features) @ model.embed_texts(["a red disc"]).numpy()[0]
     assert len(table) == len(collection.features)
     assert [row[1] for row in table] == pytest.approx(sorted(expected.tolist(), reverse=True), abs=1e-4)
     with pytest.raises(UserError, match="vocabulary"):

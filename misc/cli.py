@@ -116,7 +116,8 @@ def add_set_arg(parser: argparse.ArgumentParser) -> None:
 def run(main: Callable[..., Any], argv: list[str] | None = None) -> None:
     """Run a CLI's ``main(argv)``; user mistakes print one line ``error: ...`` and exit with status 2."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    logging.getLogger("gensim").setLevel(logging.WARNING)
+    for library in ("gensim", "faiss"):  # their INFO lines (gensim's progress, faiss's CPU probing) are not ours
+        logging.getLogger(library).setLevel(logging.WARNING)
     try:
         main() if argv is None else main(argv)
     except UserError as error:

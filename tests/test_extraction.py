@@ -341,6 +341,7 @@ def test_search_cli_all_directions(demo_features, demo_texts, tiny_checkpoint):
     assert [r["path"] for r in found["queries"][0]["results"]] == [paths[i] for i in best]
     assert found["index"] == {"type": "faiss IndexFlatIP", "built": True} and "top 5 of 24 images" in result.stderr
     assert "1 of 4 query words are not in the vocabulary" in result.stderr
+    assert "Loading faiss" not in result.stderr  # faiss's own CPU probing stays quiet
 
     result = cli("search.py", "--images", demo_features, "--texts", texts, "--image", "3", "-k", "2", "--json", "-")
     entries = json.loads(result.stdout)["queries"][0]["results"]

@@ -9,7 +9,8 @@ Four rows, all on random inputs (no network, no data files), in about 5 minutes 
 - retrieval: misc.retrieval.evaluate (1k folds and full 5k: 5000 images x 25000 captions, d = 2400) on embeddings
   made on the GPU (the ranking itself runs in numpy on the CPU), next to one 5000 x 25000 score product on the GPU;
 - heatmaps: misc.localization.heatmaps of 1000 maps (13 x 13) x 20 phrases, k = 180, on the GPU.
-Without CUDA it stops at once with a one-line message.
+Without CUDA it stops at once with a one-line message. Every row's sizes are arguments of its function, so that
+tests/test_bench_gpu.py runs them small on the CPU (the script itself never does).
 """
 import argparse
 import datetime
@@ -37,35 +38,41 @@ from models.joint import build_model  # noqa: E402
 WORDS = 12  # tokens per random caption
 
 
-def cuda_seconds(fn, runs: int) -> list[float]:
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (CUDA runs asynchronously; the CPU does not)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def device_seconds(fn, runs: int, device: torch.device) -> list[float]:
     """Wall seconds of ``runs`` calls after one warm-up call, each synchronised."""
     fn()
-    torch.cuda.synchronize()
+    synchronize(device)
     times = []
     for _ in range(runs):
         start = time.perf_counter()
         fn()
-        torch.cuda.synchronize()
+        synchronize(device)
         times.append(time.perf_counter() - start)
     return times
 
 
-def training(device: torch.device, steps: int, batch: int) -> str:
-    model_cfg, train_cfg = preset("paper")
+def training(device: torch.device, steps: int, batch: int, preset_name: str = "paper", size: int = 256) -> str:
+    model_cfg, train_cfg = preset(preset_name)
     torch.manual_seed(0)
     model = build_model(model_cfg).to(device, memory_format=torch.channels_last)
     enter_stage(model, max(train_cfg.trunk_from_epoch, train_cfg.text_from_epoch), train_cfg)
     optimizer = build_optimizer(model, train_cfg)
     captions = Encoded(torch.randn(batch, WORDS, model_cfg.word_dim), torch.full((batch,), WORDS), 0, batch * WORDS)
-    batches = [(torch.randn(batch, 3, 256, 256), captions, torch.arange(batch))] * (steps + 1)
+    batches = [(torch.randn(batch, 3, size, size), captions, torch.arange(batch))] * (steps + 1)
     loss_fn = build_loss("hard", train_cfg.margin)
     train_one_epoch(model, batches[:1], optimizer, loss_fn, device, "bf16", memory_format=torch.channels_last,
                     progress=False)  # warm-up: cuDNN autotuning, allocations
-    torch.cuda.synchronize()
+    synchronize(device)
     stats = train_one_epoch(model, batches[1:], optimizer, loss_fn, device, "bf16",
                             memory_format=torch.channels_last, progress=False)
-    torch.cuda.synchronize()
-    return (f"training step, paper model, batch {batch} at 256x256, bf16 autocast, channels-last: "
+    synchronize(device)
+    return (f"training step, {preset_name} model, batch {batch} at {size}x{size}, bf16 autocast, channels-last: "
             f"{stats['seconds'] / steps:.3f} s/step, {batch * steps / stats['seconds']:.0f} images/s "
             f"({steps} steps after one warm-up)")
 
@@ -76,29 +83,31 @@ def embed(encoder: torch.nn.Module, images: torch.Tensor, device: torch.device, 
 
 
 @torch.no_grad()
-def extraction(device: torch.device, batches: int, batch: int) -> list[str]:
-    model_cfg = ModelConfig()
+def extraction(device: torch.device, batches: int, batch: int, model_cfg: ModelConfig | None = None,
+               size: int = 400) -> list[str]:
+    """The paper's image path (``model_cfg`` None) embedding random images, in float32 and in bf16."""
     torch.manual_seed(0)
-    encoder = build_model(model_cfg).image.to(device).eval()
-    images = torch.randn(batch, 3, 400, 400, device=device)
+    encoder = build_model(model_cfg or ModelConfig()).image.to(device).eval()
+    images = torch.randn(batch, 3, size, size, device=device)
     rows = []
     for amp in (None, "bf16"):
         layout = torch.channels_last if amp else torch.contiguous_format
         encoder.to(memory_format=layout)
-        median = statistics.median(cuda_seconds(functools.partial(embed, encoder, images.to(memory_format=layout),
-                                                                  device, amp), batches))
-        rows.append(f"extraction at 400x400, batch {batch}, {amp or 'float32'}: {batch / median:.0f} images/s")
+        median = statistics.median(device_seconds(functools.partial(embed, encoder, images.to(memory_format=layout),
+                                                                  device, amp), batches, device))
+        rows.append(f"extraction at {size}x{size}, batch {batch}, {amp or 'float32'}: {batch / median:.0f} images/s")
     return rows
 
 
-def retrieval(device: torch.device) -> list[str]:
+def retrieval(device: torch.device, n_images: int = 5000, dim: int = 2400) -> list[str]:
     generator = torch.Generator(device=device).manual_seed(0)
-    images = torch.nn.functional.normalize(torch.randn(5000, 2400, device=device, generator=generator), dim=1)
+    images = torch.nn.functional.normalize(torch.randn(n_images, dim, device=device, generator=generator), dim=1)
     captions = torch.nn.functional.normalize(images.repeat_interleave(5, 0) + 0.3 * torch.randn(
-        25000, 2400, device=device, generator=generator), dim=1)
-    product = statistics.median(cuda_seconds(lambda: images @ captions.T, 3))
+        5 * n_images, dim, device=device, generator=generator), dim=1)
+    product = statistics.median(device_seconds(lambda: images @ captions.T, 3, device))
     cpu_images, cpu_captions = images.cpu().numpy(), captions.cpu().numpy()
-    rows = [f"retrieval: one 5000 x 25000 x 2400 score product on the GPU: {product * 1e3:.1f} ms"]
+    rows = [f"retrieval: one {n_images} x {5 * n_images} x {dim} score product on the {device.type}: "
+            f"{product * 1e3:.1f} ms"]
     for protocol in ("1k", "full"):
         start = time.perf_counter()
         result = evaluate(cpu_images, cpu_captions, protocols=(protocol,))[protocol]
@@ -107,13 +116,13 @@ def retrieval(device: torch.device) -> list[str]:
     return rows
 
 
-def heatmap_row(device: torch.device) -> str:
+def heatmap_row(device: torch.device, n_maps: int = 1000, dim: int = 2400, k: int = 180) -> str:
     generator = torch.Generator(device=device).manual_seed(0)
-    maps = torch.randn(1000, 2400, 13, 13, device=device, generator=generator)
-    weight = torch.randn(2400, 2400, device=device, generator=generator) / 49
-    texts = torch.nn.functional.normalize(torch.randn(1000, 20, 2400, device=device, generator=generator), dim=-1)
-    median = statistics.median(cuda_seconds(lambda: heatmaps(maps, weight, texts, 180), 5))
-    return f"heatmaps: 1000 maps x 20 phrases (D'=d=2400, 13x13, k=180): {median * 1e3:.1f} ms"
+    maps = torch.randn(n_maps, dim, 13, 13, device=device, generator=generator)
+    weight = torch.randn(dim, dim, device=device, generator=generator) / dim ** 0.5
+    texts = torch.nn.functional.normalize(torch.randn(n_maps, 20, dim, device=device, generator=generator), dim=-1)
+    median = statistics.median(device_seconds(lambda: heatmaps(maps, weight, texts, k), 5, device))
+    return f"heatmaps: {n_maps} maps x 20 phrases (D'=d={dim}, 13x13, k={k}): {median * 1e3:.1f} ms"
 
 
 def main() -> None:

@@ -93,8 +93,8 @@ def extraction(device: torch.device, batches: int, batch: int, model_cfg: ModelC
     for amp in (None, "bf16"):
         layout = torch.channels_last if amp else torch.contiguous_format
         encoder.to(memory_format=layout)
-        median = statistics.median(device_seconds(functools.partial(embed, encoder, images.to(memory_format=layout),
-                                                                  device, amp), batches, device))
+        call = functools.partial(embed, encoder, images.to(memory_format=layout), device, amp)
+        median = statistics.median(device_seconds(call, batches, device))
         rows.append(f"extraction at {size}x{size}, batch {batch}, {amp or 'float32'}: {batch / median:.0f} images/s")
     return rows
 

@@ -75,9 +75,11 @@ def test_selecting_rows_of_A_equals_the_full_product(k):
         apply_filters(maps, torch.randn(2, 5, 16))  # per-image filters for 2 images, maps of 3
 
 
-def test_selection_through_integer_keys_equals_comparing_the_floats():
+def test_selection_through_integer_keys_equals_comparing_the_floats(monkeypatch):
     """top_k on float32 CPU texts selects through int32 keys; float64 takes torch's own topk: the same sets, with
-    negatives, zeros, infinities, tiny and huge magnitudes and rows with fewer positive entries than k."""
+    negatives, zeros, infinities, tiny and huge magnitudes and rows with fewer positive entries than k. The keys are
+    made 4 rows at a time here, so the 6 rows take two blocks, the second one short."""
+    monkeypatch.setattr(localization, "KEY_ROWS", 4)
     g = torch.Generator().manual_seed(3)
     texts = torch.randn(6, 50, generator=g) * torch.logspace(-30, 30, 50)[torch.randperm(50, generator=g)]
     texts[0, :5] = torch.tensor([float("inf"), float("-inf"), 0.0, 1e-40, -1e-40])  # subnormals too
@@ -89,6 +91,9 @@ def test_selection_through_integer_keys_equals_comparing_the_floats():
         assert indices.dtype == reference.dtype == torch.int64
         assert torch.equal(indices.sort(dim=-1).values, reference.sort(dim=-1).values), k
         torch.testing.assert_close(weights, texts.gather(-1, indices).abs())
+    weights, indices = top_k(texts.reshape(2, 3, 50), 8)  # leading dimensions are kept
+    assert weights.shape == indices.shape == (2, 3, 8)
+    assert torch.equal(indices.reshape(6, 8), top_k(texts, 8)[1])
 
 
 def test_filters_in_column_panels_equal_whole_rows(monkeypatch):

@@ -144,9 +144,12 @@ def test_hand_made_two_images_ten_captions():
     assert full["rsum"] == pytest.approx(430.0)
 
 
-def test_1k_protocol_is_the_mean_of_consecutive_folds(caplog):
+@pytest.mark.parametrize("shuffle", [False, True])  # a fold's captions in one run (taken as a view) or scattered
+def test_1k_protocol_is_the_mean_of_consecutive_folds(caplog, shuffle):
     images, captions = unit(2500, 8, 10), unit(12500, 8, 11)
-    captions, owner = shuffled(captions, caption_owner_default(2500, 12500), 12)
+    owner = caption_owner_default(2500, 12500)
+    if shuffle:
+        captions, owner = shuffled(captions, owner, 12)
     with caplog.at_level(logging.WARNING, logger="misc.retrieval"):
         results = evaluate(images, captions, owner)
     assert results["1k"]["folds"] == 2

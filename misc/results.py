@@ -8,7 +8,6 @@ Light to import (standard library only): ``eval_retrieval.py --features`` builds
 from __future__ import annotations
 
 import functools
-import importlib.metadata
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -23,6 +22,8 @@ PACKAGE = "dsve-loc"
 @functools.cache
 def package_version() -> str:
     """The installed package's version; in a clone without it, ``git describe`` of the clone; else "unknown"."""
+    import importlib.metadata  # 15 ms of start-up that only a command writing a results record should pay
+
     try:
         return importlib.metadata.version(PACKAGE)
     except importlib.metadata.PackageNotFoundError:

@@ -72,7 +72,7 @@ def ceiling_line(whole: dict[str, list[float]], inside: list[float], floor: floa
     outside = statistics.median(whole["project"]) - statistics.median(inside)
     best = statistics.median(whole["original"]) / (outside + floor)
     return (f"ceiling: {statistics.median(whole['original']):.2f} s / ({outside:.2f} s outside evaluate + "
-            f"{floor:.2f} s of products) = {best:.1f}x for any exact float32 ranking "
+            f"{floor:.2f} s of products) = {best:.2f}x for any exact float32 ranking "
             f"(target {'within reach' if best >= target else 'out of reach'})")
 
 

@@ -60,12 +60,12 @@ def top_k(texts: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     selected = torch.empty(len(flat), k, dtype=torch.int32)  # the keys topk returns; the weights come from texts
     keys = torch.empty(min(KEY_ROWS, len(flat)), flat.shape[1], dtype=torch.int32)
     for first in range(0, len(flat), KEY_ROWS):
-        bits = flat[first:first + KEY_ROWS].view(torch.int32)
+        rows = slice(first, first + KEY_ROWS)
+        bits = flat[rows].view(torch.int32)
         block = keys[:len(bits)]
         torch.bitwise_right_shift(bits, 31, out=block)
         block.bitwise_and_(0x7FFFFFFF).bitwise_xor_(bits)  # order-preserving: -0.0 just below +0.0
-        torch.topk(block, k, dim=-1, sorted=False, out=(selected[first:first + KEY_ROWS],
-                                                         indices[first:first + KEY_ROWS]))
+        torch.topk(block, k, dim=-1, sorted=False, out=(selected[rows], indices[rows]))
     weights = flat.gather(-1, indices).abs_()
     return weights.reshape(*texts.shape[:-1], k), indices.reshape(*texts.shape[:-1], k)
 

@@ -129,8 +129,11 @@ def gather(tensor: torch.Tensor) -> torch.Tensor:
     """Concatenate ``tensor`` from every process in rank order; gradients flow back to each process's part."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return tensor
-    # the autograd form of all-gather: its backward reduce-scatters (sums) the gradients back to each process
-    return collectives.all_gather_single_autograd(tensor, gather_dim=0, group=dist.group.WORLD)
+    # the autograd form of all-gather: its backward reduce-scatters (sums) the gradients back to each process. Its
+    # result is waited for here, not on first use: an output the loss never reads (DSVE's caption lengths) would
+    # otherwise stay registered as unwaited, one per step, and be reported when the process ends.
+    gathered = collectives.all_gather_single_autograd(tensor, gather_dim=0, group=dist.group.WORLD)
+    return collectives.wait_tensor(gathered)
 
 
 def pad_steps(words: torch.Tensor) -> torch.Tensor:

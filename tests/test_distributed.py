@@ -117,6 +117,7 @@ def test_torchrun_trains_and_resumes_with_rank_zero_checkpoints(tiny_world: Path
     first = launch("--preset", "demo", "--epochs", "1")
     assert "2 process(es)" in first.stderr
     assert first.stderr.count("epoch 0:") == 1  # only rank 0 reports
+    assert "unwaited collective" not in first.stderr  # every gathered output is waited for, used or not
     launch("--resume", str(tmp_path / "last.pth.tar"), "--epochs", "2")
     state = checkpoint.load(tmp_path / "last.pth.tar")
     assert state["epoch"] == 2 and [h["epoch"] for h in state["metrics"]["history"]] == [0, 1]

@@ -27,14 +27,14 @@ from typing import Any
 
 import numpy as np
 
-from misc.arrays import TextColumn, npz_array, npz_names
+from misc.store.arrays import TextColumn, npz_array, npz_names
 from misc.cli import (add_checkpoint_args, add_device_args, add_output_args, add_size_arg, add_words_arg, parser_for,
                       positive_int, run)
 from misc.config import EVAL_PROTOCOLS
 from misc.errors import UserError
-from misc.files import atomic_path
-from misc import results
-from misc.retrieval import caption_owner_default, evaluate, format_table
+from misc.store.files import atomic_path
+from misc.store import results
+from misc.eval.retrieval import caption_owner_default, evaluate, format_table
 
 log = logging.getLogger("eval_retrieval")
 
@@ -151,9 +151,10 @@ def paired_features(images_path: Path, captions_path: Path) -> Embedded:
 def embed_split(args: argparse.Namespace) -> Embedded:
     """Embed the split's images and captions with the checkpoint (the model, image and word libraries are
     imported here, only on this path)."""
-    from misc import config, demo
-    from misc.datasets import load_records
-    from misc.engine import encode_records
+    from misc import config
+    from misc.data import demo
+    from misc.data.datasets import load_records
+    from misc.eval.encode import encode_records
     from misc.inference import Inference
 
     model = Inference.load(args.checkpoint, args.words, args.device, args.amp)

@@ -4,7 +4,7 @@ Every command's -p, Inference.load and hubconf take the folder as they take a ch
 
     python export.py -p runs/demo/best.pth.tar -o exports/demo
     python export.py -p runs/paper/best.pth.tar -o exports/paper --words-ref   # words by file name and sha256 only
-    python -m misc.checkpoint inspect exports/demo
+    python -m misc.store.checkpoint inspect exports/demo
 """
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    from misc.checkpoint import export_file  # torch loads only now: --help stays fast
+    from misc.store.checkpoint import export_file  # torch loads only now: --help stays fast
 
     written = export_file(args.checkpoint, args.out, args.words, args.words_ref)
     size = sum(path.stat().st_size for path in written)

@@ -6,7 +6,7 @@
 
 Images: jpg, jpeg, png, bmp, webp (any case) under the folder, recursively, in sorted order; or the paths of
 --list (one a line, relative to the folder or absolute), in the list's order. Files that cannot be decoded are
-skipped and listed with the reason; see misc/extraction.py (decode_image) for how odd images are handled.
+skipped and listed with the reason; see misc/collections/extraction.py (decode_image) for how odd images are handled.
 
 Output (.npz): features (N, d) float32 unit rows; paths (N,) relative to the folder; skipped (K, 2) path and
 reason; config, a JSON string (checkpoint, its sha256, model config, size); with --maps also the maps G
@@ -43,8 +43,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.size is not None and args.size < 32:
         raise UserError(f"--size {args.size}: at least 32 (the trunk divides it by 32)")
-    from misc.extraction import describe_checkpoint, extract_images, log_skipped, maps_bytes
-    from misc.images import list_images, read_list
+    from misc.collections.extraction import describe_checkpoint, extract_images, log_skipped, maps_bytes
+    from misc.data.images import list_images, read_list
     from misc.inference import Inference
 
     model = Inference.load(args.checkpoint, device=args.device, amp=args.amp)

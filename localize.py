@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     # torch and matplotlib are imported once the arguments are known: --help and argument errors stay instant
     from misc.errors import check_number
-    from misc.images import read_image
+    from misc.data.images import read_image
     from misc.inference import Inference
     from misc.visualize import figure_size, save_png
 

@@ -20,7 +20,7 @@ from the annotation's image frame to the same frame as the peak.
 Both systems (model.arch dsve and matchmap) point: the heatmap of a phrase is the model's text filter applied at
 every position (DSVE: eq. 9 with k; matchmap: the mean of its words' matchmaps, k unused).
 
---protocol says where the heatmap's arg-max cell points and what a hit is (misc/localization.py):
+--protocol says where the heatmap's arg-max cell points and what a hit is (misc/eval/localization.py):
   original (default)  the original release's rule: the cell's top-left pixel (col W/w, row H/h), a hit only
                       strictly inside the box (bx < x < bx + w, by < y < by + h); arg-max ties in column-major order
   centre              the cell's centre ((col + .5) W/w, (row + .5) H/h), a hit inside the box, edges included
@@ -40,14 +40,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from misc import config, results
+from misc import config
+from misc.store import results
 from misc.cli import (add_checkpoint_args, add_device_args, add_output_args, add_size_arg, add_words_arg, parser_for,
                       positive_int, run)
-from misc.custom import Entry, image_size, split_entries
+from misc.data.jsonl import Entry, image_size, split_entries
 from misc.errors import UserError, check_choice, did_you_mean
 
 if TYPE_CHECKING:  # torch and the model code are imported after the arguments are parsed (a fast --help)
-    from misc.flickr_entities import EntitiesImage
+    from misc.data.flickr_entities import EntitiesImage
     from misc.inference import Inference
 
 log = logging.getLogger("pointing_game")
@@ -151,7 +152,7 @@ def select_regions(vg: list[tuple[object, list]], files: dict[int, Path], model:
 def select_entities(images: list[EntitiesImage], model: Inference, min_words: int,
                     scene_as_image: bool) -> tuple[list[Item], list[dict]]:
     """Every bracketed phrase of the Flickr30K Entities images with the boxes of its chain, and the skipped ones."""
-    from misc import flickr_entities
+    from misc.data import flickr_entities
 
     items, skipped = [], []
     for image in images:
@@ -175,9 +176,9 @@ def point(model: Inference, items: list[Item], size: int, k: int | None, protoco
     from torch.utils.data import DataLoader
     from tqdm import tqdm
 
-    from misc.datasets import ImageDataset
-    from misc.flickr_entities import phrase_hit
-    from misc.localization import apply_filters, cell_points, peak_cells, scale_boxes
+    from misc.data.datasets import ImageDataset
+    from misc.data.flickr_entities import phrase_hit
+    from misc.eval.localization import apply_filters, cell_points, peak_cells, scale_boxes
 
     loader = DataLoader(ImageDataset([item.path for item in items], model.transform(size)), batch_size=batch_size,
                         num_workers=workers, pin_memory=model.device.type == "cuda")
@@ -213,7 +214,7 @@ def point(model: Inference, items: list[Item], size: int, k: int | None, protoco
 def per_type(per_phrase: list[dict]) -> dict[str, dict[str, float]]:
     """Accuracy and centre baseline (percent) per Flickr30K Entities type, a phrase counting under each of its
     types."""
-    from misc.flickr_entities import ENTITY_TYPES
+    from misc.data.flickr_entities import ENTITY_TYPES
 
     table = {}
     for kind in ENTITY_TYPES:
@@ -231,8 +232,8 @@ def write_overlays(model: Inference, items: list[Item], per_phrase: list[dict], 
     scored), the title saying whether that point hit one of the boxes."""
     import torch
 
-    from misc.images import decode_image
-    from misc.localization import apply_filters, scale_boxes
+    from misc.data.images import decode_image
+    from misc.eval.localization import apply_filters, scale_boxes
     from misc.visualize import overlays, save_png
 
     written, rows = [], iter(per_phrase)
@@ -267,8 +268,8 @@ def select_custom(entries: list[Entry], model: Inference, min_words: int) -> tup
 def load_items(args: argparse.Namespace, model: Inference) -> tuple[list[Item], list[dict], dict[str, str | None]]:
     """The images and phrases of --dataset, the skipped phrases, and where they come from: dataset, split and
     images_from (in words)."""
-    from misc import flickr_entities
-    from misc.datasets import SPLITS, coco_files, is_custom, read_regions, uses_demo
+    from misc.data import flickr_entities
+    from misc.data.datasets import SPLITS, coco_files, is_custom, read_regions, uses_demo
 
     trained_on = model.config["train"]["dataset"]
     dataset = args.dataset or ("flickr30k_entities" if trained_on == "flickr30k" else trained_on)
@@ -309,7 +310,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.tolerance < 0:
         raise UserError(f"--tolerance {args.tolerance:g}: pixels, at least 0")
     from misc.inference import Inference
-    from misc.localization import POINTING_PROTOCOLS, choose_k
+    from misc.eval.localization import POINTING_PROTOCOLS, choose_k
 
     check_choice("--protocol", args.protocol, POINTING_PROTOCOLS)
     model = Inference.load(args.checkpoint, args.words, args.device, args.amp)

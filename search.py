@@ -29,11 +29,11 @@ import numpy as np
 
 from misc.cli import add_checkpoint_args, add_words_arg, parser_for, positive_int, run
 from misc.errors import UserError
-from misc.files import file_sha256, write_json
+from misc.store.files import file_sha256, write_json
 
 if TYPE_CHECKING:
     from misc.inference import Inference
-    from misc.search import Collection
+    from misc.collections.search import Collection
 
 log = logging.getLogger("search")
 
@@ -67,7 +67,7 @@ def load_model(args: argparse.Namespace, why: str) -> Inference:
 
 def text_queries(args: argparse.Namespace) -> tuple[np.ndarray, list[str], str]:
     """Embeddings (Q, d) of the -q texts, their labels and the sha256 of the checkpoint that embedded them."""
-    from misc.texts import count_oov
+    from misc.collections.texts import count_oov
 
     model = load_model(args, "a text query")
     oov, tokens = count_oov(model.words, args.query)
@@ -95,7 +95,7 @@ def image_query(args: argparse.Namespace, images: Collection | None) -> tuple[np
     if not path.is_file():
         where = f"a row or stored path of {images.path}, nor " if images is not None else ""
         raise UserError(f"--image {args.image}: not {where}an image file")
-    from misc.images import read_image
+    from misc.data.images import read_image
 
     model = load_model(args, "an image file query")
     size = (images.config.get("size") if images is not None else None) or model.test_size
@@ -125,7 +125,7 @@ def stored_row(images: Collection, query: str) -> int | None:
 def search(collection: Collection, queries: np.ndarray, k: int, method: str,
            nprobe: int | None) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
     """Scores and rows (Q, k') best first (-1 rows: not found by an approximate index), and how they were found."""
-    from misc.search import exact_search, index_search, load_or_build_index
+    from misc.collections.search import exact_search, index_search, load_or_build_index
 
     if method == "exact":
         scores, rows = exact_search(queries, collection.features, k)
@@ -152,7 +152,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.texts is None and args.images is None:
         raise UserError("pass the features to search: --images and/or --texts")
-    from misc.search import load_collection
+    from misc.collections.search import load_collection
 
     images = load_collection(args.images) if args.images else None
     collection = load_collection(args.texts) if args.texts else images

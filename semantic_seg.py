@@ -6,7 +6,7 @@
 
 Each image is resized to SIZE x SIZE (default: the checkpoint's test_size, 400 for the paper's model) and each
 category's heatmap is eq. 9 with a small k (the paper's 10 of d = 2400, scaled to smaller d). --protocol chooses
-everything else (misc/segmentation.py):
+everything else (misc/eval/segmentation.py):
 
 original (default): what the original release's semantic_seg.py computes. Images: every image of
   instances_val2014.json (config key coco_annotations), or of --split. Query: name + " " + name + "s" ("bus buss").
@@ -39,14 +39,14 @@ from misc import config
 from misc.cli import (add_checkpoint_args, add_device_args, add_output_args, add_size_arg, add_words_arg, parser_for,
                       positive_int, run)
 from misc.errors import UserError, check_choice
-from misc import results
+from misc.store import results
 
 if TYPE_CHECKING:  # the libraries below are imported after the arguments are parsed (a fast --help)
     import inflect
     import torch
     from pycocotools.coco import COCO
 
-    from misc.datasets import Record
+    from misc.data.datasets import Record
     from misc.inference import Inference
 
 log = logging.getLogger("semantic_seg")
@@ -123,9 +123,9 @@ def segment(model: Inference, coco: COCO, records: list[Record], categories: lis
     from torch.utils.data import DataLoader
     from tqdm import tqdm
 
-    from misc.datasets import ImageDataset, truth_masks
-    from misc.localization import apply_filters, upsample
-    from misc.segmentation import binarize, iou, original_iou, original_prediction, original_truth
+    from misc.data.datasets import ImageDataset, truth_masks
+    from misc.eval.localization import apply_filters, upsample
+    from misc.eval.segmentation import binarize, iou, original_iou, original_prediction, original_truth
 
     filters = model.filters(texts, k)  # (C, D'), shared by every image
     vectors = model.embed_texts(texts) if score == "similarity" else None  # (C, d)
@@ -165,7 +165,7 @@ def segment(model: Inference, coco: COCO, records: list[Record], categories: lis
 def select_images(coco: COCO, annotations: Path, images_root: Path, karpathy: Path, split: str | None) -> list[Record]:
     """The images to evaluate: those of the Karpathy split that are in the annotations file, or with no split every
     image of the annotations file (in its order, from images_root/val2014), dropping those missing on disk."""
-    from misc.datasets import Record, karpathy_records
+    from misc.data.datasets import Record, karpathy_records
 
     if split is None:
         records = [Record(images_root / "val2014" / info["file_name"], [], int(image_id))
@@ -186,8 +186,8 @@ def select_images(coco: COCO, annotations: Path, images_root: Path, karpathy: Pa
 def load_images(dataset: str, split: str | None) -> tuple[COCO, list[Record], str]:
     """The instances index, the images to evaluate and where they come from: COCO's instances_val2014.json (or the
     demo world's), or the segments of a JSON-lines file's split (default test) as an in-memory COCO index."""
-    from misc.custom import as_coco, split_entries
-    from misc.datasets import SPLITS, Record, is_custom, load_coco, uses_demo
+    from misc.data.jsonl import as_coco, split_entries
+    from misc.data.datasets import SPLITS, Record, is_custom, load_coco, uses_demo
 
     if is_custom(dataset):
         split = split or "test"
@@ -218,7 +218,7 @@ def category_ap(protocol: str, scores: torch.Tensor, ious: torch.Tensor, present
                 threshold: float) -> float | None:
     """AP in percent of one category (columns of the (N, C) results) at one IoU threshold, by the protocol's rule;
     None without positives."""
-    from misc.segmentation import average_precision, original_average_precision
+    from misc.eval.segmentation import average_precision, original_average_precision
 
     if protocol == "original":
         ap = original_average_precision(ious.tolist(), present.tolist(), threshold)
@@ -233,7 +233,7 @@ def main(argv: list[str] | None = None) -> None:
         raise UserError(f"--threshold {args.threshold}: must lie in [0, 1] (a fraction of the heatmap's range)")
     split = args.split or ("test" if args.protocol == "ranked" else None)
     from misc.inference import Inference
-    from misc.segmentation import ORIGINAL_SIDE
+    from misc.eval.segmentation import ORIGINAL_SIDE
 
     model = Inference.load(args.checkpoint, args.words, args.device, args.amp)
     dataset = args.dataset or model.config["train"]["dataset"]

@@ -10,7 +10,7 @@ very long line is embedded on its own.
 
 Output (.npz): features (M, d) float32 unit rows; the embedded lines, verbatim, as lines_utf8 (their UTF-8 bytes
 one after the other) and lines_offsets (M + 1,): line i is lines_utf8[offsets[i]:offsets[i + 1]]
-(misc.arrays.TextColumn reads them); line_numbers (M,) 1-based; oov (M,) unknown words per line; skipped (K, 2)
+(misc.store.arrays.TextColumn reads them); line_numbers (M,) 1-based; oov (M,) unknown words per line; skipped (K, 2)
 line number and reason; config, a JSON string.
 
 --tsv: every line is IMAGE<TAB>CAPTION (split at the first tab; a line without one is skipped). The caption is
@@ -32,7 +32,7 @@ from misc.cli import add_device_args, add_extraction_args, add_words_arg, parser
 from misc.errors import UserError
 
 if TYPE_CHECKING:
-    from misc.texts import TextLines
+    from misc.collections.texts import TextLines
 
 log = logging.getLogger("text_features_extraction")
 
@@ -41,7 +41,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = parser_for(__doc__)
     add_extraction_args(parser, "data", "text file, one caption a line", batch_size=256)
     parser.add_argument("--max-tokens", type=positive_int,
-                        help="padded tokens per batch, lines x longest (default: MAX_TOKENS of misc/words.py)")
+                        help="padded tokens per batch, lines x longest (default: MAX_TOKENS of misc/data/words.py)")
     parser.add_argument("--tsv", action="store_true", help="lines are IMAGE<TAB>CAPTION (see above)")
     add_words_arg(parser)
     add_device_args(parser)
@@ -65,11 +65,11 @@ def split_images(text: TextLines) -> tuple[TextLines, dict[int, str]]:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    from misc.arrays import skipped_array, text_column, write_npz
-    from misc.extraction import describe_checkpoint, log_skipped
+    from misc.store.arrays import skipped_array, text_column, write_npz
+    from misc.collections.extraction import describe_checkpoint, log_skipped
     from misc.inference import Inference
-    from misc.texts import embed_lines, read_text_lines
-    from misc.words import MAX_TOKENS
+    from misc.collections.texts import embed_lines, read_text_lines
+    from misc.data.words import MAX_TOKENS
 
     text = read_text_lines(args.data)
     images: dict[int, str] = {}

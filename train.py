@@ -74,7 +74,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def configure(args: argparse.Namespace) -> tuple[ModelConfig, TrainConfig, Path | str | None, dict | None]:
     """Model and training config: the resumed run's, else preset + flags (the demo world when COCO is not
     configured); the word-vector file, and the resumed checkpoint."""
-    from misc import checkpoint, export
+    from misc.store import checkpoint, export
     from models.trunks import IMAGENET_WEIGHTS
 
     if args.weights:
@@ -112,7 +112,7 @@ def configure(args: argparse.Namespace) -> tuple[ModelConfig, TrainConfig, Path 
 def run_folder(args: argparse.Namespace, cfg: TrainConfig) -> Path:
     """Where the run writes: ``--out``, else the resumed checkpoint's own folder, else ``runs/<preset>``, which a
     new run takes only when it holds no other run's checkpoints."""
-    from misc import checkpoint
+    from misc.store import checkpoint
 
     if args.out:
         return args.out
@@ -141,7 +141,7 @@ def trunk_source(args: argparse.Namespace) -> str | None:
 def check_trunk_source(model_cfg: ModelConfig, preset: str) -> None:
     """A new run names its trunk's start, a weights file it names exists, and the original release's files start
     DSVE only (before any data loads)."""
-    from misc import checkpoint
+    from misc.store import checkpoint
     from models.trunks import IMAGENET_WEIGHTS, trunk_weights_file
 
     if not model_cfg.trunk_init:
@@ -163,8 +163,9 @@ def check_trunk_source(model_cfg: ModelConfig, preset: str) -> None:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     # torch loads only from here on: --help and argument errors stay fast
-    from misc import checkpoint, distributed, training
-    from misc.engine import resolve_device
+    from misc.store import checkpoint
+    from misc.train import distributed, run as training
+    from misc.devices import resolve_device
 
     model_cfg, cfg, words_path, resumed = configure(args)
     out = run_folder(args, cfg)

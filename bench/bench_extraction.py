@@ -3,8 +3,8 @@
 Run from the repository root:  python bench/bench_extraction.py [--quick]
 
 Synthetic 640x480 JPEGs (COCO's usual size; smooth shapes plus noise, so they decode like photos) are written to a
-temporary folder and embedded through misc.extraction's own loop (ImageFiles, collate_images, embed_image_batches:
-what image_features_extraction.py runs) with random weights:
+temporary folder and embedded through misc.collections.extraction's own loop (ImageFiles, collate_images,
+embed_image_batches: what image_features_extraction.py runs) with random weights:
 - demo:  the demo preset's image path (resnet18 trunk, D' = d = 256) at 128 x 128;
 - paper: the paper's image path (resnet152 trunk, D' = d = 2400) at 400 x 400.
 Per batch it records the model's compute time and the time spent waiting for the loader; the table shows their
@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import machine  # noqa: E402
 from misc.config import ModelConfig, preset  # noqa: E402
-from misc.extraction import ImageFiles, Timing, collate_images, embed_image_batches  # noqa: E402
+from misc.collections.extraction import ImageFiles, Timing, collate_images, embed_image_batches  # noqa: E402
 from models.visual import ImageEncoder  # noqa: E402
 
 

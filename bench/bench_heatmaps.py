@@ -1,4 +1,4 @@
-"""Benchmark: heatmaps of eq. 9 (misc.localization.heatmaps) vs the original release's computation.
+"""Benchmark: heatmaps of eq. 9 (misc.eval.localization.heatmaps) vs the original release's computation.
 
 Run from the repository root:  python bench/bench_heatmaps.py [--quick]
 
@@ -6,13 +6,13 @@ Inputs are seeded random float32 arrays: 100 image maps G (D' = 2400, 13 x 13, a
 k = 180, at 5 and at 20 phrases per image (--quick: 40 images); text embeddings are given (neither side's time
 includes the text encoder).
 
-Baseline, the original release's computation (its misc/localization.py, one_img_process and generate_heat_map),
+Baseline, the original release's computation (its misc/eval/localization.py, one_img_process and generate_heat_map),
 in numpy as it ran: per image the dense product A·G of every row of A (d, D') with the maps, then per phrase a full
 argsort of the text embedding, the k largest entries, and the |v_u|-weighted sum of those rows of the product.
 
 Project, what pointing_game.py, localize.py and semantic_seg.py run (the models' text_filters and
-misc.localization.apply_filters, composed here as misc.localization.heatmaps): per phrase the top-k of the text
-embedding and the |v_u|-weighted sum of the k selected rows of A as one filter, then one batched product of all
+misc.eval.localization.apply_filters, composed here as misc.eval.localization.heatmaps): per phrase the top-k of
+the text embedding and the |v_u|-weighted sum of the k selected rows of A as one filter, then one batched product of all
 filters with all maps (torch).
 
 Both run interleaved (A B A B ..., after a warm-up call of each) twice: in one worker process per side (the row the
@@ -34,7 +34,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import interleaved, load, machine, ratio_line  # noqa: E402
-from misc.localization import heatmaps  # noqa: E402
+from misc.eval.localization import heatmaps  # noqa: E402
 
 TARGETS = {5: 30.0, 20: 20.0}
 PAUSE_S = 0.5

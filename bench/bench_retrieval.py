@@ -6,7 +6,7 @@ Seeded embeddings of 5000 images and 25000 captions (each caption its image plus
 0 nor 100) are written to an .npz at d = 2400 (the paper's) and d = 128. Two procedures rank them:
 - original: bench/original_eval.py, the original release's rule in numpy (cosine scores, a full argsort of every
   row in both directions, first positive);
-- project: eval_retrieval.py --features (misc.retrieval: one score product for both directions, counting).
+- project: eval_retrieval.py --features (misc.eval.retrieval: one score product for both directions, counting).
 Whole command: ``python <script> features.npz`` for the 1k protocol (5 folds) and the full 5k protocol, start-up
 and imports included, in interleaved rounds (A B A B ..., after one warm-up call of each). In process: the two
 evaluate functions on arrays already in memory, interleaved the same way. The script first checks that both give
@@ -28,7 +28,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench import original_eval  # noqa: E402
 from bench.common import command, interleaved, load, machine, ratio_line  # noqa: E402
-from misc.retrieval import evaluate  # noqa: E402
+from misc.eval.retrieval import evaluate  # noqa: E402
 
 TARGETS = {"1k": 3.0, "full": 10.0}
 

@@ -10,10 +10,10 @@ Two seeded collections of N unit vectors (default 1M) are searched with Q querie
   directions, 100 random subtopic directions under each, every point (and query) the sum of its topic, its
   subtopic and a random direction, all three unit, normalised. Coarse lists capture such structure well.
 Real collections lie between the two; the rows bracket what an IVF index gives on them.
-For each: misc.extraction.exact_search (blocks of rows times the queries; what search.py --index exact runs),
-then misc.extraction.build_index (IVF-flat with sqrt(N) lists, what search.py --index faiss builds for N >= 100k)
-searched with several nprobe; recall@10 is the overlap of its top-10 with the exact top-10. Latencies are medians
-of repeated runs, for a batch of Q queries and for one query at a time.
+For each: misc.collections.search.exact_search (blocks of rows times the queries; what search.py --index exact
+runs), then misc.collections.search.build_index (IVF-flat with sqrt(N) lists, what search.py --index faiss builds
+for N >= 100k) searched with several nprobe; recall@10 is the overlap of its top-10 with the exact top-10.
+Latencies are medians of repeated runs, for a batch of Q queries and for one query at a time.
 
 The vectors (N x d x 4 bytes) and the IVF-flat index (as much again) must both fit in memory: with d = 2400 and
 N = 1M that is 19.2 GB. Unless --dim is given, d is lowered (in steps of 64) to fit in half of the memory now
@@ -32,7 +32,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import machine  # noqa: E402
-from misc.search import build_index, default_nlist, default_nprobe, exact_search, index_search  # noqa: E402
+from misc.collections.search import build_index, default_nlist, default_nprobe, exact_search, index_search  # noqa: E402
 
 K = 10
 

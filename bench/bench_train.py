@@ -29,9 +29,9 @@ from torch.nn.parallel import DistributedDataParallel  # noqa: E402
 
 from bench.common import machine  # noqa: E402
 from misc.config import preset  # noqa: E402
-from misc.engine import batch_scores  # noqa: E402
-from misc.loss import build_loss  # noqa: E402
-from misc.schedule import build_optimizer, enter_stage  # noqa: E402
+from misc.train.loop import batch_scores  # noqa: E402
+from misc.train.losses import build_loss  # noqa: E402
+from misc.train.schedule import build_optimizer, enter_stage  # noqa: E402
 from models.joint import build_model  # noqa: E402
 
 # (name, preset, image size, global batch, timed steps): the paper model is far too slow on a CPU for its batch of

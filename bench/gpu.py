@@ -4,11 +4,11 @@ Run from the repository root:  python bench/gpu.py [--quick]
 
 Four rows, all on random inputs (no network, no data files), in about 5 minutes on a recent GPU:
 - training step: the paper model (ResNet-152, D' = d = 2400, 4-layer SRU) at 256 x 256, batch 160, the costliest
-  stage (trunk and SRU trained), bf16 autocast, channels-last, through misc.engine.train_one_epoch;
+  stage (trunk and SRU trained), bf16 autocast, channels-last, through misc.train.loop.train_one_epoch;
 - extraction: image embeddings at 400 x 400 (the paper's test size), float32 and bf16, images/s;
-- retrieval: misc.retrieval.evaluate (1k folds and full 5k: 5000 images x 25000 captions, d = 2400) on embeddings
+- retrieval: misc.eval.retrieval.evaluate (1k folds and full 5k: 5000 images x 25000 captions, d = 2400) on embeddings
   made on the GPU (the ranking itself runs in numpy on the CPU), next to one 5000 x 25000 score product on the GPU;
-- heatmaps: misc.localization.heatmaps of 1000 maps (13 x 13) x 20 phrases, k = 180, on the GPU.
+- heatmaps: misc.eval.localization.heatmaps of 1000 maps (13 x 13) x 20 phrases, k = 180, on the GPU.
 Without CUDA it stops at once with a one-line message. Every row's sizes are arguments of its function, so that
 tests/test_bench_gpu.py runs them small on the CPU (the script itself never does).
 """
@@ -26,13 +26,14 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 from bench.common import machine  # noqa: E402
 from misc.config import ModelConfig, preset  # noqa: E402
-from misc.engine import autocast, train_one_epoch  # noqa: E402
-from misc.files import atomic_path  # noqa: E402
-from misc.localization import heatmaps  # noqa: E402
-from misc.loss import build_loss  # noqa: E402
-from misc.retrieval import evaluate  # noqa: E402
-from misc.schedule import build_optimizer, enter_stage  # noqa: E402
-from misc.words import Encoded  # noqa: E402
+from misc.devices import autocast  # noqa: E402
+from misc.train.loop import train_one_epoch  # noqa: E402
+from misc.store.files import atomic_path  # noqa: E402
+from misc.eval.localization import heatmaps  # noqa: E402
+from misc.train.losses import build_loss  # noqa: E402
+from misc.eval.retrieval import evaluate  # noqa: E402
+from misc.train.schedule import build_optimizer, enter_stage  # noqa: E402
+from misc.data.words import Encoded  # noqa: E402
 from models.joint import build_model  # noqa: E402
 
 WORDS = 12  # tokens per random caption
@@ -111,8 +112,8 @@ def retrieval(device: torch.device, n_images: int = 5000, dim: int = 2400) -> li
     for protocol in ("1k", "full"):
         start = time.perf_counter()
         result = evaluate(cpu_images, cpu_captions, protocols=(protocol,))[protocol]
-        rows.append(f"retrieval: misc.retrieval.evaluate {protocol} (numpy, CPU): {time.perf_counter() - start:.2f} s"
-                    f", rsum {result['rsum']:.1f}")
+        rows.append(f"retrieval: misc.eval.retrieval.evaluate {protocol} (numpy, CPU): "
+                    f"{time.perf_counter() - start:.2f} s, rsum {result['rsum']:.1f}")
     return rows
 
 

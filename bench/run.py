@@ -20,7 +20,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
-from misc.files import atomic_path  # noqa: E402
+from misc.store.files import atomic_path  # noqa: E402
 
 BENCHMARKS = ["bench_help.py", "bench_retrieval.py", "bench_heatmaps.py", "bench_amp.py", "bench_train.py",
               "bench_extraction.py", "bench_search.py"]

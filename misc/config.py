@@ -108,15 +108,16 @@ def configured(key: str) -> bool:
 
 # --------------------------------------------------------------------------- hyper-parameters
 
-EVAL_PROTOCOLS = ("resize", "crop")  # evaluation preprocessing (misc.datasets.eval_transform)
-LOSSES = ("hard", "sum", "npair", "triplet")  # misc.loss.build_loss
+EVAL_PROTOCOLS = ("resize", "crop")  # evaluation preprocessing (misc.data.datasets.eval_transform)
+LOSSES = ("hard", "sum", "npair", "triplet")  # misc.train.losses.build_loss
 OPTIMIZERS = ("adam", "sgd")
 FROZEN_MODES = ("train", "eval")
 
 @dataclass
 class TrainConfig:
     """Optimisation and data settings (§4.1). Epoch numbers count from 0; the defaults are the schedule the original
-    release's train.py ran (see misc/schedule.py), one epoch later than the paper's text (preset ``paper-text``)."""
+    release's train.py ran (see misc/train/schedule.py), one epoch later than the paper's text (preset
+    ``paper-text``)."""
 
     dataset: str = "coco"  # coco | flickr30k | demo
     split: str = "trainrv"  # train+restval
@@ -131,7 +132,7 @@ class TrainConfig:
     frozen_trunk: list[str] = field(default_factory=lambda: ["conv1", "bn1", "layer1", "layer2"])
     frozen_mode: str = "train"  # frozen parts in train mode (batch statistics, dropout) as the original ran, or eval
     margin: float = 0.2
-    loss: str = "hard"  # hard (eq. 7) | sum (eq. 5) | npair | triplet (sampled impostors; misc/loss.py)
+    loss: str = "hard"  # hard (eq. 7) | sum (eq. 5) | npair | triplet (sampled impostors; misc/train/losses.py)
     sum_loss_epochs: int = 0  # warm-up epochs with the sum loss (eq. 5) before `loss`
     grad_clip: float | None = None  # cap on the gradient norm of a step (the paper has none)
     optimizer: str = "adam"  # adam | sgd (with momentum)
@@ -210,11 +211,11 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
                   "crop_size": 96, "crop_scale": [0.85, 1.0], "flip": False, "eval_size": 96, "test_size": 96,
                   "captions_per_image": 5, "group_captions": True, "workers": 1},
     },
-    # The real-photo world of misc/photos.py (written to data/photos by `python -m misc.photos data/photos`) in a few
-    # minutes on 2 CPU cores, from the ImageNet EfficientNet-Lite0 package and GloVe 6B 50-d, both offline: stem to
-    # stage4 stay frozen in eval mode (fixed batch statistics, no backward through the large maps), the rest trains
-    # from the start at 128 x 128 (a 4 x 4 grid; localize at 256 or more), no flip (captions say left and right), a
-    # mild crop, every caption of an image against one crop of it.
+    # The real-photo world of misc/data/photos.py (written to data/photos by `python -m misc.data.photos data/photos`)
+    # in a few minutes on 2 CPU cores, from the ImageNet EfficientNet-Lite0 package and GloVe 6B 50-d, both
+    # offline: stem to stage4 stay frozen in eval mode (fixed batch statistics, no backward through the large
+    # maps), the rest trains from the start at 128 x 128 (a 4 x 4 grid; localize at 256 or more), no flip
+    # (captions say left and right), a mild crop, every caption of an image against one crop of it.
     "photos": {
         "model": {"trunk": "timm:efficientnet_lite0", "trunk_init": "package:efficientnet-lite0", "maps_dim": 512,
                   "embed_dim": 512, "weldon_k": 0.2, "word_dim": 50, "sru_layers": 1, "text_dropout": 0.1,

@@ -20,14 +20,15 @@ import torch
 from matplotlib.figure import Figure
 from PIL import Image
 
-from misc import checkpoint
-from misc.datasets import eval_transform
+from misc.store import checkpoint
+from misc.data.datasets import eval_transform
 from misc.errors import UserError
-from misc.images import oriented, read_image
-from misc.localization import apply_filters, choose_k, peak_location
-from misc.engine import autocast, encode_captions, image_vectors, resolve_device, vector_dim
+from misc.data.images import oriented, read_image
+from misc.eval.localization import apply_filters, choose_k, peak_location
+from misc.devices import autocast, resolve_device
+from misc.eval.encode import encode_captions, image_vectors, vector_dim
 from misc.visualize import DEFAULT_COLORMAP, overlays, panel_size, panel_title, save_png
-from misc.words import WordVectors
+from misc.data.words import WordVectors
 from models.joint import JointEmbedding
 
 PAPER_SIZE = 416  # the image side of the paper's localization (a 13 x 13 map from ResNet-152)
@@ -36,7 +37,7 @@ ImageSource = str | Path | Image.Image
 
 
 def as_image(source: ImageSource, size: int | None = None) -> Image.Image:
-    """A PIL image, EXIF orientation applied, RGB, of a PIL image or of a path (:func:`misc.images.read_image`:
+    """A PIL image, EXIF orientation applied, RGB, of a PIL image or of a path (:func:`misc.data.images.read_image`:
     a JPEG at the reduced scale ``size`` x ``size`` allows, as image extraction decodes it)."""
     return oriented(source) if isinstance(source, Image.Image) else read_image(source, size)
 
@@ -140,7 +141,7 @@ class Inference:
     @torch.no_grad()
     def filters(self, texts: list[str], k: int | None = None) -> torch.Tensor:
         """One filter per text (T, C) on the device, applied to :meth:`maps` by
-        :func:`misc.localization.apply_filters`: DSVE's eq. 9 filter of the k largest entries, the matchmap's mean
+        :func:`misc.eval.localization.apply_filters`: DSVE's eq. 9 filter of the k largest entries, the matchmap's mean
         word vector (its phrase map is the mean of its words' maps; ``k`` is not used)."""
         encoded = self.words.encode(texts)
         with autocast(self.device, self.amp):
@@ -155,7 +156,7 @@ class Inference:
         return self.model.image.embed_maps(maps).float()
 
     def choose_k(self, requested: int | None, paper_k: int) -> int | None:
-        """k of eq. 9 for a DSVE model (:func:`misc.localization.choose_k`); None for the matchmap, whose
+        """k of eq. 9 for a DSVE model (:func:`misc.eval.localization.choose_k`); None for the matchmap, whose
         heatmaps use every dimension."""
         return None if self.model.config.arch == "matchmap" else choose_k(requested, self.dim, paper_k)
 

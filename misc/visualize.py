@@ -24,8 +24,8 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 from PIL import Image
 
-from misc.files import atomic_path
-from misc.localization import upsample
+from misc.store.files import atomic_path
+from misc.eval.localization import upsample
 
 DEFAULT_COLORMAP = "viridis"  # perceptually uniform: equal steps of heat look like equal steps of colour
 MIN_SIDE = 256  # a panel's shorter side is at least this (pixels)
@@ -91,7 +91,7 @@ def _outlined(width: float) -> list:
 def overlays(image: Image.Image, heatmaps: torch.Tensor, points: torch.Tensor, titles: Sequence[str],
              boxes: Sequence[Sequence[Box]] | None = None, shared_scale: bool = False, alpha: float = 0.5,
              colormap: str = DEFAULT_COLORMAP) -> Figure:
-    """The figure: heatmaps (T, h, w) spread bilinearly over the image (see misc.localization), points (T, 2) as
+    """The figure: heatmaps (T, h, w) spread bilinearly over the image (see misc.eval.localization), points (T, 2) as
     (x, y) in the image's pixels, one title per query, and per query the boxes to draw (x, y, w, h in the image's
     pixels). Each panel's colours span its own map's range, or with ``shared_scale`` the range of all maps, so
     that panels compare; the colour bar beside each panel reads the heat values (eq. 9)."""

@@ -4,7 +4,7 @@ match a text or an image.
 - Localization: the heatmap of every phrase (eq. 9) over the image, side by side, each with the cosine score of the
   image and phrase embeddings (eq. 3 and 4) and the words the vocabulary lacks.
 - Search: a text or an image query against a feature file of image_features_extraction.py (or
-  text_features_extraction.py), exact top-k (misc.search), the hits as thumbnails with their scores.
+  text_features_extraction.py), exact top-k (misc.collections.search), the hits as thumbnails with their scores.
 
 The functions that compute what the page shows take plain values and raise :class:`UserError`, so they are tested
 without a browser; :func:`build_ui` only wires them to gradio, which is imported there, after :func:`go_offline`.
@@ -20,11 +20,11 @@ import numpy as np
 from PIL import Image
 
 from misc import config
-from misc.files import file_sha256
+from misc.store.files import file_sha256
 from misc.errors import UserError
-from misc.images import list_images, read_image
+from misc.data.images import list_images, read_image
 from misc.inference import PAPER_SIZE, Inference
-from misc.search import Collection, exact_search, load_collection
+from misc.collections.search import Collection, exact_search, load_collection
 from misc.visualize import figure_image, overlays
 
 MAX_PHRASES = 12

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from misc.config import from_dict
-from misc.localization import apply_filters, text_filters
+from misc.eval.localization import apply_filters, text_filters
 from models.config import ModelConfig
 from models.matchmap import Matchmap
 from models.text import TextEncoder

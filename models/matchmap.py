@@ -9,14 +9,14 @@ The caption-image score pools the matchmap (:func:`match_scores`): ``avg_both`` 
 over regions, ``max_img`` the mean over words of the max over regions, ``max_text`` the mean over regions of the
 max over words. Localization: a word's heatmap is M[t], a phrase's the mean of its words' maps; as M is linear in
 w, that is the map of the phrase's mean word vector, a "filter" applied at every position as DSVE's eq. 9 filter
-is (:mod:`misc.localization`), so both systems share ``maps`` / ``text_filters`` / ``heatmaps``.
+is (:mod:`misc.eval.localization`), so both systems share ``maps`` / ``text_filters`` / ``heatmaps``.
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from misc.localization import apply_filters
+from misc.eval.localization import apply_filters
 from models.config import ModelConfig
 from models.trunks import build_trunk, init_trunk
 

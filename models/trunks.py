@@ -210,7 +210,7 @@ def trunk_weights_file(trunk: str, source: str) -> Path:
         return imagenet_file(trunk, source)
     raise UserError(f"model.trunk_init={source!r}: expected scratch, a torchvision weights name (IMAGENET1K_V1, "
                     f"...; torchvision trunks only), file:PATH or package:NAME ({', '.join(PACKAGES)})"
-                    + (" (checkpoint sources are loaded by misc.checkpoint.init_from)"
+                    + (" (checkpoint sources are loaded by misc.store.checkpoint.init_from)"
                        if source.startswith("checkpoint:") else ""))
 
 

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from misc import cli, config, demo
+from misc import cli, config
+from misc.data import demo
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY_MODEL = ["--set", "model.maps_dim=32", "--set", "model.embed_dim=32", "--set", "model.sru_layers=1",

@@ -21,11 +21,11 @@ from PIL import Image
 from playwright.sync_api import expect
 
 from misc import webapp
-from misc.checkpoint import atomic_save
+from misc.store.checkpoint import atomic_save
 from misc.config import TrainConfig
 from misc.errors import UserError
-from misc.files import file_sha256
-from misc.images import list_images
+from misc.store.files import file_sha256
+from misc.data.images import list_images
 from misc.inference import Inference
 from models.config import ModelConfig
 from models.joint import build_model

@@ -35,7 +35,7 @@ def test_retrieval_rows_rank_both_protocols():
     rows = gpu.retrieval(CPU, n_images=1000, dim=32)
     assert rows[0].startswith("retrieval: one 1000 x 5000 x 32 score product on the cpu: ")
     for row, protocol in zip(rows[1:], ("1k", "full")):
-        assert row.startswith(f"retrieval: misc.retrieval.evaluate {protocol} (numpy, CPU): ")
+        assert row.startswith(f"retrieval: misc.eval.retrieval.evaluate {protocol} (numpy, CPU): ")
         rsum = float(row.rsplit("rsum ", 1)[1])
         assert 0 < rsum <= 600  # six recalls in percent
 

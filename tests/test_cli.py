@@ -51,7 +51,7 @@ def test_an_undecodable_image_is_one_line_naming_it(tmp_path, capsys):
 
 
 def test_results_are_merged_into_one_file_with_nested_keys(tmp_path):
-    from misc.files import update_results
+    from misc.store.files import update_results
     path = tmp_path / "results.json"
     update_results(path, "models.dsve.retrieval", {"rsum": 1.0})
     update_results(path, "models.dsve.pointing_game", {"accuracy": 50.0})

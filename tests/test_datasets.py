@@ -13,10 +13,10 @@ from gensim.models import KeyedVectors
 from PIL import Image
 from torchvision import transforms
 
-from misc.datasets import PairCollate, PairDataset, Record, load_records
-from misc.engine import train_one_epoch
+from misc.data.datasets import PairCollate, PairDataset, Record, load_records
+from misc.train.loop import train_one_epoch
 from misc.errors import UserError
-from misc.words import WordVectors
+from misc.data.words import WordVectors
 
 
 @pytest.fixture

@@ -14,7 +14,7 @@ from PIL import Image
 from pycocotools.coco import COCO
 from visual_genome import local as vg_local
 
-from misc import demo, flickr_entities, scenes, words
+from misc.data import demo, flickr_entities, scenes, words
 
 SIZES = {"train": 40, "val": 10, "test": 10}
 IMAGE_SIZE = 96

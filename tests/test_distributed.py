@@ -14,12 +14,12 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel
 
-from misc import checkpoint
+from misc.store import checkpoint
 from misc.config import TrainConfig
 from models.config import ModelConfig
-from misc.engine import batch_scores
-from misc.loss import build_loss
-from misc.schedule import build_optimizer, enter_stage
+from misc.train.loop import batch_scores
+from misc.train.losses import build_loss
+from misc.train.schedule import build_optimizer, enter_stage
 from models.joint import build_model
 from tests.conftest import ROOT, TINY_MODEL
 

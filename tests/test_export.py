@@ -1,4 +1,4 @@
-"""Export folders (misc/export.py, export.py) and word-vector references that survive a copied checkpoint."""
+"""Export folders (misc/store/export.py, export.py) and word-vector references that survive a copied checkpoint."""
 from __future__ import annotations
 
 import importlib
@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from misc import checkpoint, cli, config, export
+from misc.store import checkpoint, export
+from misc import cli, config
 from misc.config import TrainConfig
 from misc.errors import UserError
 from misc.inference import Inference

@@ -17,19 +17,19 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from misc import extraction
-from misc.checkpoint import atomic_save, load_model
+from misc.collections import extraction
+from misc.store.checkpoint import atomic_save, load_model
 from misc.config import TrainConfig
 from models.config import ModelConfig
-from misc.datasets import eval_transform
-from misc.engine import encode_captions
-from misc import search
-from misc.arrays import Streamed, TextColumn, npz_array, text_column, write_npz
-from misc.extraction import ImageFiles, PartStore, collate_images, extract_images
-from misc.images import decode_image, list_images, read_list
-from misc.search import exact_search, index_search, load_collection, load_or_build_index
-from misc.texts import read_text_lines
-from misc.words import load_word_vectors
+from misc.data.datasets import eval_transform
+from misc.eval.encode import encode_captions
+from misc.collections import search
+from misc.store.arrays import Streamed, TextColumn, npz_array, text_column, write_npz
+from misc.collections.extraction import ImageFiles, PartStore, collate_images, extract_images
+from misc.data.images import decode_image, list_images, read_list
+from misc.collections.search import exact_search, index_search, load_collection, load_or_build_index
+from misc.collections.texts import read_text_lines
+from misc.data.words import load_word_vectors
 from models.joint import build_model
 from tests.conftest import run_cli
 

@@ -22,16 +22,18 @@ import image_features_extraction
 import localize
 import search as search_cli
 import text_features_extraction
-from misc import cli, extraction, files
-from misc.arrays import TextColumn, npz_array, text_array, write_npz
-from misc.checkpoint import atomic_save
+from misc import cli
+from misc.collections import extraction
+from misc.store import files
+from misc.store.arrays import TextColumn, npz_array, text_array, write_npz
+from misc.store.checkpoint import atomic_save
 from misc.config import TrainConfig
-from misc.engine import caption_batches, encode_captions
+from misc.eval.encode import caption_batches, encode_captions
 from misc.errors import UserError
-from misc.images import read_image
+from misc.data.images import read_image
 from misc.inference import Inference
-from misc.search import load_collection
-from misc.words import WordVectors
+from misc.collections.search import load_collection
+from misc.data.words import WordVectors
 from models.config import ModelConfig
 from models.joint import build_model
 from models.text import TextEncoder
@@ -357,7 +359,7 @@ def test_search_and_localize_refuse_a_bomb_in_one_line(checkpoint, bomb, tmp_pat
 def test_a_second_process_is_refused_while_the_first_holds_the_extraction(checkpoint, photos, tmp_path):
     out = tmp_path / "out.npz"
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys; from misc.extraction import PartStore, run_manifest; "
+        [sys.executable, "-c", "import sys; from misc.collections.extraction import PartStore, run_manifest; "
          "store = PartStore(sys.argv[1]); store.start(run_manifest('0' * 64, 64, False, ['a.png'], 2), resume=False); "
          "print('holding', flush=True); sys.stdin.read()", str(out)],
         cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)

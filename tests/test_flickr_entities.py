@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from misc import checkpoint
-from misc import flickr_entities as fe
+from misc.store import checkpoint
+from misc.data import flickr_entities as fe
 from misc.config import TrainConfig
 from misc.errors import UserError
 from models.config import ModelConfig

@@ -8,11 +8,11 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 CLIS = sorted(path.stem for path in ROOT.glob("*.py"))
-LIBRARY = sorted([*ROOT.glob("misc/*.py"), *ROOT.glob("models/*.py")])
+LIBRARY = sorted([*ROOT.glob("misc/**/*.py"), *ROOT.glob("models/*.py")])
 
 
 def imported_modules(path: Path) -> set[str]:
-    """Every module a file imports, as dotted names (``from misc import demo`` gives misc.demo)."""
+    """Every module a file imports, as dotted names (``from misc import demo`` gives misc.data.demo)."""
     found = set()
     for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
         if isinstance(node, ast.Import):
@@ -23,9 +23,10 @@ def imported_modules(path: Path) -> set[str]:
     return found
 
 
-@pytest.mark.parametrize("maths", ["misc/localization.py", "misc/segmentation.py", "misc/loss.py", "models/weldon.py"])
+@pytest.mark.parametrize("maths", ["misc/eval/localization.py", "misc/eval/segmentation.py", "misc/train/losses.py",
+                                   "models/weldon.py"])
 def test_maths_modules_import_no_io_layer(maths):
-    forbidden = {"misc.checkpoint", "misc.demo", "misc.engine", "misc.files", "misc.inference", "misc.cli"}
+    forbidden = {"misc.store.checkpoint", "misc.data.demo", "misc.store.files", "misc.inference", "misc.cli"}
     assert not imported_modules(ROOT / maths) & forbidden
 
 

@@ -19,7 +19,7 @@ from PIL import Image
 
 from misc import commands
 from misc.errors import UserError
-from misc.images import read_image
+from misc.data.images import read_image
 from misc.inference import Inference
 from misc.visualize import figure_size
 from tests.conftest import ROOT, run_in_process

@@ -12,13 +12,14 @@ import pytest
 import torch
 from PIL import Image
 
-from misc import checkpoint, localization
+from misc.store import checkpoint
+from misc.eval import localization
 from misc.config import TrainConfig
 from models.config import ModelConfig
-from misc.localization import (apply_filters, cell_points, default_k, heatmaps, heatmaps_full, peak_cells,
-                               peak_location, pointing_hits, scale_boxes, text_filters, top_k, upsample)
-from misc.segmentation import (average_precision, binarize, bytescale, iou, original_average_precision, original_iou,
-                               original_prediction, original_truth)
+from misc.eval.localization import (apply_filters, cell_points, default_k, heatmaps, heatmaps_full, peak_cells,
+                                     peak_location, pointing_hits, scale_boxes, text_filters, top_k, upsample)
+from misc.eval.segmentation import (average_precision, binarize, bytescale, iou, original_average_precision,
+                                    original_iou, original_prediction, original_truth)
 from misc.visualize import MIN_SIDE, figure_size, panel_size
 from models.joint import build_model
 from tests.conftest import run_cli, run_in_process

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from misc.loss import build_loss, impostors, npair_loss, ranking_loss, sampled_triplet_loss, triplet_loss
+from misc.train.losses import build_loss, impostors, npair_loss, ranking_loss, sampled_triplet_loss, triplet_loss
 
 
 def brute_force(images, captions, margin, hardest, ids):

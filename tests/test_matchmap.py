@@ -7,7 +7,7 @@ import torch
 import torchvision
 
 from misc.errors import UserError
-from misc.localization import heatmaps as dsve_heatmaps
+from misc.eval.localization import heatmaps as dsve_heatmaps
 from models.config import ModelConfig
 from models.joint import JointEmbedding, build_model
 from models.matchmap import Matchmap, match_scores, paired_matchmaps

@@ -20,11 +20,12 @@ import torchvision
 from gensim.models import KeyedVectors
 from torch import nn
 
-from misc import checkpoint, cli
+from misc.store import checkpoint
+from misc import cli
 from misc.errors import UserError
 from models.config import ModelConfig
-from misc.original import convert_original, infer_trunk, map_state, original_key
-from misc.words import ORIGINAL_TEXT, TextOptions, load_word_vectors
+from misc.store.original import convert_original, infer_trunk, map_state, original_key
+from misc.data.words import ORIGINAL_TEXT, TextOptions, load_word_vectors
 from models.joint import build_model
 from tests.conftest import ROOT, run_cli, run_in_process
 
@@ -220,8 +221,8 @@ def test_unmapped_or_missing_keys_are_one_line_errors(original):
 
 
 def checkpoint_cli(args: list, monkeypatch: pytest.MonkeyPatch) -> int:
-    """``python -m misc.checkpoint ARGS`` in this process; returns the exit status."""
-    monkeypatch.setattr(sys, "argv", ["misc.checkpoint", *map(str, args)])
+    """``python -m misc.store.checkpoint ARGS`` in this process; returns the exit status."""
+    monkeypatch.setattr(sys, "argv", ["misc.store.checkpoint", *map(str, args)])
     try:
         cli.run(checkpoint.main)
     except SystemExit as exit_:
@@ -232,7 +233,7 @@ def checkpoint_cli(args: list, monkeypatch: pytest.MonkeyPatch) -> int:
 @pytest.mark.slow
 def test_convert_cli_writes_a_plain_checkpoint_of_the_same_model(original, tmp_path, monkeypatch, capsys):
     out = tmp_path / "converted" / "dsve.pth.tar"
-    result = subprocess.run([sys.executable, "-m", "misc.checkpoint", "convert", original.model, out], cwd=ROOT,
+    result = subprocess.run([sys.executable, "-m", "misc.store.checkpoint", "convert", original.model, out], cwd=ROOT,
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert f"-> {out}: arch=dsve trunk=resnet18 maps_dim=32 embed_dim=24" in result.stdout

@@ -1,4 +1,4 @@
-"""The real-photo world of misc/photos.py: honest scenes in the custom JSON-lines format, and (slow) a short run
+"""The real-photo world of misc/data/photos.py: honest scenes in the custom JSON-lines format, and (slow) a short run
 from the ImageNet Lite0 trunk that learns it: retrieval R@10 at least 10x chance both ways, the pointing game at
 256 px at least 1.4x the centre baseline (issue 14)."""
 from __future__ import annotations
@@ -14,11 +14,11 @@ from pycocotools import mask as mask_utils
 import eval_retrieval
 import pointing_game
 import train
-from misc import photos
-from misc.custom import read_entries, split_entries
-from misc.datasets import load_records
+from misc.data import photos
+from misc.data.jsonl import read_entries, split_entries
+from misc.data.datasets import load_records
 from misc.errors import UserError
-from misc.images import read_image
+from misc.data.images import read_image
 
 COUNTS = {"train": 6, "val": 2, "test": 4}
 CLI_FLAGS = ["--workers", "0", "--no-progress", "--device", "cpu"]

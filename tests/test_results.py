@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from misc import checkpoint, results
+from misc.store import checkpoint, results
 from misc.config import TrainConfig
 from models.config import ModelConfig
 from models.joint import build_model

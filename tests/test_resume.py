@@ -14,8 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from misc import training as train
-from misc import checkpoint, config
+from misc.train import run as train
+from misc.store import checkpoint
+from misc import config
 from misc.errors import UserError
 from models.config import ModelConfig
 from tests.conftest import TINY_MODEL, run_in_process
@@ -59,7 +60,7 @@ def assert_same_run(resumed: dict, straight: dict) -> None:
 @pytest.mark.slow
 def test_sigterm_mid_epoch_writes_the_position_and_resume_in_its_own_folder_is_exact(
         straight: Path, tiny_world: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog):
-    caplog.set_level(logging.INFO, logger="misc.checkpoint")
+    caplog.set_level(logging.INFO, logger="misc.store.checkpoint")
     monkeypatch.setattr(config, "RUNS", tmp_path / "runs")
     other = tmp_path / "runs" / "demo" / checkpoint.BEST  # another run's best, in the default folder
     other.parent.mkdir(parents=True)
@@ -100,7 +101,7 @@ def test_a_kill_while_writing_epoch_1_resumes_to_the_same_last_and_best(straight
                                                                         tmp_path: Path, monkeypatch):
     """The third save is epoch 1's best (if it improved) or its last: killed half-way either way."""
     saves = []
-    write = Path.write_bytes  # a checkpoint's bytes reach the disk through it (misc.checkpoint.atomic_save)
+    write = Path.write_bytes  # a checkpoint's bytes reach the disk through it (misc.store.checkpoint.atomic_save)
 
     def killed_write(path: Path, data: bytes) -> int:
         if ".pth.tar" in path.name:
@@ -207,7 +208,7 @@ def test_best_is_written_before_last_so_it_is_never_older(tmp_path, monkeypatch)
 
 
 def test_resume_checks_best_and_repairs_a_stale_one(tmp_path, caplog):
-    caplog.set_level(logging.INFO, logger="misc.checkpoint")
+    caplog.set_level(logging.INFO, logger="misc.store.checkpoint")
     checkpoint.atomic_save(state(1, 1), tmp_path / checkpoint.BEST)
     last = state(2, 2, value=2.0)  # an older version was killed after writing last, before copying it to best
     checkpoint.check_best(tmp_path, last)

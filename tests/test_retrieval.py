@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from misc.retrieval import Workspace, caption_owner_default, evaluate, format_table, ranks, recall_metrics
+from misc.eval.retrieval import Workspace, caption_owner_default, evaluate, format_table, ranks, recall_metrics
 
 
 def unit(n: int, d: int, seed: int) -> np.ndarray:
@@ -40,7 +40,7 @@ def two_product_ranks(images, captions, owner) -> tuple[np.ndarray, np.ndarray]:
 def brute_ranks(scores: np.ndarray, positive: np.ndarray, positive_first: bool = True) -> np.ndarray:
     """1-based rank of each row's first positive after a full sort by decreasing score.
 
-    Equal scores keep the positive ahead of the negatives (positive_first), the convention of misc.retrieval.
+    Equal scores keep the positive ahead of the negatives (positive_first), the convention of misc.eval.retrieval.
     """
     ranks = []
     for row, pos in zip(scores, positive):
@@ -150,7 +150,7 @@ def test_1k_protocol_is_the_mean_of_consecutive_folds(caplog, shuffle):
     owner = caption_owner_default(2500, 12500)
     if shuffle:
         captions, owner = shuffled(captions, owner, 12)
-    with caplog.at_level(logging.WARNING, logger="misc.retrieval"):
+    with caplog.at_level(logging.WARNING, logger="misc.eval.retrieval"):
         results = evaluate(images, captions, owner)
     assert results["1k"]["folds"] == 2
     assert any("500" in r.getMessage() and r.levelno == logging.WARNING for r in caplog.records)
@@ -169,7 +169,7 @@ def test_1k_protocol_is_the_mean_of_consecutive_folds(caplog, shuffle):
 
 def test_1k_protocol_skipped_below_one_fold(caplog):
     images = unit(200, 8, 13)
-    with caplog.at_level(logging.WARNING, logger="misc.retrieval"):
+    with caplog.at_level(logging.WARNING, logger="misc.eval.retrieval"):
         results = evaluate(images, unit(1000, 8, 14))
     assert set(results) == {"full"}
     assert any("1k" in r.getMessage() for r in caplog.records)

@@ -4,11 +4,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from misc import config, schedule
+from misc import config
+from misc.train import schedule
 from misc.config import TrainConfig
 from misc.errors import UserError
 from models.config import ModelConfig
-from misc.loss import npair_loss, triplet_loss
+from misc.train.losses import npair_loss, triplet_loss
 from models.joint import build_model
 
 ALL = ("projection", "SRU", "1x1 conv", "trunk")

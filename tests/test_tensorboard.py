@@ -1,5 +1,5 @@
-"""TensorBoard of a training run (misc/tblog.py): one loss point per step, tagged with the loss in use; lr per step;
-the hyper-parameters with the final metrics; and train.py --export."""
+"""TensorBoard of a training run (misc/train/tblog.py): one loss point per step, tagged with the loss in use; lr per
+step; the hyper-parameters with the final metrics; and train.py --export."""
 from __future__ import annotations
 
 import json
@@ -9,7 +9,7 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from misc import checkpoint
+from misc.store import checkpoint
 from misc.inference import Inference
 from tests.conftest import TINY_MODEL, run_in_process
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torchvision
 
-from misc import checkpoint
+from misc.store import checkpoint
 from tests.conftest import TINY_MODEL, run_cli, run_in_process
 
 

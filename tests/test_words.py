@@ -11,7 +11,7 @@ import pytest
 from gensim.models import KeyedVectors
 
 from misc.errors import UserError
-from misc.words import ORIGINAL_TEXT, WordVectors, load_word_vectors, sentences, tokenize
+from misc.data.words import ORIGINAL_TEXT, WordVectors, load_word_vectors, sentences, tokenize
 
 WORDS = ["a", "red", "circle", "UNK", "Dog"]
 

@@ -1,4 +1,4 @@
-"""The demo world's scenes (misc/demo.py writes them to disk): 1-3 non-overlapping objects (shape x colour x size)
+"""The demo world's scenes (misc/data/demo.py writes them to disk): 1-3 non-overlapping objects (shape x colour x size)
 anywhere in the frame, their five captions, region phrases and pixels.
 
 The captions name the objects with their attributes, where they are (position words from the object's box) and how

@@ -32,7 +32,7 @@ class TrainLog:
         self.loss_sum = totals["loss"] if totals else 0.0
 
     def step(self, totals: dict[str, float], lr: float) -> None:
-        """Log the step just done from the epoch's running sums (``misc.engine.train_one_epoch``'s ``totals``):
+        """Log the step just done from the epoch's running sums (``misc.train.loop.train_one_epoch``'s ``totals``):
         its loss is the growth of the loss sum."""
         self.steps = self.epoch * self.steps_per_epoch + int(totals["steps"])
         self.writer.add_scalar(f"train/loss/{LOSS_TAGS[self.loss]}", totals["loss"] - self.loss_sum, self.steps)

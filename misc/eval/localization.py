@@ -1,5 +1,5 @@
 """Localization (paper §3.3, eq. 8-9): text-conditioned heatmaps, peaks and the pointing rules (masks, IoU and AP
-are in misc/segmentation.py).
+are in misc/eval/segmentation.py).
 
 Heatmaps. The image path pools the maps G (D', h, w) and projects them with A (d, D') (eq. 1). Applying A at
 every position instead gives d maps G' = A·G (eq. 8, a 1x1 convolution without the bias b). For a text

@@ -1,115 +1,20 @@
-"""The loops every CLI shares: one training epoch, encoding images and captions, retrieval evaluation, for both
-systems (models/joint.py): DSVE's unit embeddings and the matchmap's region and word vectors."""
+"""Encoding a split's images and captions for retrieval, for both systems (models/joint.py): DSVE's unit
+embeddings and the matchmap's region and word vectors; the score matrix where no single vector gives the score."""
 from __future__ import annotations
 
-import contextlib
-import logging
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from misc import distributed, retrieval
-from misc.checkpoint import unwrap
+from misc.eval import retrieval
+from misc.data.datasets import ImageDataset, Record, eval_captions, eval_transform
+from misc.devices import autocast
 from misc.errors import UserError
-from misc.datasets import ImageDataset, Record, eval_captions, eval_transform
-from misc.loss import LossFn
-from misc.words import MAX_TOKENS, Encoded, WordVectors
+from misc.data.words import MAX_TOKENS, Encoded, WordVectors
 from models.joint import Model
 from models.matchmap import masked_mean
-
-log = logging.getLogger(__name__)
-AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` picks CUDA when available; asking for CUDA without it is a clear error."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError("--device cuda asked for, but no CUDA device is available; use --device cpu")
-    return torch.device(name)
-
-
-def autocast(device: torch.device, amp: str | None) -> contextlib.AbstractContextManager:
-    """Mixed precision: ``amp`` is None, 'bf16' (CUDA or CPU) or 'fp16' (CUDA only: a clear error on the CPU)."""
-    if amp is None:
-        return contextlib.nullcontext()
-    if device.type != "cuda" and amp != "bf16":
-        raise UserError(f"--amp {amp} needs CUDA; on the CPU use --amp bf16 or no --amp")
-    return torch.autocast(device.type, dtype=AMP_DTYPES[amp])
-
-
-def batch_scores(model: Model, image_out: torch.Tensor, text_out: torch.Tensor, lengths: torch.Tensor,
-                 ids: torch.Tensor, global_batch: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """The score matrix of a training batch (B, B), row i being the image of caption i, and the image id of each
-    pair (B,). With n captions per image (consecutive), each image output is repeated n times before scoring, so
-    DSVE's scores are the cosines of today's loss (image_emb @ text_emb.T) exactly. ``global_batch``: over every
-    process's batch (:func:`misc.distributed.global_outputs`)."""
-    image_out = image_out.float().repeat_interleave(len(text_out) // len(image_out), dim=0)
-    outputs = (image_out, text_out.float(), lengths, ids)
-    if global_batch:
-        outputs = distributed.global_outputs(*outputs)
-    image_out, text_out, lengths, ids = outputs
-    return model.score(image_out, text_out, lengths), ids
-
-
-def train_one_epoch(model: torch.nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer, loss_fn: LossFn,
-                    device: torch.device, amp: str | None = None, scaler: torch.amp.GradScaler | None = None,
-                    memory_format: torch.memory_format = torch.contiguous_format, grad_clip: float | None = None,
-                    progress: bool = True, description: str = "train", totals: dict[str, float] | None = None,
-                    after_step: Callable[[dict[str, float]], None] | None = None,
-                    global_batch: bool = False) -> dict[str, float]:
-    """One pass over ``loader`` of (images, Encoded captions, image id of each caption); the model (either system,
-    bare or wrapped in DDP) must already be in its stage. Each step's loss is ``loss_fn(scores, ids=ids)`` on the
-    model's score matrix of the batch (:func:`batch_scores`): with n captions per image (consecutive), each image
-    is the positive of its n captions. ``global_batch`` (DDP) scores the global batch. ``grad_clip`` caps the
-    global gradient norm of each step.
-
-    ``totals`` are the running sums (loss, steps, pairs, oov, tokens) of the steps an epoch resumed mid-way has
-    already done (a checkpoint's ``partial``); ``after_step(totals)`` is called after every step (mid-epoch
-    checkpoints, stop signals). Returns the epoch's mean loss and out-of-vocabulary rate, and this pass's wall and
-    data-wait seconds and pairs per second.
-    """
-    bare = unwrap(model)
-    totals = dict(totals or {"loss": 0.0, "steps": 0, "pairs": 0, "oov": 0, "tokens": 0})
-    pairs_before, waited = totals["pairs"], 0.0
-    start = tick = time.perf_counter()
-    bar = tqdm(loader, desc=description, disable=not progress, leave=False, dynamic_ncols=True)
-    for images, captions, ids in bar:
-        waited += time.perf_counter() - tick
-        images = images.to(device, memory_format=memory_format, non_blocking=True)
-        words, lengths = captions.words.to(device, non_blocking=True), captions.lengths.to(device)
-        with autocast(device, amp):
-            image_out, text_out = model(images, words, lengths)
-        scores, pair_ids = batch_scores(bare, image_out, text_out, lengths, ids.to(device), global_batch)
-        loss = loss_fn(scores, ids=pair_ids)
-        optimizer.zero_grad(set_to_none=True)
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            scaler.unscale_(optimizer)
-        else:
-            loss.backward()
-        if grad_clip:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-        if scaler is not None:
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            optimizer.step()
-        for key, value in (("loss", loss.item()), ("steps", 1), ("pairs", len(ids)), ("oov", captions.oov),
-                           ("tokens", captions.tokens)):
-            totals[key] += value
-        bar.set_postfix(loss=f"{totals['loss'] / totals['steps']:.3f}")
-        if after_step is not None:
-            after_step(totals)
-        tick = time.perf_counter()
-    seconds = time.perf_counter() - start
-    return {"loss": totals["loss"] / max(totals["steps"], 1), "seconds": seconds, "data_seconds": waited,
-            "pairs_per_s": (totals["pairs"] - pairs_before) / max(seconds, 1e-9),
-            "oov_rate": totals["oov"] / max(totals["tokens"], 1)}
 
 
 def embeddable(model: Model) -> bool:
@@ -140,7 +45,7 @@ def check_embeddable(model: Model) -> None:
     if not embeddable(model):
         raise UserError(f"model.score = {model.config.score!r}: the matchmap pools its matchmaps with a max, so an "
                         f"image or a caption has no vector of its own; retrieval needs the score matrix "
-                        f"(misc.engine.evaluate_records), and only model.score=avg_both has features")
+                        f"(misc.eval.encode.evaluate_records), and only model.score=avg_both has features")
 
 
 @torch.no_grad()
@@ -211,8 +116,8 @@ def encode_records(model: Model, records: list[Record], words: WordVectors, devi
                    progress: bool = True, protocol: str = "resize") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Vectors of a split's images and their first five captions whose dot products are the model's scores
     (:func:`embeddable` models): (images (N, d), captions (M, d), owner (M,)), what
-    :func:`misc.retrieval.evaluate` takes. ``protocol`` is the image preprocessing of
-    :func:`misc.datasets.eval_transform`."""
+    :func:`misc.eval.retrieval.evaluate` takes. ``protocol`` is the image preprocessing of
+    :func:`misc.data.datasets.eval_transform`."""
     check_embeddable(model)
     loader = image_loader(records, image_size, protocol, batch_size, workers, device)
     images = encode_images(model, loader, device, amp, progress)
@@ -250,7 +155,7 @@ def score_records(model: Model, records: list[Record], words: WordVectors, devic
 
 def evaluate_records(model: Model, records: list[Record], words: WordVectors, device: torch.device,
                      image_size: int, protocols: tuple[str, ...] = ("1k", "full"), **encode_options) -> dict:
-    """Cross-modal retrieval metrics of a split (see :func:`misc.retrieval.evaluate`) by the model's own score.
+    """Cross-modal retrieval metrics of a split (see :func:`misc.eval.retrieval.evaluate`) by the model's own score.
 
     Embeddable models are ranked from their vectors (:func:`encode_records`). Otherwise the whole score matrix S
     (N, M) is computed (:func:`score_records`) and ranked as the products of one-hot image vectors with the

@@ -9,8 +9,8 @@ import numpy as np
 import torch
 
 from misc.errors import UserError
-from misc.engine import encode_captions
-from misc.words import MAX_TOKENS, WordVectors
+from misc.eval.encode import encode_captions
+from misc.data.words import MAX_TOKENS, WordVectors
 from models.joint import JointEmbedding
 
 
@@ -55,7 +55,7 @@ def embed_lines(model: JointEmbedding, words: WordVectors, text: TextLines, devi
                 max_tokens: int = MAX_TOKENS) -> tuple[TextLines, np.ndarray, np.ndarray, np.ndarray]:
     """Embed the lines of ``text`` (eq. 4): returns the lines kept, their unit embeddings (M, d) float32, their
     out-of-vocabulary token counts (M,) and token counts (M,). Batches hold at most ``batch_size`` lines and
-    ``max_tokens`` padded tokens (:func:`misc.engine.caption_batches`), so a very long line costs its own length.
+    ``max_tokens`` padded tokens (:func:`misc.eval.encode.caption_batches`), so a very long line costs its own length.
 
     Lines that give no token as ``words`` tokenises them are skipped. So is a line whose words are all unknown to
     a vocabulary without an UNK vector: it embeds to zero (the SRU of a zero sequence stays zero), not to a unit

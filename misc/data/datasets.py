@@ -1,5 +1,5 @@
 """Image-caption data: Karpathy splits (COCO, Flickr30k, the demo world), custom JSON-lines files (read by
-misc/custom.py), the torch datasets, transforms and collation shared by training and evaluation, and the
+misc/data/jsonl.py), the torch datasets, transforms and collation shared by training and evaluation, and the
 localization data: Visual Genome regions of COCO images and COCO instance masks."""
 from __future__ import annotations
 
@@ -20,12 +20,13 @@ from torchvision import transforms
 from visual_genome import local as vg_local
 from visual_genome import utils as vg_utils
 
-from misc import config, demo
+from misc import config
+from misc.data import demo
 from misc.config import EVAL_PROTOCOLS, TrainConfig
-from misc.custom import split_entries
+from misc.data.jsonl import split_entries
 from misc.errors import UserError, did_you_mean
-from misc.images import decode_image, failure_reason
-from misc.words import Encoded, WordVectors, tokenize
+from misc.data.images import decode_image, failure_reason
+from misc.data.words import Encoded, WordVectors, tokenize
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +76,7 @@ def karpathy_records(json_path: Path, images_root: Path, split: str) -> list[Rec
 
 
 def custom_records(path: Path, split: str) -> list[Record]:
-    """The images of ``split`` of a custom JSON-lines file (misc/custom.py) whose image opens; captions with no
+    """The images of ``split`` of a custom JSON-lines file (misc/data/jsonl.py) whose image opens; captions with no
     words are skipped and counted."""
     records = []
     for entry in split_entries(path, split):

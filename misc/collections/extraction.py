@@ -21,12 +21,12 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from misc.arrays import Streamed, npz_array, skipped_array, text_array, write_npz
-from misc.files import file_sha256, write_json, writing
+from misc.store.arrays import Streamed, npz_array, skipped_array, text_array, write_npz
+from misc.store.files import file_sha256, write_json, writing
 from misc.errors import UserError
-from misc.datasets import eval_transform
-from misc.engine import autocast
-from misc.images import decode_image, failure_reason, printable, utf8_name
+from misc.data.datasets import eval_transform
+from misc.devices import autocast
+from misc.data.images import decode_image, failure_reason, printable, utf8_name
 from models.visual import ImageEncoder
 
 log = logging.getLogger(__name__)

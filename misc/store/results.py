@@ -12,9 +12,9 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-from misc.files import file_sha256, update_results, write_json
+from misc.store.files import file_sha256, update_results, write_json
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SCHEMA = ROOT / "docs" / "results.schema.json"
 PACKAGE = "dsve-loc"
 

@@ -1,7 +1,7 @@
 """A small world of real photos for a real-content test (issue 14): objects cut out of scikit-image's bundled
-photos, pasted onto crops of its bundled texture photos, written as one JSON-lines file (misc/custom.py).
+photos, pasted onto crops of its bundled texture photos, written as one JSON-lines file (misc/data/jsonl.py).
 
-    python -m misc.photos data/photos --seed 0 --train 1200 --val 100 --test 500
+    python -m misc.data.photos data/photos --seed 0 --train 1200 --val 100 --test 500
 
 Only photos that ship inside the scikit-image wheel are read (from ``skimage/data``; nothing is downloaded). Each
 object's mask is justified on its source photo: a hand-chosen ellipse or rectangle in fractions of the photo (the
@@ -35,8 +35,8 @@ from skimage.morphology import convex_hull_image
 
 from misc import cli
 from misc.errors import UserError
-from misc.files import atomic_path, write_json, writing
-from misc.images import read_image
+from misc.store.files import atomic_path, write_json, writing
+from misc.data.images import read_image
 
 VERSION = 1
 SIZE = 256
@@ -320,7 +320,7 @@ def generate(out: Path, seed: int = 0, counts: dict[str, int] | None = None, siz
 def main(argv: list[str] | None = None) -> None:
     """Generate a photo world and print where its JSON-lines file is."""
     parser = cli.parser_for(__doc__)
-    parser.prog = "python -m misc.photos"
+    parser.prog = "python -m misc.data.photos"
     parser.add_argument("out", type=Path, help="folder to write (empty or missing)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--size", type=cli.positive_int, default=SIZE, help="image side in pixels")

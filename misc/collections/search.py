@@ -14,9 +14,9 @@ from typing import Any
 import faiss
 import numpy as np
 
-from misc.arrays import TextColumn, npz_array, npz_fingerprint, npz_names
+from misc.store.arrays import TextColumn, npz_array, npz_fingerprint, npz_names
 from misc.errors import UserError, first_line
-from misc.files import atomic_path, write_json
+from misc.store.files import atomic_path, write_json
 
 log = logging.getLogger(__name__)
 

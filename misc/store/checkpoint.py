@@ -17,12 +17,12 @@ refused.
 
 The model config alone rebuilds the network (:func:`models.joint.build_model`, :func:`load_model`).
 
-The original release's files are taken as they are (their conversion is :mod:`misc.original`'s): its joint model
+The original release's files are taken as they are (their conversion is :mod:`misc.store.original`'s): its joint model
 ``model.pth.tar`` is converted in memory by :func:`load`, so every CLI takes it, and its text preprocessing is
 applied by :func:`load_words`; its ImageNet classification network initialises training (:func:`init_from`).
 
-    python -m misc.checkpoint convert model.pth.tar runs/original.pth.tar   # write the conversion in this format
-    python -m misc.checkpoint inspect model.pth.tar                         # any checkpoint file
+    python -m misc.store.checkpoint convert model.pth.tar runs/original.pth.tar   # write the conversion in this format
+    python -m misc.store.checkpoint inspect model.pth.tar                         # any checkpoint file
 """
 from __future__ import annotations
 
@@ -42,11 +42,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from misc import config, export, original
+from misc import config
+from misc.store import export, original
 from misc.cli import run
 from misc.errors import UserError, few, first_line
-from misc.files import atomic_path
-from misc.words import TextOptions, WordVectors
+from misc.store.files import atomic_path
+from misc.data.words import TextOptions, WordVectors
 from models.config import ModelConfig
 from models.joint import JointEmbedding, build_model
 
@@ -58,7 +59,7 @@ PLAIN = (str, int, float, bool, type(None), torch.Tensor)
 
 
 def atomic_save(obj: Any, path: Path | str) -> None:
-    """``torch.save`` through :func:`misc.files.atomic_path`: readers (and a power cut) find the previous file or
+    """``torch.save`` through :func:`misc.store.files.atomic_path`: readers (and a power cut) find the previous file or
     the complete new one; a full disk is one line naming ``path``, the previous file intact."""
     with atomic_path(path) as temporary:
         buffer = io.BytesIO()
@@ -97,7 +98,7 @@ def check_best(folder: Path, state: dict[str, Any]) -> None:
 def read(path: Path | str) -> dict[str, Any]:
     """Load any checkpoint file as plain data, with a one-line error for files that are not one.
 
-    Only :data:`misc.original.READABLE_GLOBALS` are allowed besides plain data, through
+    Only :data:`misc.store.original.READABLE_GLOBALS` are allowed besides plain data, through
     ``torch.load(weights_only=True)``, for both torch file formats (the original release's torch 1.0 files are the
     legacy, non-zip one).
     """
@@ -121,13 +122,13 @@ def read(path: Path | str) -> dict[str, Any]:
 
 
 def load(path: Path | str) -> dict[str, Any]:
-    """Load a checkpoint of this project's format, an export folder (:mod:`misc.export`), or the original
+    """Load a checkpoint of this project's format, an export folder (:mod:`misc.store.export`), or the original
     release's ``model.pth.tar`` converted to it."""
     return as_checkpoint(export.read_export(path) if export.is_export(path) else read(path), path)
 
 
 def kind(data: dict[str, Any]) -> str:
-    """``dsve-loc`` (this project), else :func:`misc.original.kind`: ``original``, ``classification`` or
+    """``dsve-loc`` (this project), else :func:`misc.store.original.kind`: ``original``, ``classification`` or
     ``unknown``."""
     return FORMAT if data.get("format") == FORMAT else original.kind(data)
 
@@ -150,7 +151,7 @@ def as_checkpoint(data: dict[str, Any], path: Path | str) -> dict[str, Any]:
     if not isinstance(saved, dict) or not all(isinstance(saved.get(key, {}), dict) for key in ("model", "train")) \
             or "model" not in saved:
         raise UserError(f"{path} holds no model configuration (config.model, a dict), so its network cannot be "
-                        f"rebuilt: it is not a checkpoint of this project's train.py or misc.checkpoint")
+                        f"rebuilt: it is not a checkpoint of this project's train.py or misc.store.checkpoint")
     if not isinstance(weights, dict) or not all(isinstance(value, torch.Tensor) for value in weights.values()):
         raise UserError(f"{path}: 'model' is not a state dict of tensors")
     with naming(path):
@@ -198,7 +199,7 @@ def load_words(state: dict[str, Any], override_path: Path | str | None = None,
     """The word vectors of a loaded checkpoint, with its text preprocessing, checked against its text path.
 
     The file is ``override_path`` (a CLI's ``--words``), else the one the checkpoint names
-    (:func:`misc.export.find_words`: found by name under the data root, checked by sha256), else config key
+    (:func:`misc.store.export.find_words`: found by name under the data root, checked by sha256), else config key
     ``word_vectors`` (the demo world's when the checkpoint trained on it); converted original models name none,
     so they use the configured skip-thought table. ``checkpoint_path`` only names the checkpoint in errors.
     """
@@ -281,7 +282,7 @@ def convert_file(source: Path, out: Path) -> str:
 
 def export_file(path: Path | str, out: Path | str, words: Path | str | None = None,
                 words_ref: bool = False) -> list[Path]:
-    """Export the checkpoint at ``path`` as the folder ``out`` (:func:`misc.export.write_export`) with its word
+    """Export the checkpoint at ``path`` as the folder ``out`` (:func:`misc.store.export.write_export`) with its word
     vectors (``words`` overrides the stored file), or only their name and sha256 (``words_ref``), and the numbers
     of the run's ``results.json`` beside it in its model card."""
     state = load(path)
@@ -325,7 +326,7 @@ def describe(path: Path) -> str:
 
 def main() -> None:
     """``convert`` an original model.pth.tar, or ``inspect`` any checkpoint file."""
-    parser = argparse.ArgumentParser(prog="python -m misc.checkpoint", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m misc.store.checkpoint", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
     convert = commands.add_parser("convert", help="write an original model.pth.tar in this project's format")

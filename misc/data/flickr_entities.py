@@ -8,7 +8,7 @@ dataset's own formats (config key ``flickr_entities``; images: ``flickr_images``
                           more <name> tags (a box can serve several chains)
     train.txt, val.txt, test.txt   the image ids of the standard splits
 
-Boxes are returned as (x, y, width, height) in the continuous pixel frame of misc/localization.py (pixel p covers
+Boxes are returned as (x, y, width, height) in the continuous pixel frame of misc/eval/localization.py (pixel p covers
 [p, p + 1)): 1-based inclusive xmin..xmax becomes x = xmin - 1, width = xmax - xmin + 1.
 """
 from __future__ import annotations
@@ -22,7 +22,7 @@ import torch
 
 from misc import config
 from misc.errors import UserError
-from misc.localization import pointing_hits
+from misc.eval.localization import pointing_hits
 
 ENTITY_TYPES = ("people", "clothing", "bodyparts", "animals", "vehicles", "instruments", "scene", "other")
 NOT_VISUAL = "0"  # the chain id of every "notvisual" phrase: never annotated
@@ -128,7 +128,7 @@ def entity_boxes(annotation: Annotation, entity: str, scene_as_image: bool = Fal
 
 def phrase_hit(point: torch.Tensor, boxes: torch.Tensor, tolerance: float = 0.0, strict: bool = False) -> bool:
     """Whether a point (2,) as (x, y) hits ANY of a phrase's boxes (N, 4) as (x, y, width, height), under the
-    rule of :func:`misc.localization.pointing_hits`."""
+    rule of :func:`misc.eval.localization.pointing_hits`."""
     return bool(pointing_hits(point.reshape(1, 2).expand(len(boxes), 2), boxes, tolerance, strict).any())
 
 

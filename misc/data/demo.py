@@ -1,7 +1,7 @@
 """The built-in synthetic "demo world": coloured shapes on textured backgrounds, written to disk in the real
 COCO / Karpathy / Visual Genome / word2vec formats so that the real loaders, training and evaluation run on it.
 
-The scenes, their captions and pixels come from misc/scenes.py.
+The scenes, their captions and pixels come from misc/data/scenes.py.
 
 Layout under the world's root (val and test images come from val2014, as in Karpathy's COCO split):
     images/{train2014,val2014}/COCO_<folder>_<cocoid:012d>.jpg     RGB JPEG
@@ -32,9 +32,9 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 from tqdm import tqdm
 
-from misc import words
-from misc.flickr_entities import annotation_xml, format_phrase
-from misc.scenes import (SHAPES, DemoObject, Mention, Segment, caption_text, describe_segments, flat_polygon,
+from misc.data import words
+from misc.data.flickr_entities import annotation_xml, format_phrase
+from misc.data.scenes import (SHAPES, DemoObject, Mention, Segment, caption_text, describe_segments, flat_polygon,
                          region_phrase, render, sample_scene)
 
 DEMO_SPLITS = {"train": 6000, "val": 500, "test": 1000}
@@ -45,13 +45,13 @@ IMAGE_SIZE = 128
 
 @functools.lru_cache(maxsize=2**16)
 def _tokens(text: str) -> tuple[str, ...]:
-    """:func:`misc.words.tokenize`, once per distinct text: the world's mentions and captions repeat a few thousand
+    """:func:`misc.data.words.tokenize`, once per distinct text: the world's mentions and captions repeat a few thousand
     phrases (writing 800 images asks for 26291 tokenizations of 4770 distinct texts)."""
     return tuple(words.tokenize(text))
 
 
 def tokenize(text: str) -> list[str]:
-    """Lower-cased tokens of :func:`misc.words.tokenize`, as the word vectors are trained on."""
+    """Lower-cased tokens of :func:`misc.data.words.tokenize`, as the word vectors are trained on."""
     return [token.lower() for token in _tokens(text)]
 
 

@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterable
 import numpy as np
 
 from misc.errors import UserError
-from misc.files import atomic_path
+from misc.store.files import atomic_path
 
 
 @dataclass

@@ -8,7 +8,7 @@ Two kinds of file come from the release, both saved by torch 1.0 with ``DataPara
 - its ImageNet classification network ``pretrained_classif_152_2400.pth.tar``: :func:`classification_state`
   gives the trunk and the 1x1 conv that initialise training (paper §4.1).
 
-This module knows nothing of files on disk: :mod:`misc.checkpoint` reads them (with :data:`READABLE_GLOBALS`)
+This module knows nothing of files on disk: :mod:`misc.store.checkpoint` reads them (with :data:`READABLE_GLOBALS`)
 and adds its format header to a conversion.
 """
 from __future__ import annotations
@@ -25,7 +25,7 @@ import torch
 from misc.config import TrainConfig
 from misc.errors import UserError, few
 from models.config import ModelConfig
-from misc.words import ORIGINAL_TEXT
+from misc.data.words import ORIGINAL_TEXT
 
 # The original image path is DataParallel(Sequential(Sequential(ResNet children up to layer4), 1x1 conv, WELDON)):
 # its ResNet children are numbered, 2 (relu) and 3 (maxpool) have no weights.
@@ -186,7 +186,7 @@ def plain(value: Any) -> Any:
 
 def convert_original(data: dict[str, Any], source: Path | str) -> dict[str, Any]:
     """An original ``model.pth.tar`` (already read) as the body of a checkpoint of this project's format (its
-    ``format`` and ``version`` header is :mod:`misc.checkpoint`'s to add).
+    ``format`` and ``version`` header is :mod:`misc.store.checkpoint`'s to add).
 
     Every original key is mapped (:func:`original_key`); the optimizer state is dropped (another parameter
     layout), the training arguments, epoch and ``best_rec`` are kept as plain data under ``origin``.

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from misc.config import TrainConfig
-from misc.loss import LossFn, build_loss
+from misc.train.losses import LossFn, build_loss
 from models.joint import Model
 from models.trunks import stage_modules
 

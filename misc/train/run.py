@@ -16,15 +16,19 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
-from misc import checkpoint, config, demo, distributed, export
+from misc.store import checkpoint, export
+from misc import config
+from misc.data import demo
+from misc.train import distributed
 from misc.config import TrainConfig
-from misc.datasets import PairCollate, PairDataset, load_records, train_transform
-from misc.engine import evaluate_records, train_one_epoch
+from misc.data.datasets import PairCollate, PairDataset, load_records, train_transform
+from misc.eval.encode import evaluate_records
+from misc.train.loop import train_one_epoch
 from misc.errors import UserError, first_line
-from misc.retrieval import format_table
-from misc.schedule import build_optimizer, build_scheduler, describe, enter_stage, epoch_loss, loss_kind
-from misc.tblog import TrainLog
-from misc.words import load_word_vectors
+from misc.eval.retrieval import format_table
+from misc.train.schedule import build_optimizer, build_scheduler, describe, enter_stage, epoch_loss, loss_kind
+from misc.train.tblog import TrainLog
+from misc.data.words import load_word_vectors
 from models.config import ModelConfig
 from models.joint import Model, build_model
 
@@ -48,8 +52,8 @@ def words_key(model_cfg: ModelConfig, demo: bool) -> str:
 
 def seed_for(cfg: TrainConfig, epoch: int, rank: int) -> None:
     """The random draws of an epoch's steps (dropout) derive from (seed, epoch, rank), its order from (seed, epoch)
-    (:class:`misc.distributed.EpochSampler`) and each item's augmentation from (seed, epoch, item)
-    (:class:`misc.datasets.PairDataset`), so a resumed run replays exactly the epochs it has not finished; one
+    (:class:`misc.train.distributed.EpochSampler`) and each item's augmentation from (seed, epoch, item)
+    (:class:`misc.data.datasets.PairDataset`), so a resumed run replays exactly the epochs it has not finished; one
     resumed mid-epoch also restores the generators' state at its checkpoint."""
     random.seed(cfg.seed * 100_003 + epoch * 101 + rank)
     torch.manual_seed(cfg.seed * 100_003 + epoch * 101 + rank)

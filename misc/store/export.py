@@ -17,7 +17,7 @@ nothing of the training state::
     README.md           the model card
 
 It is written as a temporary folder, then renamed; :func:`read_export` turns it back into a checkpoint dict, so
-:func:`misc.checkpoint.load` and everything built on it (``Inference.load``, every CLI) take the folder.
+:func:`misc.store.checkpoint.load` and everything built on it (``Inference.load``, every CLI) take the folder.
 """
 from __future__ import annotations
 
@@ -36,9 +36,9 @@ from safetensors.torch import load_file, save_file
 
 from misc import config
 from misc.errors import UserError
-from misc.files import atomic_path, file_sha256, writing
-from misc.schedule import describe
-from misc.words import PACKAGED, TextOptions, WordVectors, load_word_vectors, packaged
+from misc.store.files import atomic_path, file_sha256, writing
+from misc.train.schedule import describe
+from misc.data.words import PACKAGED, TextOptions, WordVectors, load_word_vectors, packaged
 
 log = logging.getLogger(__name__)
 EXPORT = 1  # version of the export folder's layout
@@ -49,7 +49,7 @@ WEIGHTS, CONFIG, WORDS, VOCAB, CARD = "model.safetensors", "config.json", "words
 
 @cache
 def _digest(path: str, size: int, mtime_ns: int) -> str:
-    """:func:`misc.files.file_sha256`, cached per file version (path, size, modification time)."""
+    """:func:`misc.store.files.file_sha256`, cached per file version (path, size, modification time)."""
     return file_sha256(path)
 
 
@@ -89,7 +89,7 @@ def candidates(stored: str, name: str, legacy: bool) -> list[Path]:
 def find_words(saved: dict[str, Any], override: Path | str | None, source: Path | str) -> Path | None:
     """The word-vector file of the checkpoint config ``saved`` (read from ``source``): ``override`` (``--words``;
     a different digest is a warning: the same vectors re-saved in another format differ by their bytes, and a
-    wrong width still fails in :func:`misc.checkpoint.load_words`), else the file it names, found by
+    wrong width still fails in :func:`misc.store.checkpoint.load_words`), else the file it names, found by
     :func:`candidates` and checked by digest; None when it names none (converted original models)."""
     stored, ref = saved.get("word_vectors"), saved.get("words") or {}
     if override is not None:
@@ -116,7 +116,8 @@ def find_words(saved: dict[str, Any], override: Path | str | None, source: Path 
 
 
 def read_word_vectors(path: Path, options: TextOptions) -> WordVectors:
-    """:func:`misc.words.load_word_vectors`, and an export folder's ``words.safetensors`` with its ``vocab.txt``."""
+    """:func:`misc.data.words.load_word_vectors`, and an export folder's ``words.safetensors`` with its
+    ``vocab.txt``."""
     path = Path(path)
     if path.suffix != ".safetensors":
         return load_word_vectors(path, options)
@@ -210,7 +211,8 @@ SYSTEMS = {"dsve": "DSVE-Loc (Engilberge, Chevallier, Perez, Cord, CVPR 2018): R
                        "over frozen word vectors, trained with the N-pair loss"}
 DATASETS = {"coco": "MS-COCO 2014 images with their captions, Karpathy's splits",
         "flickr30k": "Flickr30k images with their captions, Karpathy's splits",
-        "demo": "the built-in synthetic demo world (misc/demo.py): coloured shapes on textures, templated captions"}
+        "demo": "the built-in synthetic demo world (misc/data/demo.py): coloured shapes on textures, "
+                "templated captions"}
 
 
 def card(meta: dict[str, Any], results: dict[str, Any] | None) -> str:

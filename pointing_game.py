@@ -178,7 +178,8 @@ def point(model: Inference, items: list[Item], size: int, k: int | None, protoco
 
     from misc.data.datasets import ImageDataset
     from misc.data.flickr_entities import phrase_hit
-    from misc.eval.localization import apply_filters, cell_points, peak_cells, scale_boxes
+    from misc.eval.localization import cell_points, peak_cells, scale_boxes
+    from models.heatmaps import apply_filters
 
     loader = DataLoader(ImageDataset([item.path for item in items], model.transform(size)), batch_size=batch_size,
                         num_workers=workers, pin_memory=model.device.type == "cuda")
@@ -233,7 +234,8 @@ def write_overlays(model: Inference, items: list[Item], per_phrase: list[dict], 
     import torch
 
     from misc.data.images import decode_image
-    from misc.eval.localization import apply_filters, scale_boxes
+    from misc.eval.localization import scale_boxes
+    from models.heatmaps import apply_filters
     from misc.visualize import overlays, save_png
 
     written, rows = [], iter(per_phrase)

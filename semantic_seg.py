@@ -124,7 +124,8 @@ def segment(model: Inference, coco: COCO, records: list[Record], categories: lis
     from tqdm import tqdm
 
     from misc.data.datasets import ImageDataset, truth_masks
-    from misc.eval.localization import apply_filters, upsample
+    from misc.eval.localization import upsample
+    from models.heatmaps import apply_filters
     from misc.eval.segmentation import binarize, iou, original_iou, original_prediction, original_truth
 
     filters = model.filters(texts, k)  # (C, D'), shared by every image

@@ -142,6 +142,7 @@ def check_trunk_source(model_cfg: ModelConfig, preset: str) -> None:
     """A new run names its trunk's start, a weights file it names exists, and the original release's files start
     DSVE only (before any data loads)."""
     from misc.store import checkpoint
+    from models.joint import system_class
     from models.trunks import IMAGENET_WEIGHTS, trunk_weights_file
 
     if not model_cfg.trunk_init:
@@ -151,7 +152,8 @@ def check_trunk_source(model_cfg: ModelConfig, preset: str) -> None:
                           f"(torchvision's, from torch hub's cache) or --from-scratch")
     if model_cfg.trunk_init.startswith("checkpoint:"):
         init = model_cfg.trunk_init.removeprefix("checkpoint:")
-        if model_cfg.arch != "dsve" and checkpoint.kind(checkpoint.read(init)) != checkpoint.FORMAT:
+        if (not system_class(model_cfg.arch).starts_from_original_release
+                and checkpoint.kind(checkpoint.read(init)) != checkpoint.FORMAT):
             raise UserError(f"--init {init}: not a checkpoint of this project; the original release's networks "
                             f"initialise DSVE only: start the model.arch={model_cfg.arch} trunk with --weights, "
                             f"--resnet-weights or --from-scratch")

@@ -1,4 +1,4 @@
-"""Benchmark: heatmaps of eq. 9 (misc.eval.localization.heatmaps) vs the original release's computation.
+"""Benchmark: heatmaps of eq. 9 (models/heatmaps.py, the fast order) vs the original release's computation.
 
 Run from the repository root:  python bench/bench_heatmaps.py [--quick]
 
@@ -6,12 +6,12 @@ Inputs are seeded random float32 arrays: 100 image maps G (D' = 2400, 13 x 13, a
 k = 180, at 5 and at 20 phrases per image (--quick: 40 images); text embeddings are given (neither side's time
 includes the text encoder).
 
-Baseline, the original release's computation (its misc/eval/localization.py, one_img_process and generate_heat_map),
+Baseline, the original release's computation (its misc/localization.py, one_img_process and generate_heat_map),
 in numpy as it ran: per image the dense product A·G of every row of A (d, D') with the maps, then per phrase a full
 argsort of the text embedding, the k largest entries, and the |v_u|-weighted sum of those rows of the product.
 
 Project, what pointing_game.py, localize.py and semantic_seg.py run (the models' text_filters and
-misc.eval.localization.apply_filters, composed here as misc.eval.localization.heatmaps): per phrase the top-k of
+models.heatmaps.apply_filters, composed here as ``project``): per phrase the top-k of
 the text embedding and the |v_u|-weighted sum of the k selected rows of A as one filter, then one batched product of all
 filters with all maps (torch).
 
@@ -34,7 +34,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import interleaved, load, machine, ratio_line  # noqa: E402
-from misc.eval.localization import heatmaps  # noqa: E402
+from models.heatmaps import apply_filters, text_filters  # noqa: E402
 
 TARGETS = {5: 30.0, 20: 20.0}
 PAUSE_S = 0.5
@@ -62,13 +62,18 @@ def original(maps: np.ndarray, weight: np.ndarray, texts: np.ndarray, k: int) ->
     return out
 
 
+
+def project(maps: torch.Tensor, weight: torch.Tensor, texts: torch.Tensor, k: int) -> torch.Tensor:
+    """What the commands run for eq. 9: one filter per text, then the filters applied at every position."""
+    return apply_filters(maps, text_filters(weight, texts, k))
+
 def worker(side: str, inputs: tuple, k: int, connection) -> None:
     """One side in its own process: each message from the parent runs it once and answers its wall time."""
     maps, weight, texts = make_inputs(*inputs)
     if side == "original":
         procedure = functools.partial(original, maps, weight, texts, k)
     else:
-        procedure = functools.partial(heatmaps, *(torch.from_numpy(x) for x in (maps, weight, texts)), k)
+        procedure = functools.partial(project, *(torch.from_numpy(x) for x in (maps, weight, texts)), k)
     while connection.recv():
         start = time.perf_counter()
         procedure()
@@ -125,7 +130,7 @@ def main() -> None:
               f"d={args.dim}, k={args.k}, float32 CPU, seed {args.seed}")
         exact = original(maps.astype(np.float64), weight.astype(np.float64), texts.astype(np.float64), args.k)
         theirs = original(maps, weight, texts, args.k)
-        ours = heatmaps(*tensors, args.k).numpy()
+        ours = project(*tensors, args.k).numpy()
         scale = float(np.abs(exact).max())
         errors = [float(np.abs(x - exact).max()) for x in (theirs, ours)]
         assert errors[1] <= max(errors[0], 1e-6 * scale), errors
@@ -135,7 +140,7 @@ def main() -> None:
         print("  " + ratio_line(f"original / project, one process each, {load()}", times["original"],
                                 times["project"], TARGETS.get(phrases)))
         times = interleaved({"original": functools.partial(original, maps, weight, texts, args.k),
-                             "project": functools.partial(heatmaps, *tensors, args.k)}, args.runs)
+                             "project": functools.partial(project, *tensors, args.k)}, args.runs)
         print("  " + ratio_line(f"original / project, both in this process, {load()}", times["original"],
                                 times["project"]))
         macs_original = images * (args.dim * args.maps_dim + phrases * args.k) * args.side ** 2

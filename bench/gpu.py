@@ -8,7 +8,7 @@ Four rows, all on random inputs (no network, no data files), in about 5 minutes 
 - extraction: image embeddings at 400 x 400 (the paper's test size), float32 and bf16, images/s;
 - retrieval: misc.eval.retrieval.evaluate (1k folds and full 5k: 5000 images x 25000 captions, d = 2400) on embeddings
   made on the GPU (the ranking itself runs in numpy on the CPU), next to one 5000 x 25000 score product on the GPU;
-- heatmaps: misc.eval.localization.heatmaps of 1000 maps (13 x 13) x 20 phrases, k = 180, on the GPU.
+- heatmaps: models.heatmaps.text_filters + apply_filters of 1000 maps (13 x 13) x 20 phrases, k = 180, on the GPU.
 Without CUDA it stops at once with a one-line message. Every row's sizes are arguments of its function, so that
 tests/test_bench_gpu.py runs them small on the CPU (the script itself never does).
 """
@@ -29,7 +29,7 @@ from misc.config import ModelConfig, preset  # noqa: E402
 from misc.devices import autocast  # noqa: E402
 from misc.train.loop import train_one_epoch  # noqa: E402
 from misc.store.files import atomic_path  # noqa: E402
-from misc.eval.localization import heatmaps  # noqa: E402
+from models.heatmaps import apply_filters, text_filters  # noqa: E402
 from misc.train.losses import build_loss  # noqa: E402
 from misc.eval.retrieval import evaluate  # noqa: E402
 from misc.train.schedule import build_optimizer, enter_stage  # noqa: E402
@@ -122,7 +122,8 @@ def heatmap_row(device: torch.device, n_maps: int = 1000, dim: int = 2400, k: in
     maps = torch.randn(n_maps, dim, 13, 13, device=device, generator=generator)
     weight = torch.randn(dim, dim, device=device, generator=generator) / dim ** 0.5
     texts = torch.nn.functional.normalize(torch.randn(n_maps, 20, dim, device=device, generator=generator), dim=-1)
-    median = statistics.median(device_seconds(lambda: heatmaps(maps, weight, texts, k), 5, device))
+    median = statistics.median(device_seconds(lambda: apply_filters(maps, text_filters(weight, texts, k)), 5,
+                                                    device))
     return f"heatmaps: {n_maps} maps x 20 phrases (D'=d={dim}, 13x13, k={k}): {median * 1e3:.1f} ms"
 
 

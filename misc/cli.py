@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any, NoReturn
 from collections.abc import Callable
 
+from misc.config import ROOT
 from misc.errors import UserError
 
 
@@ -115,6 +117,8 @@ def add_set_arg(parser: argparse.ArgumentParser) -> None:
 
 def run(main: Callable[..., Any], argv: list[str] | None = None) -> None:
     """Run a CLI's ``main(argv)``; user mistakes print one line ``error: ...`` and exit with status 2."""
+    if (ROOT / ".git").exists():  # a clone: sru compiles its kernels once into it (as `make` does), not per user
+        os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".cache" / "torch_extensions"))
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     for library in ("gensim", "faiss"):  # their INFO lines (gensim's progress, faiss's CPU probing) are not ours
         logging.getLogger(library).setLevel(logging.WARNING)

@@ -15,6 +15,7 @@ from types import UnionType
 from typing import Any, Union, get_args, get_origin, get_type_hints
 
 from misc.errors import UserError, check_choice, check_number, did_you_mean
+from models.checks import from_dict  # noqa: F401  (config.from_dict rebuilds a checkpoint's sections)
 from models.config import ModelConfig
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -249,15 +250,6 @@ def preset(name: str) -> tuple[ModelConfig, TrainConfig]:
         raise UserError(f"unknown preset {name!r}: choose one of {', '.join(PRESETS)}")
     values = PRESETS[name]
     return ModelConfig(**values["model"]), TrainConfig(**values["train"])
-
-
-def from_dict(cls: type, values: dict[str, Any]) -> Any:
-    """Rebuild a config dataclass from plain data (a checkpoint's), rejecting unknown keys with a clear message."""
-    known = [f.name for f in fields(cls)]
-    unknown = sorted(set(values) - set(known))
-    if unknown:
-        raise UserError(f"{cls.__name__}: unknown keys {unknown}{did_you_mean(unknown[0], known)}")
-    return cls(**values)
 
 
 SECTIONS: dict[str, type] = {"model": ModelConfig, "train": TrainConfig}

@@ -24,12 +24,13 @@ from misc.store import checkpoint
 from misc.data.datasets import eval_transform
 from misc.errors import UserError
 from misc.data.images import oriented, read_image
-from misc.eval.localization import apply_filters, choose_k, peak_location
+from misc.eval.localization import choose_k, peak_location
 from misc.devices import autocast, resolve_device
-from misc.eval.encode import encode_captions, image_vectors, vector_dim
+from misc.eval.encode import encode_captions
 from misc.visualize import DEFAULT_COLORMAP, overlays, panel_size, panel_title, save_png
 from misc.data.words import WordVectors
-from models.joint import JointEmbedding
+from models.heatmaps import apply_filters
+from models.joint import Model
 
 PAPER_SIZE = 416  # the image side of the paper's localization (a 13 x 13 map from ResNet-152)
 PAPER_K = 180  # eq. 9's k in the paper, for d = 2400
@@ -73,7 +74,7 @@ class Inference:
     """A model in eval mode on ``device``, with the word vectors and text preprocessing it was trained with (read
     on first use, so that image-only work needs no word-vector file)."""
 
-    model: JointEmbedding
+    model: Model  # either system (models/system.py)
     state: dict[str, Any]  # the checkpoint as loaded: "config", "model", ...
     checkpoint: Path
     device: torch.device
@@ -110,17 +111,12 @@ class Inference:
     @property
     def dim(self) -> int:
         """The dimension of one image's or one text's vector: d for DSVE, the region dimension for the matchmap."""
-        return vector_dim(self.model)
+        return self.model.vector_dim
 
     @property
     def test_size(self) -> int:
         """The image side the checkpoint evaluates at (SIZE x SIZE)."""
         return int(self.config["train"]["test_size"])
-
-    @property
-    def weight(self) -> torch.Tensor:
-        """A (d, D') of eq. 1, float32: the projection that eq. 8 applies at every position."""
-        return self.model.image.proj.weight.detach().float()
 
     def transform(self, size: int | None = None, protocol: str = "resize") -> Callable:
         """The evaluation preprocessing of a PIL image (default size: :attr:`test_size`)."""
@@ -141,7 +137,7 @@ class Inference:
     @torch.no_grad()
     def filters(self, texts: list[str], k: int | None = None) -> torch.Tensor:
         """One filter per text (T, C) on the device, applied to :meth:`maps` by
-        :func:`misc.eval.localization.apply_filters`: DSVE's eq. 9 filter of the k largest entries, the matchmap's mean
+        :func:`models.heatmaps.apply_filters`: DSVE's eq. 9 filter of the k largest entries, the matchmap's mean
         word vector (its phrase map is the mean of its words' maps; ``k`` is not used)."""
         encoded = self.words.encode(texts)
         with autocast(self.device, self.amp):
@@ -151,14 +147,12 @@ class Inference:
     def embed_maps(self, maps: torch.Tensor) -> torch.Tensor:
         """One vector per image (B, :attr:`dim`) from its :meth:`maps`: DSVE's unit embedding (eq. 1-3), the
         matchmap's mean region vector."""
-        if self.model.config.arch == "matchmap":
-            return maps.mean(dim=(2, 3))
-        return self.model.image.embed_maps(maps).float()
+        return self.model.embed_maps(maps).float()
 
     def choose_k(self, requested: int | None, paper_k: int) -> int | None:
         """k of eq. 9 for a DSVE model (:func:`misc.eval.localization.choose_k`); None for the matchmap, whose
         heatmaps use every dimension."""
-        return None if self.model.config.arch == "matchmap" else choose_k(requested, self.dim, paper_k)
+        return choose_k(requested, self.dim, paper_k) if self.model.uses_k else None
 
     @torch.no_grad()
     def embed_images(self, images: torch.Tensor | Sequence[ImageSource], size: int | None = None,
@@ -169,7 +163,7 @@ class Inference:
         ``size`` (default :attr:`test_size`), in batches of ``batch_size``."""
         if isinstance(images, torch.Tensor):
             with autocast(self.device, self.amp):
-                return image_vectors(self.model, self._input(images)).float().cpu()
+                return self.model.image_vectors(self._input(images)).float().cpu()
         size = size or self.test_size
         transform = self.transform(size)
         vectors = [self.embed_images(torch.stack([transform(as_image(source, size))
@@ -201,8 +195,7 @@ class Inference:
         lengths = encoded.lengths.to(self.device)
         with autocast(self.device, self.amp):
             text_out = self.model.text(encoded.words.to(self.device), lengths).float()
-        image_out = maps if self.model.config.arch == "matchmap" else self.embed_maps(maps)
-        return self.model.score(image_out, text_out, lengths)[0].float().cpu()
+        return self.model.score(self.model.image_output(maps), text_out, lengths)[0].float().cpu()
 
     def heatmaps(self, image: ImageSource, texts: str | list[str], size: int = PAPER_SIZE,
                  k: int | None = None) -> Heatmaps:

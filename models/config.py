@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from misc.errors import UserError, check_choice, check_number
+from models.checks import UserError, check_choice, check_number
 
 POOLINGS = ("weldon", "gap")
 ARCHS = ("dsve", "matchmap")  # models.joint.JointEmbedding (this paper) | models.matchmap.Matchmap (Das et al. 2019)

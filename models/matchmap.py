@@ -9,15 +9,15 @@ The caption-image score pools the matchmap (:func:`match_scores`): ``avg_both`` 
 over regions, ``max_img`` the mean over words of the max over regions, ``max_text`` the mean over regions of the
 max over words. Localization: a word's heatmap is M[t], a phrase's the mean of its words' maps; as M is linear in
 w, that is the map of the phrase's mean word vector, a "filter" applied at every position as DSVE's eq. 9 filter
-is (:mod:`misc.eval.localization`), so both systems share ``maps`` / ``text_filters`` / ``heatmaps``.
+is (models/heatmaps.py), so both systems share the interface of models/system.py.
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from misc.eval.localization import apply_filters
 from models.config import ModelConfig
+from models.system import System
 from models.trunks import build_trunk, init_trunk
 
 
@@ -30,11 +30,6 @@ def matchmaps(regions: torch.Tensor, words: torch.Tensor) -> torch.Tensor:
     """M[t, h, w] = <w[t], v[h, w]> of every image with every caption: regions (Bi, D, h, w), words (Bt, T, D)
     -> (Bi, Bt, T, h, w)."""
     return torch.einsum("ichw,jtc->ijthw", regions, words)
-
-
-def paired_matchmaps(regions: torch.Tensor, words: torch.Tensor) -> torch.Tensor:
-    """The matchmap of image b with caption b: regions (B, D, h, w), words (B, T, D) -> (B, T, h, w)."""
-    return torch.einsum("bchw,btc->bthw", regions, words)
 
 
 def match_scores(regions: torch.Tensor, words: torch.Tensor, lengths: torch.Tensor,
@@ -103,8 +98,11 @@ class WordEncoder(nn.Module):
         return outputs * word_mask(lengths.to(words.device), words.shape[1])[..., None]
 
 
-class Matchmap(nn.Module):
+class Matchmap(System):
     """The whole second system: ``image`` and ``text`` parts, the batch score matrix and the heatmaps."""
+
+    PARTS = ("3x3 conv", "LSTM", "trunk")
+    localization_size = 224  # Das et al.'s input size: a 14 x 14 grid from VGG-19 conv5_4
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -121,16 +119,35 @@ class Matchmap(nn.Module):
         """Score matrix (Bi, Bt) of :func:`match_scores` with ``config.score``."""
         return match_scores(regions, words, lengths, self.config.score)
 
+    @property
+    def vector_dim(self) -> int:
+        return self.config.region_dim
+
+    @property
+    def embeddable(self) -> bool:
+        """``avg_both`` is <mean_t w[t], mean_hw v[h, w]> (M is bilinear): one vector per side; ``max_img`` and
+        ``max_text`` pool with a max, so an image or a caption has no vector of its own."""
+        return self.config.score == "avg_both"
+
+    def text_vectors(self, words: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """The mean word vector mean_t w[t] over each caption's real tokens (B, D)."""
+        return masked_mean(self.text(words, lengths), lengths)
+
     def maps(self, images: torch.Tensor) -> torch.Tensor:
         """The maps heatmaps are read from: the region vectors (B, D, h, w)."""
         return self.image.feature_maps(images)
+
+    def embed_maps(self, maps: torch.Tensor) -> torch.Tensor:
+        """The mean region vector mean_hw v[h, w] (B, D)."""
+        return maps.mean(dim=(2, 3))
+
+    def image_output(self, maps: torch.Tensor) -> torch.Tensor:
+        return maps
 
     def text_filters(self, words: torch.Tensor, lengths: torch.Tensor, k: int | None = None) -> torch.Tensor:
         """One filter per text (Q, D): the mean of its word vectors, whose map is the mean of its words' maps
         M[t]. ``k`` (DSVE's eq. 9) has no meaning here."""
         return masked_mean(self.text(words, lengths), lengths)
 
-    def heatmaps(self, images: torch.Tensor, words: torch.Tensor, lengths: torch.Tensor,
-                 k: int | None = None) -> torch.Tensor:
-        """Each text's heatmap on each image: (B, Q, h, w)."""
-        return apply_filters(self.maps(images), self.text_filters(words, lengths, k))
+    def parts(self) -> dict[str, nn.Module]:
+        return {"3x3 conv": self.image.head, "LSTM": self.text, "trunk": self.image.trunk}

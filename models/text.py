@@ -3,27 +3,28 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 import warnings
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from misc.config import ROOT
-
 
 @functools.cache
 def sru_class() -> type[nn.Module]:
-    """sru's ``SRU``, imported on first use: importing sru compiles its C++ kernels (and tries CUDA's), so that
-    waits until a text encoder is built. The build is cached inside the project, once per checkout."""
-    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".cache" / "torch_extensions"))
-    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
-    with warnings.catch_warnings():
-        # On a machine without CUDA, sru reports its failed CUDA build and falls back to the CPU kernel.
-        warnings.simplefilter("ignore")
-        from sru import SRU
-    warnings.filterwarnings("ignore", message="Running SRU on CPU with grad_enabled=True")
+    """sru's ``SRU``, imported on first use: importing sru compiles its C++ kernels (and tries CUDA's) into
+    ``TORCH_EXTENSIONS_DIR`` (the CLIs and the Makefile point it inside the clone), so that waits until a text
+    encoder is built. On a machine without CUDA, sru reports its failed CUDA build (warnings and the extension
+    builder's log) and falls back to the CPU kernel: both are silenced for the import only."""
+    builder = logging.getLogger("torch.utils.cpp_extension")
+    level = builder.level
+    builder.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            from sru import SRU
+    finally:
+        builder.setLevel(level)
     return SRU
 
 
@@ -55,7 +56,11 @@ class TextEncoder(nn.Module):
         """words: (B, T, word_dim) right-padded; lengths: (B,) >= 1 -> (B, d) unit vectors."""
         if bool((lengths < 1).any()):
             raise ValueError("every caption needs at least one token")
-        outputs, _ = self.rnn(words.transpose(0, 1))  # (T, B, d)
+        with warnings.catch_warnings():
+            # sru warns on every CPU forward with gradients: training on the CPU (the demo, the tests) runs its
+            # pure-Python recurrence on purpose
+            warnings.filterwarnings("ignore", message="Running SRU on CPU with grad_enabled=True")
+            outputs, _ = self.rnn(words.transpose(0, 1))  # (T, B, d)
         batch = torch.arange(words.shape[0], device=words.device)
         last = outputs[lengths.to(words.device) - 1, batch]  # (B, d)
         return F.normalize(last.float(), dim=-1)  # fp32 norm under AMP

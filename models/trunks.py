@@ -27,7 +27,7 @@ import torch
 import torchvision
 from torch import nn
 
-from misc.errors import UserError, check_choice
+from models.checks import UserError, check_choice
 
 RESNET_LAYERS = ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4")
 RESNETS = ("resnet", "resnext", "wide_resnet")

@@ -13,14 +13,15 @@ import torch
 from PIL import Image
 
 from misc.store import checkpoint
-from misc.eval import localization
 from misc.config import TrainConfig
 from models.config import ModelConfig
-from misc.eval.localization import (apply_filters, cell_points, default_k, heatmaps, heatmaps_full, peak_cells,
-                                     peak_location, pointing_hits, scale_boxes, text_filters, top_k, upsample)
+from misc.eval.localization import (cell_points, default_k, peak_cells, peak_location, pointing_hits, scale_boxes,
+                                     upsample)
 from misc.eval.segmentation import (average_precision, binarize, bytescale, iou, original_average_precision,
                                     original_iou, original_prediction, original_truth)
 from misc.visualize import MIN_SIDE, figure_size, panel_size
+from models import heatmaps as eq9
+from models.heatmaps import apply_filters, heatmaps, text_filters, top_k
 from models.joint import build_model
 from tests.conftest import run_cli, run_in_process
 
@@ -35,6 +36,11 @@ def eq9_by_loops(maps: torch.Tensor, weight: torch.Tensor, text: torch.Tensor, k
     return total.float()
 
 
+def fast_heatmaps(maps: torch.Tensor, weight: torch.Tensor, texts: torch.Tensor, k: int) -> torch.Tensor:
+    """Eq. 9 in the order every command computes it: one filter per text, applied at every position."""
+    return apply_filters(maps, text_filters(weight, texts, k))
+
+
 def random_inputs(seed: int, batch: int = 2, maps_dim: int = 6, dim: int = 10, texts: int = 3):
     g = torch.Generator().manual_seed(seed)
     return (torch.randn(batch, maps_dim, 3, 4, generator=g), torch.randn(dim, maps_dim, generator=g),
@@ -43,10 +49,11 @@ def random_inputs(seed: int, batch: int = 2, maps_dim: int = 6, dim: int = 10, t
 
 # --------------------------------------------------------------------------- heatmaps
 
+@pytest.mark.parametrize("order", [heatmaps, fast_heatmaps], ids=["as_written", "fast"])
 @pytest.mark.parametrize("k", [1, 4, 10])
-def test_heatmaps_equal_a_direct_evaluation_of_eq9(k):
+def test_heatmaps_equal_a_direct_evaluation_of_eq9(k, order):
     maps, weight, shared, paired = random_inputs(0)
-    got_shared, got_paired = heatmaps(maps, weight, shared, k), heatmaps(maps, weight, paired, k)
+    got_shared, got_paired = order(maps, weight, shared, k), order(maps, weight, paired, k)
     assert got_shared.shape == got_paired.shape == (2, 3, 3, 4)
     for b in range(2):
         for t in range(3):
@@ -70,7 +77,7 @@ def test_selection_takes_the_largest_entries_weighted_by_their_magnitude():
 def test_selecting_rows_of_A_equals_the_full_product(k):
     maps, weight, shared, paired = random_inputs(1, batch=3, maps_dim=16, dim=10, texts=5)
     for texts in (shared, paired):
-        torch.testing.assert_close(heatmaps(maps, weight, texts, k), heatmaps_full(maps, weight, texts, k),
+        torch.testing.assert_close(fast_heatmaps(maps, weight, texts, k), heatmaps(maps, weight, texts, k),
                                    rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError):
         apply_filters(maps, torch.randn(2, 5, 16))  # per-image filters for 2 images, maps of 3
@@ -80,7 +87,7 @@ def test_selection_through_integer_keys_equals_comparing_the_floats(monkeypatch)
     """top_k on float32 CPU texts selects through int32 keys; float64 takes torch's own topk: the same sets, with
     negatives, zeros, infinities, tiny and huge magnitudes and rows with fewer positive entries than k. The keys are
     made 4 rows at a time here, so the 6 rows take two blocks, the second one short."""
-    monkeypatch.setattr(localization, "KEY_ROWS", 4)
+    monkeypatch.setattr(eq9, "KEY_ROWS", 4)
     g = torch.Generator().manual_seed(3)
     texts = torch.randn(6, 50, generator=g) * torch.logspace(-30, 30, 50)[torch.randperm(50, generator=g)]
     texts[0, :5] = torch.tensor([float("inf"), float("-inf"), 0.0, 1e-40, -1e-40])  # subnormals too
@@ -103,7 +110,7 @@ def test_filters_in_column_panels_equal_whole_rows(monkeypatch):
     g = torch.Generator().manual_seed(5)
     weight, texts = torch.randn(30, 40, generator=g), torch.randn(2, 3, 30, generator=g)
     whole = text_filters(weight, texts, 7)  # 30 x 40 floats: one panel
-    monkeypatch.setattr(localization, "PANEL_BYTES", 16 * 30 * 4)  # 16 columns per panel: 16, 16, 8
+    monkeypatch.setattr(eq9, "PANEL_BYTES", 16 * 30 * 4)  # 16 columns per panel: 16, 16, 8
     panels = text_filters(weight, texts, 7)
     assert panels.shape == (2, 3, 40)
     assert torch.equal(panels, whole)
@@ -136,10 +143,10 @@ def test_fast_heatmaps_are_within_the_float32_bound_of_float64_and_no_worse_than
     weight = torch.randn(dim, maps_dim, generator=g) * maps_dim ** -0.5
     texts = torch.nn.functional.normalize(torch.randn(batch, 8, dim, generator=g), dim=-1)
     exact = eq9_float64(maps, weight, texts, k)
-    error = (heatmaps(maps, weight, texts, k).double() - exact).abs()
+    error = (fast_heatmaps(maps, weight, texts, k).double() - exact).abs()
     assert (error <= gamma(k + maps_dim) * eq9_float64(maps.abs(), weight.abs(), texts, k)).all()
     assert error.max() > 0  # float32 really was used: the bound is not checked against itself
-    original_order = (heatmaps_full(maps, weight, texts, k).double() - exact).abs()  # float32, the original's order
+    original_order = (heatmaps(maps, weight, texts, k).double() - exact).abs()  # float32, the original's order
     rms = [float(e.pow(2).mean().sqrt()) for e in (error, original_order)]
     assert rms[0] <= 1.25 * rms[1], rms  # the same order of error as the original's computation, not more
 

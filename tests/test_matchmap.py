@@ -7,10 +7,10 @@ import torch
 import torchvision
 
 from misc.errors import UserError
-from misc.eval.localization import heatmaps as dsve_heatmaps
+from models.heatmaps import heatmaps as dsve_heatmaps
 from models.config import ModelConfig
 from models.joint import JointEmbedding, build_model
-from models.matchmap import Matchmap, match_scores, paired_matchmaps
+from models.matchmap import Matchmap, match_scores
 from models.trunks import build_trunk
 
 TINY = {"arch": "matchmap", "trunk": "resnet18", "trunk_cut": "layer3", "region_dim": 8, "lstm_hidden": 8,
@@ -113,7 +113,7 @@ def test_a_phrase_heatmap_is_the_mean_of_its_word_matchmaps():
         heat = model.heatmaps(images, words, lengths)  # (2, 3, 4, 4)
         regions, vectors = model(images, words, lengths)
         for q in range(3):
-            per_word = paired_matchmaps(regions, vectors[q].expand(2, -1, -1))  # (2, T, h, w)
+            per_word = torch.einsum("bchw,tc->bthw", regions, vectors[q])  # M[t] on each image (2, T, h, w)
             torch.testing.assert_close(heat[:, q], per_word[:, :lengths[q]].mean(dim=1))
     assert heat.shape == (2, 3, 4, 4)
 

@@ -44,10 +44,10 @@ def test_matchmap_vectors_give_its_avg_both_scores():
     images, words, lengths = torch.randn(3, 3, 64, 64), torch.randn(5, 6, 8), torch.tensor([6, 2, 4, 1, 3])
     with torch.no_grad():
         regions, text_out = model(images, words, lengths)
-        torch.testing.assert_close(engine.image_vectors(model, images) @ engine.text_vectors(model, words, lengths).t(),
+        torch.testing.assert_close(model.image_vectors(images) @ model.text_vectors(words, lengths).t(),
                                    model.score(regions, text_out, lengths))
     model.config.score = "max_img"
-    assert not engine.embeddable(model)
+    assert not model.embeddable
     with pytest.raises(engine.UserError, match="model.score = 'max_img'"):
         engine.encode_images(model, [images], torch.device("cpu"))
 
@@ -68,7 +68,7 @@ def test_retrieval_from_the_score_matrix_is_retrieval_from_the_vectors(tiny_worl
     images, captions, same_owner = engine.encode_records(model, records, words, device, 64, **options)
     assert torch.equal(owner, same_owner) and scores.shape == (len(images), len(captions))
     torch.testing.assert_close(scores, images @ captions.t(), rtol=1e-4, atol=1e-5)
-    monkeypatch.setattr(engine, "embeddable", lambda model: False)
+    monkeypatch.setattr(type(model), "embeddable", property(lambda self: False))
     assert engine.evaluate_records(model, records, words, device, 64, ("full",), **options) == vectors
     assert vectors == retrieval.evaluate(images, captions, owner, protocols=("full",))
 

@@ -1,4 +1,4 @@
-"""Encoding a split's images and captions for retrieval, for both systems (models/joint.py): DSVE's unit
+"""Encoding a split's images and captions for retrieval, for both systems (models/system.py): DSVE's unit
 embeddings and the matchmap's region and word vectors; the score matrix where no single vector gives the score."""
 from __future__ import annotations
 
@@ -14,35 +14,10 @@ from misc.devices import autocast
 from misc.errors import UserError
 from misc.data.words import MAX_TOKENS, Encoded, WordVectors
 from models.joint import Model
-from models.matchmap import masked_mean
-
-
-def embeddable(model: Model) -> bool:
-    """Whether the model's score is a dot product of one vector per image and one per caption: DSVE's cosine, and
-    the matchmap's ``avg_both`` (<mean_t w[t], mean_hw v[h, w]>, M being bilinear); not ``max_img`` / ``max_text``."""
-    return model.config.arch == "dsve" or model.config.score == "avg_both"
-
-
-def image_vectors(model: Model, images: torch.Tensor) -> torch.Tensor:
-    """One vector per image (B, d) for :func:`embeddable` models: DSVE's unit embedding x (eq. 1), the matchmap's
-    mean region vector mean_hw v[h, w]."""
-    out = model.image(images)
-    return out.mean(dim=(2, 3)) if model.config.arch == "matchmap" else out
-
-
-def text_vectors(model: Model, words: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-    """One vector per caption (B, d) for :func:`embeddable` models: DSVE's unit embedding y (eq. 4), the matchmap's
-    mean word vector mean_t w[t] over the caption's real tokens."""
-    out = model.text(words, lengths)
-    return masked_mean(out, lengths) if model.config.arch == "matchmap" else out
-
-
-def vector_dim(model: Model) -> int:
-    return model.config.region_dim if model.config.arch == "matchmap" else model.config.embed_dim
 
 
 def check_embeddable(model: Model) -> None:
-    if not embeddable(model):
+    if not model.embeddable:
         raise UserError(f"model.score = {model.config.score!r}: the matchmap pools its matchmaps with a max, so an "
                         f"image or a caption has no vector of its own; retrieval needs the score matrix "
                         f"(misc.eval.encode.evaluate_records), and only model.score=avg_both has features")
@@ -51,13 +26,13 @@ def check_embeddable(model: Model) -> None:
 @torch.no_grad()
 def encode_images(model: Model, loader: DataLoader, device: torch.device, amp: str | None = None,
                   progress: bool = True) -> torch.Tensor:
-    """(N, d) float32 image vectors (:func:`image_vectors`) on the CPU, in loader order."""
+    """(N, d) float32 image vectors (``model.image_vectors``) on the CPU, in loader order."""
     check_embeddable(model)
     model.eval()
     chunks = []
     for images in tqdm(loader, desc="images", disable=not progress, leave=False, dynamic_ncols=True):
         with autocast(device, amp):
-            chunks.append(image_vectors(model, images.to(device, non_blocking=True)).float().cpu())
+            chunks.append(model.image_vectors(images.to(device, non_blocking=True)).float().cpu())
     return torch.cat(chunks)
 
 
@@ -89,17 +64,17 @@ def caption_batches(captions: list[str], words: WordVectors, batch_size: int,
 def encode_captions(model: Model, captions: list[str], words: WordVectors, device: torch.device,
                     batch_size: int = 256, amp: str | None = None, progress: bool = True,
                     max_tokens: int = MAX_TOKENS) -> torch.Tensor:
-    """(M, d) float32 caption vectors (:func:`text_vectors`; DSVE: eq. 4) on the CPU, in input order, encoded by
+    """(M, d) float32 caption vectors (``model.text_vectors``; DSVE: eq. 4) on the CPU, in input order, encoded by
     length-sorted batches of at most ``batch_size`` captions and ``max_tokens`` padded tokens (see
     :func:`caption_batches`). A caption's vector does not depend on its batch: the SRU and the LSTM read its real
     tokens first (the padding comes after them)."""
     check_embeddable(model)
     model.eval()
-    embeddings = torch.empty(len(captions), vector_dim(model))
+    embeddings = torch.empty(len(captions), model.vector_dim)
     with tqdm(total=len(captions), desc="captions", disable=not progress, leave=False, dynamic_ncols=True) as bar:
         for positions, encoded in caption_batches(captions, words, batch_size, max_tokens):
             with autocast(device, amp):
-                embeddings[positions] = text_vectors(model, encoded.words.to(device),
+                embeddings[positions] = model.text_vectors(encoded.words.to(device),
                                                      encoded.lengths.to(device)).float().cpu()
             bar.update(len(positions))
     return embeddings
@@ -115,7 +90,7 @@ def encode_records(model: Model, records: list[Record], words: WordVectors, devi
                    image_size: int, batch_size: int = 64, workers: int = 2, amp: str | None = None,
                    progress: bool = True, protocol: str = "resize") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Vectors of a split's images and their first five captions whose dot products are the model's scores
-    (:func:`embeddable` models): (images (N, d), captions (M, d), owner (M,)), what
+    (``model.embeddable``): (images (N, d), captions (M, d), owner (M,)), what
     :func:`misc.eval.retrieval.evaluate` takes. ``protocol`` is the image preprocessing of
     :func:`misc.data.datasets.eval_transform`."""
     check_embeddable(model)
@@ -160,7 +135,7 @@ def evaluate_records(model: Model, records: list[Record], words: WordVectors, de
     Embeddable models are ranked from their vectors (:func:`encode_records`). Otherwise the whole score matrix S
     (N, M) is computed (:func:`score_records`) and ranked as the products of one-hot image vectors with the
     captions' score columns: e_i . S[:, j] = S[i, j] exactly, folds included."""
-    if embeddable(model):
+    if model.embeddable:
         images, captions, owner = encode_records(model, records, words, device, image_size, **encode_options)
         return retrieval.evaluate(images, captions, owner, protocols=protocols)
     scores, owner = score_records(model, records, words, device, image_size, **encode_options)

@@ -20,12 +20,9 @@ from torch import nn
 
 from misc.config import TrainConfig
 from misc.train.losses import LossFn, build_loss
-from models.joint import Model
+from models.joint import Model, system_class
 from models.trunks import stage_modules
 
-# The parts that can train, in the order they join: the first always trains, the second (text) from
-# text_from_epoch, the others from trunk_from_epoch.
-PARTS = {"dsve": ("projection", "SRU", "1x1 conv", "trunk"), "matchmap": ("3x3 conv", "LSTM", "trunk")}
 LOSS_NAMES = {"hard": "hardest negatives (eq. 7)", "sum": "sum over negatives (eq. 5)", "npair": "N-pair",
               "triplet": "sampled triplets"}
 
@@ -52,9 +49,10 @@ def parts_at(cfg: TrainConfig, epoch: int, arch: str = "dsve") -> tuple[str, ...
     """The parts of ``arch`` that train at ``epoch``. DSVE: the projection A, b always; the SRU from
     ``text_from_epoch``; the 1x1 conv and the trunk (but its ``frozen_trunk`` layers) from ``trunk_from_epoch``.
     Matchmap: the 3x3 conv head always; the LSTM from ``text_from_epoch``; the trunk from ``trunk_from_epoch``."""
-    first, text, *late = PARTS[arch]
+    names = system_class(arch).PARTS  # in the order they join
+    first, text, *late = names
     starts = {first: 0, text: cfg.text_from_epoch, **dict.fromkeys(late, cfg.trunk_from_epoch)}
-    return tuple(part for part in PARTS[arch] if epoch >= starts[part])
+    return tuple(part for part in names if epoch >= starts[part])
 
 
 def loss_kind(cfg: TrainConfig, epoch: int) -> str:
@@ -114,19 +112,11 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> torch
     return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=cfg.lr_halve_epochs, gamma=0.5)
 
 
-def part_modules(model: Model) -> dict[str, nn.Module]:
-    """The trainable parts of either system by name (:data:`PARTS`)."""
-    if model.config.arch == "matchmap":
-        return {"3x3 conv": model.image.head, "LSTM": model.text, "trunk": model.image.trunk}
-    return {"projection": model.image.proj, "SRU": model.text, "1x1 conv": model.image.adapt,
-            "trunk": model.image.trunk}
-
-
 def frozen_modules(model: Model, epoch: int, cfg: TrainConfig) -> list[nn.Module]:
     """Modules that do not train at ``epoch``: the parts not in :func:`parts_at`, and the ``frozen_trunk`` stages
     (paper: conv1, bn1, layer1, layer2; :mod:`models.trunks` names every trunk's stages) once the trunk trains."""
     parts = parts_at(cfg, epoch, model.config.arch)
-    frozen = [module for part, module in part_modules(model).items() if part not in parts]
+    frozen = [module for part, module in model.parts().items() if part not in parts]
     if "trunk" in parts:
         frozen += stage_modules(model.image.trunk, model.image.grid.stages, cfg.frozen_trunk)
     return frozen
@@ -144,4 +134,4 @@ def enter_stage(model: Model, epoch: int, cfg: TrainConfig) -> list[str]:
         module.train(cfg.frozen_mode == "train")
         for parameter in module.parameters():
             parameter.requires_grad_(False)
-    return [name for name, part in part_modules(model).items() if any(p.requires_grad for p in part.parameters())]
+    return [name for name, part in model.parts().items() if any(p.requires_grad for p in part.parameters())]

@@ -1,31 +1,13 @@
 """Text path (paper eq. 4): frozen word vectors -> stacked SRU -> output at the last real token -> l2."""
 from __future__ import annotations
 
-import functools
-import logging
 import warnings
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-
-@functools.cache
-def sru_class() -> type[nn.Module]:
-    """sru's ``SRU``, imported on first use: importing sru compiles its C++ kernels (and tries CUDA's) into
-    ``TORCH_EXTENSIONS_DIR`` (the CLIs and the Makefile point it inside the clone), so that waits until a text
-    encoder is built. On a machine without CUDA, sru reports its failed CUDA build (warnings and the extension
-    builder's log) and falls back to the CPU kernel: both are silenced for the import only."""
-    builder = logging.getLogger("torch.utils.cpp_extension")
-    level = builder.level
-    builder.setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            from sru import SRU
-    finally:
-        builder.setLevel(level)
-    return SRU
+from models.sru_recurrence import sru_class, use_pytorch_recurrence
 
 
 class TextEncoder(nn.Module):
@@ -41,12 +23,14 @@ class TextEncoder(nn.Module):
     def __init__(self, word_dim: int, embed_dim: int, layers: int, dropout: float, rnn_dropout: float = 0.0,
                  forget_bias: float = 0.0) -> None:
         super().__init__()
-        sru = sru_class()
+        sru, cuda_kernel = sru_class()
         with warnings.catch_warnings():
             # use_tanh and rnn_dropout are deprecated in sru 2.x, but they are the paper's
             warnings.simplefilter("ignore", UserWarning)
             self.rnn = sru(word_dim, embed_dim, num_layers=layers, dropout=dropout, rnn_dropout=rnn_dropout,
                            use_tanh=True, has_skip_term=True, rescale=False, v1=True)
+        if not cuda_kernel:
+            use_pytorch_recurrence(self.rnn)
         for layer in self.rnn.rnn_lst:
             # bias = [forget gates | reset gates]; sru initialises both to 0, so that f = 1/2 and the state
             # halves at every token: a positive forget bias lets the last state remember the first words

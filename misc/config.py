@@ -136,6 +136,7 @@ class TrainConfig:
     loss: str = "hard"  # hard (eq. 7) | sum (eq. 5) | npair | triplet (sampled impostors; misc/train/losses.py)
     sum_loss_epochs: int = 0  # warm-up epochs with the sum loss (eq. 5) before `loss`
     grad_clip: float | None = None  # cap on the gradient norm of a step (the paper has none)
+    skip_nonfinite: int = 0  # steps with a non-finite loss or gradient norm skipped before the run stops
     optimizer: str = "adam"  # adam | sgd (with momentum)
     momentum: float = 0.9  # sgd only
     lr_decay_every: int = 0  # > 0: lr x lr_decay every that many epochs, instead of lr_halve_epochs
@@ -153,7 +154,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         for key in ("epochs", "batch_size", "captions_per_image"):
             check_number(f"train.{key}", getattr(self, key), low=1, whole=True)
-        for key in ("text_from_epoch", "trunk_from_epoch", "sum_loss_epochs", "workers"):
+        for key in ("text_from_epoch", "trunk_from_epoch", "sum_loss_epochs", "workers", "skip_nonfinite"):
             check_number(f"train.{key}", getattr(self, key), low=0, whole=True)
         for key in ("crop_size", "eval_size", "test_size"):
             check_number(f"train.{key}", getattr(self, key), low=32, whole=True)

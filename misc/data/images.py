@@ -135,6 +135,16 @@ def failure_reason(error: Exception) -> str:
     return f"{type(error).__name__}: {message}" if message else type(error).__name__
 
 
+def unreadable(path: Path | str, side: int = 32) -> str | None:
+    """Why the image file cannot be used, or None: it is decoded at a reduced size (a JPEG at 1/8 scale, so the
+    whole file is read but little is computed), which finds what a header check misses, e.g. a JPEG cut short."""
+    try:
+        decode_image(path, side, exif=False)
+    except Exception as error:  # any failure to decode the file means the same: the image cannot be used
+        return failure_reason(error)
+    return None
+
+
 def read_image(path: Path | str, size: int | None = None) -> Image.Image:
     """:func:`decode_image` for one file a user named (a photo: EXIF orientation applied); a file that cannot be
     decoded is a one-line error naming it."""

@@ -44,9 +44,9 @@ def test_the_truncated_images_are_known_before_anything_runs(world, caplog):
 @pytest.mark.slow
 def test_an_epoch_with_validation_and_every_evaluator_run_past_them(world, tmp_path, monkeypatch):
     out = tmp_path / "run"
-    assert run_in_process("train.py", ["--preset", "demo", "--dataset", world, "--split", "train", "--val-split",
-                                       "val", "--words", "glove-6b-50d", "--set", "model.word_dim=50", "--epochs",
-                                       "1", *TINY_MODEL, "--batch-size", "4", "--out", out], world.parent, monkeypatch) == 0
+    train = ["--preset", "demo", "--dataset", world, "--split", "train", "--val-split", "val", "--words",
+             "glove-6b-50d", "--set", "model.word_dim=50", "--epochs", "1", *TINY_MODEL, "--batch-size", "4"]
+    assert run_in_process("train.py", [*train, "--out", out], world.parent, monkeypatch) == 0
     model = out / "last.pth.tar"
     common = ["-p", model, "--dataset", world, "--split", "test", "--workers", "0", "--no-progress", "--device", "cpu"]
     assert run_in_process("eval_retrieval.py", [*common, "--protocols", "full", "--json", tmp_path / "r.json"],

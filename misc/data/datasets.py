@@ -128,7 +128,7 @@ def readable_records(records: list[Record], source: Path) -> list[Record]:
         else:
             skipped.append(f"{record.image} ({reason})")
     if skipped:
-        log.warning("%s: skipped %d of %d images that cannot be decoded, e.g. %s", source, len(skipped),
+        log.warning("%s: skipped %d of %d images that cannot be read, e.g. %s", source, len(skipped),
                     len(records), skipped[0])
     if not kept:
         raise UserError(f"{source}: none of its {len(records)} images can be read, e.g. {skipped[0]}")

@@ -109,7 +109,9 @@ def configured(key: str) -> bool:
 # --------------------------------------------------------------------------- hyper-parameters
 
 EVAL_PROTOCOLS = ("resize", "crop")  # evaluation preprocessing (misc.data.datasets.eval_transform)
-LOSSES = ("hard", "sum", "npair", "triplet")  # misc.train.losses.build_loss
+# The names of misc.train.losses.LOSSES (tests/test_loss.py checks they agree), here without torch: --help and
+# config checks load no deep-learning library.
+LOSSES = ("hard", "sum", "npair", "triplet")
 OPTIMIZERS = ("adam", "sgd")
 FROZEN_MODES = ("train", "eval")
 

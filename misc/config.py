@@ -67,6 +67,12 @@ DEMO_PATHS: dict[str, Path] = {
 }
 
 
+def default_words_key(arch: str, demo: bool) -> str:
+    """The path key of a new run's default word vectors: the demo world's on it, else GloVe for the matchmap
+    (Das et al. 2019) and the skip-thought table for DSVE."""
+    return "glove_vectors" if arch == "matchmap" and not demo else "word_vectors"
+
+
 def env_name(key: str) -> str:
     return f"DSVE_{key.upper()}"
 

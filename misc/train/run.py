@@ -274,29 +274,31 @@ class Trainer:
             log.info("validation (%s images):\n%s", len(self.data.val_records), format_table(val))
 
 
-def train(model_cfg: ModelConfig, cfg: TrainConfig, run: RunOptions, context: distributed.Context) -> None:
-    """Train ``model_cfg`` by ``cfg`` in this process of ``context``: a new run, or ``run.resume`` continued
-    exactly (a run resumed mid-epoch replays the rest of that epoch's batches with the same random state)."""
+def train(model_config: ModelConfig, train_config: TrainConfig, run: RunOptions,
+          context: distributed.Context) -> None:
+    """Train ``model_config`` by ``train_config`` in this process of ``context``: a new run, or ``run.resume``
+    continued exactly (a run resumed mid-epoch replays the rest of that epoch's batches with the same random
+    state)."""
     device = context.device
     if not context.is_main:
         logging.getLogger().setLevel(logging.WARNING)
     amp = run.amp if device.type == "cuda" else None
     if run.amp and amp is None:
         log.info("--amp ignored: mixed precision runs on CUDA only")
-    data = load_data(model_cfg, cfg, run, context)
+    data = load_data(model_config, train_config, run, context)
     run.out.mkdir(parents=True, exist_ok=True)
-    learner = build_learner(model_cfg, cfg, run, amp, device)
+    learner = build_learner(model_config, train_config, run, amp, device)
     position = Position()
     if run.resume is not None:
-        position = restore(run.resume, learner.model, learner.optimizer, learner.scheduler, learner.scaler, cfg,
-                           context)
+        position = restore(run.resume, learner.model, learner.optimizer, learner.scheduler, learner.scaler,
+                           train_config, context)
         if context.is_main and run.out.resolve() == run.resume.path.parent.resolve():
             checkpoint.check_best(run.out, run.resume.state)
     log.info("training %s on %d %s images (%d pairs/epoch), validating on %d; %d process(es) on %s; run folder %s",
-             model_cfg.trunk, len(data.train_records), cfg.dataset, len(data.dataset) * data.dataset.per_item,
-             len(data.val_records), context.world_size, device, run.out)
-    log.info(describe(cfg, model_cfg.arch))
+             model_config.trunk, len(data.train_records), train_config.dataset,
+             len(data.dataset) * data.dataset.per_item, len(data.val_records), context.world_size, device, run.out)
+    log.info(describe(train_config, model_config.arch))
     with distributed.StopSignals(context) as signals:
-        trainer = Trainer(model_cfg, cfg, run, data, learner, position, context, amp, signals)
+        trainer = Trainer(model_config, train_config, run, data, learner, position, context, amp, signals)
         trainer.fit()
     trainer.finish()

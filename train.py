@@ -18,12 +18,16 @@ import argparse
 import logging
 from dataclasses import asdict, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from misc import config
 from misc.cli import add_device_args, add_set_arg, parser_for, positive_int, run
 from misc.config import TrainConfig
 from misc.errors import UserError, check_choice
 from models.config import ModelConfig
+
+if TYPE_CHECKING:
+    from misc.train.state import Resume
 
 log = logging.getLogger("train")
 CONFIGURED = Path("<config key resnet_weights>")  # --resnet-weights without a file
@@ -71,10 +75,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def configure(args: argparse.Namespace) -> tuple[ModelConfig, TrainConfig, Path | str | None, dict | None]:
+def configure(args: argparse.Namespace) -> tuple[ModelConfig, TrainConfig, Path | str | None, Resume | None]:
     """Model and training config: the resumed run's, else preset + flags (the demo world when COCO is not
-    configured); the word-vector file, and the resumed checkpoint."""
+    configured); the word-vector file, and the checkpoint to resume."""
     from misc.store import checkpoint, export
+    from misc.train.state import Resume
     from models.trunks import IMAGENET_WEIGHTS
 
     if args.weights:
@@ -83,9 +88,9 @@ def configure(args: argparse.Namespace) -> tuple[ModelConfig, TrainConfig, Path 
     if args.resume and source:
         raise UserError("--init, --resnet-weights, --weights and --from-scratch start a new run; --resume "
                           "continues from the run's own weights")
-    resumed = checkpoint.load(args.resume) if args.resume else None
+    resumed = Resume(args.resume, checkpoint.load(args.resume)) if args.resume else None
     if resumed is not None:
-        saved = resumed["config"]
+        saved = resumed.state["config"]
         with checkpoint.naming(args.resume):
             model_cfg = config.from_dict(ModelConfig, saved["model"])
             train_cfg = config.from_dict(TrainConfig, saved.get("train", {}))
@@ -161,7 +166,6 @@ def check_trunk_source(model_cfg: ModelConfig, preset: str) -> None:
         trunk_weights_file(model_cfg.trunk, model_cfg.trunk_init)
 
 
-
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     # torch loads only from here on: --help and argument errors stay fast
@@ -173,9 +177,12 @@ def main(argv: list[str] | None = None) -> None:
     out = run_folder(args, cfg)
     if args.export and args.export.resolve() == out.resolve():
         raise UserError(f"--export {args.export} is the run folder: export to another folder")
+    options = training.RunOptions(out=out, words=words_path, amp=args.amp, limit=args.limit,
+                                  channels_last=args.channels_last, save_every=args.save_every,
+                                  progress=not args.no_progress, resume=resumed)
     context = distributed.setup(resolve_device(args.device))
     try:
-        training.train(args, model_cfg, cfg, words_path, out, resumed, context)
+        training.train(model_cfg, cfg, options, context)
         if args.export and context.is_main:
             source = out / (checkpoint.BEST if (out / checkpoint.BEST).is_file() else checkpoint.LAST)
             written = checkpoint.export_file(source, args.export)

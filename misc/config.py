@@ -68,6 +68,12 @@ DEMO_PATHS: dict[str, Path] = {
 }
 
 
+def default_words_key(arch: str, demo: bool) -> str:
+    """The path key of a new run's default word vectors: the demo world's on it, else GloVe for the matchmap
+    (Das et al. 2019) and the skip-thought table for DSVE."""
+    return "glove_vectors" if arch == "matchmap" and not demo else "word_vectors"
+
+
 def env_name(key: str) -> str:
     return f"DSVE_{key.upper()}"
 
@@ -110,7 +116,9 @@ def configured(key: str) -> bool:
 # --------------------------------------------------------------------------- hyper-parameters
 
 EVAL_PROTOCOLS = ("resize", "crop")  # evaluation preprocessing (misc.data.datasets.eval_transform)
-LOSSES = ("hard", "sum", "npair", "triplet")  # misc.train.losses.build_loss
+# The names of misc.train.losses.LOSSES (tests/test_loss.py checks they agree), here without torch: --help and
+# config checks load no deep-learning library.
+LOSSES = ("hard", "sum", "npair", "triplet")
 OPTIMIZERS = ("adam", "sgd")
 FROZEN_MODES = ("train", "eval")
 

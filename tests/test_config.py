@@ -24,6 +24,16 @@ def test_environment_overrides_default_but_not_demo(monkeypatch, tmp_path):
     assert config.path("coco_karpathy", demo=True, must_exist=False) == config.DEMO_DIR / "dataset_coco.json"
 
 
+def test_default_word_vectors_are_glove_for_the_matchmap_outside_the_demo_world():
+    das_model, das_train = config.preset("das2019")
+    key = config.default_words_key(das_model.arch, das_train.dataset == "demo")
+    assert key == "glove_vectors" and "300-d" in config.PATHS[key].what and das_model.word_dim == 300
+    demo_model, demo_train = config.preset("demo-matchmap")  # the demo world's own vectors, as for DSVE
+    assert config.default_words_key(demo_model.arch, demo_train.dataset == "demo") == "word_vectors"
+    paper_model, paper_train = config.preset("paper")
+    assert config.default_words_key(paper_model.arch, paper_train.dataset == "demo") == "word_vectors"
+
+
 def test_settings_parse_json_values_and_reject_unknown_keys():
     model, train = config.preset("demo")
     model, train = config.apply_settings(model, train, ["model.embed_dim=32", "train.lr_halve_epochs=[1,2]",

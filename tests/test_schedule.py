@@ -9,7 +9,7 @@ from misc.train import schedule
 from misc.config import TrainConfig
 from misc.errors import UserError
 from models.config import ModelConfig
-from misc.train.losses import npair_loss, triplet_loss
+from misc.train.losses import npair_loss, ranking_loss
 from models.joint import build_model
 
 ALL = ("projection", "SRU", "1x1 conv", "trunk")
@@ -58,7 +58,7 @@ def test_sum_loss_warm_up_then_the_configured_loss():
     torch.manual_seed(0)
     images, captions = torch.nn.functional.normalize(torch.randn(2, 6, 8), dim=-1)
     ids = torch.arange(6)
-    summed, hardest = (triplet_loss(images, captions, hardest=h, ids=ids) for h in (False, True))
+    summed, hardest = (ranking_loss(images @ captions.t(), hardest=h, ids=ids) for h in (False, True))
     npair = npair_loss(images @ captions.t(), ids=ids)
     assert summed > hardest
     for cfg, expected in ((TrainConfig(loss="hard", sum_loss_epochs=2), [summed, summed, hardest, hardest]),
@@ -107,7 +107,7 @@ def one_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
     images, words, lengths = torch.randn(4, 3, 64, 64), torch.randn(4, 5, 8), torch.tensor([5, 3, 4, 2])
     image_emb, text_emb = model(images, words, lengths)
     optimizer.zero_grad(set_to_none=True)
-    triplet_loss(image_emb, text_emb, ids=torch.arange(4)).backward()
+    ranking_loss(image_emb @ text_emb.t(), ids=torch.arange(4)).backward()
     optimizer.step()
 
 

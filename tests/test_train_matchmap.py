@@ -13,7 +13,7 @@ from misc.eval import retrieval
 from misc.eval import encode as engine
 from misc.train import loop
 from misc.data.datasets import load_records
-from misc.train.losses import build_loss, triplet_loss
+from misc.train.losses import build_loss, ranking_loss
 from misc.data.words import load_word_vectors
 from models.config import ModelConfig
 from models.joint import build_model
@@ -33,7 +33,7 @@ def test_dsve_loss_through_the_score_matrix_is_the_embedding_loss(name: str, har
     captions = torch.nn.functional.normalize(torch.randn(12, 8), dim=-1)  # three captions per image
     ids = torch.arange(4).repeat_interleave(3)
     scores, pair_ids = loop.batch_scores(model, images, captions, torch.full((12,), 5), ids)
-    expected = triplet_loss(images.repeat_interleave(3, dim=0), captions, hardest=hardest, ids=ids)
+    expected = ranking_loss(images.repeat_interleave(3, dim=0) @ captions.t(), hardest=hardest, ids=ids)
     assert torch.equal(build_loss(name, 0.2)(scores, ids=pair_ids), expected)
     assert expected > 0
 

@@ -3,12 +3,15 @@ N-pair loss and the sampled triplet loss of the matchmap system (Das, Ghouse, Ve
 
 Every loss takes ``scores`` (B, B) with s[i, j] the score of image i with caption j, row i of both inputs being a
 positive pair, and optionally ``ids`` (B,) naming the image of each pair, so that two pairs of the same image are
-not used as each other's negatives. :func:`build_loss` turns ``TrainConfig.loss`` into one of them.
+not used as each other's negatives. :data:`LOSSES` declares each loss once: its ``TrainConfig.loss`` name, its
+TensorBoard tag, its description in the schedule table and its builder; :func:`build_loss` turns a name into a
+function.
 """
 from __future__ import annotations
 
 import functools
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -39,12 +42,6 @@ def ranking_loss(scores: torch.Tensor, margin: float = 0.2, hardest: bool = True
     if hardest:
         return caption_cost.max(dim=1).values.sum() + image_cost.max(dim=0).values.sum()
     return caption_cost.sum() + image_cost.sum()
-
-
-def triplet_loss(images: torch.Tensor, captions: torch.Tensor, margin: float = 0.2, hardest: bool = True,
-                 ids: torch.Tensor | None = None) -> torch.Tensor:
-    """:func:`ranking_loss` of unit embeddings images, captions (B, d), whose scores are cosines."""
-    return ranking_loss(images.float() @ captions.float().t(), margin, hardest, ids)
 
 
 def npair_loss(scores: torch.Tensor, ids: torch.Tensor | None = None) -> torch.Tensor:
@@ -86,13 +83,31 @@ def sampled_triplet_loss(scores: torch.Tensor, margin: float = 0.1, ids: torch.T
             + (margin - positive + scores[image, rows]).clamp(min=0)).mean()
 
 
+@dataclass(frozen=True)
+class Loss:
+    """One training loss: its ``TrainConfig.loss`` name, its TensorBoard tag (``train/loss/<tag>``), its description
+    in the schedule table (:func:`misc.train.schedule.describe`) and ``build(margin)``, the function of
+    (scores, ids=None)."""
+
+    name: str
+    tag: str
+    description: str
+    build: Callable[[float], LossFn]
+
+
+LOSSES = {loss.name: loss for loss in (
+    Loss("hard", "triplet_hardest", "hardest negatives (eq. 7)",
+         lambda margin: functools.partial(ranking_loss, margin=margin, hardest=True)),
+    Loss("sum", "triplet_sum", "sum over negatives (eq. 5)",
+         lambda margin: functools.partial(ranking_loss, margin=margin, hardest=False)),
+    Loss("npair", "npair", "N-pair", lambda margin: npair_loss),  # no margin: a softmax
+    Loss("triplet", "triplet_sampled", "sampled triplets",
+         lambda margin: functools.partial(sampled_triplet_loss, margin=margin)),
+)}
+
+
 def build_loss(name: str, margin: float) -> LossFn:
-    """``TrainConfig.loss`` as a function of (scores, ids=None): hard (eq. 7), sum (eq. 5), npair, triplet
-    (sampled impostors)."""
-    losses = {"hard": functools.partial(ranking_loss, margin=margin, hardest=True),
-              "sum": functools.partial(ranking_loss, margin=margin, hardest=False),
-              "npair": npair_loss,
-              "triplet": functools.partial(sampled_triplet_loss, margin=margin)}
-    if name not in losses:
-        raise ValueError(f"unknown loss {name!r}: one of {', '.join(losses)}")
-    return losses[name]
+    """``TrainConfig.loss`` as a function of (scores, ids=None): one of :data:`LOSSES`."""
+    if name not in LOSSES:
+        raise ValueError(f"unknown loss {name!r}: one of {', '.join(LOSSES)}")
+    return LOSSES[name].build(margin)

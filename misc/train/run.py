@@ -1,14 +1,13 @@
-"""The training run of ``train.py`` (paper §4.1, and the matchmap system): a model, its optimizer and schedule,
-the epochs with their checkpoints, mid-epoch saves and stop signals, validation and TensorBoard. ``train.py``
-parses the flags and decides the configuration; this module runs it (it is imported only then, so that
-``train.py --help`` loads no torch)."""
+"""The training run of ``train.py`` (paper §4.1, and the matchmap system): its data, a model with its optimizer
+and schedule, the epochs with their checkpoints, mid-epoch saves and stop signals, validation and TensorBoard.
+``train.py`` parses the flags and decides the configuration and the :class:`RunOptions`; this module runs them (it
+is imported only then, so that ``train.py --help`` loads no torch)."""
 from __future__ import annotations
 
-import argparse
 import logging
-import random
 import signal
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -16,23 +15,69 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
-from misc.store import checkpoint, export
 from misc import config
-from misc.data import demo
-from misc.train import distributed
 from misc.config import TrainConfig
-from misc.data.datasets import PairCollate, PairDataset, load_records, train_transform
+from misc.data import demo
+from misc.data.datasets import PairCollate, PairDataset, Record, load_records, train_transform
+from misc.data.words import WordVectors, load_word_vectors
+from misc.errors import UserError
 from misc.eval.encode import evaluate_records
-from misc.train.loop import train_one_epoch
-from misc.errors import UserError, first_line
 from misc.eval.retrieval import format_table
+from misc.store import checkpoint, export
+from misc.train import distributed
+from misc.train.loop import train_one_epoch
 from misc.train.schedule import build_optimizer, build_scheduler, describe, enter_stage, epoch_loss, loss_kind
+from misc.train.state import Position, Resume, restore, rng_state, seed_for, set_rng_state
 from misc.train.tblog import TrainLog
-from misc.data.words import load_word_vectors
 from models.config import ModelConfig
 from models.joint import Model, build_model
 
 log = logging.getLogger("train")
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """How a configuration runs: where, from which word vectors and checkpoint, and with which speed and saving
+    options (mixed precision and the memory format change the numbers only by rounding)."""
+
+    out: Path  # the run folder
+    words: Path | str | None = None  # word-vector file; None: TrainConfig.words, else the configured key's
+    amp: str | None = None  # mixed precision on CUDA: bf16 | fp16
+    limit: int | None = None  # train on the first N images only
+    channels_last: bool = False  # the trunk's memory format
+    save_every: int | None = None  # also write last.pth.tar every N steps within an epoch
+    progress: bool = True  # progress bars (main process)
+    resume: Resume | None = None  # continue this run
+
+
+@dataclass
+class Data:
+    """A run's data: the word vectors, the training pairs with this process's loader, the validation images."""
+
+    words: WordVectors
+    train_records: list[Record]
+    val_records: list[Record]
+    dataset: PairDataset
+    sampler: distributed.EpochSampler
+    loader: DataLoader
+    batch: int  # per process
+    steps_per_epoch: int
+
+    @property
+    def val_protocol(self) -> str:
+        """Validation on 1k-image folds when there are that many images, else on all of them."""
+        return "1k" if len(self.val_records) >= 1000 else "full"
+
+
+@dataclass
+class Learner:
+    """The network and what trains it: optimizer, lr scheduler, fp16 gradient scaler, the trunk's memory format."""
+
+    model: Model
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    scaler: torch.amp.GradScaler | None
+    memory_format: torch.memory_format
 
 
 def new_model(model_cfg: ModelConfig) -> Model:
@@ -44,74 +89,60 @@ def new_model(model_cfg: ModelConfig) -> Model:
     return build_model(model_cfg, init_trunk=True)
 
 
-def words_key(model_cfg: ModelConfig, demo: bool) -> str:
-    """The config key of the default word vectors: the demo world's on it, else GloVe for the matchmap (Das et al.
-    2019) and the skip-thought table for DSVE."""
-    return "glove_vectors" if model_cfg.arch == "matchmap" and not demo else "word_vectors"
+def load_data(model_cfg: ModelConfig, cfg: TrainConfig, run: RunOptions, context: distributed.Context) -> Data:
+    """The word vectors (checked against the model), the training and validation records and the loader of this
+    process's share of each epoch; one-line errors for a batch that does not split or fill a step."""
+    if cfg.batch_size % context.world_size:
+        raise UserError(f"batch size {cfg.batch_size} (the global batch) does not split over "
+                        f"{context.world_size} processes")
+    is_demo = cfg.dataset == "demo"
+    if is_demo and context.is_main:
+        demo.ensure(config.DEMO_DIR)
+    distributed.barrier(context)
+    chosen = run.words or cfg.words
+    words = load_word_vectors(Path(chosen) if chosen else
+                              config.path(config.default_words_key(model_cfg.arch, is_demo), demo=is_demo))
+    if words.dim != model_cfg.word_dim:
+        raise UserError(f"word vectors {words.source} are {words.dim}-d but the model expects "
+                        f"model.word_dim={model_cfg.word_dim}")
+    train_records = load_records(cfg.dataset, cfg.split)
+    if run.limit and run.limit > len(train_records):
+        log.warning("--limit %d: %s %s has only %d images; training on all of them", run.limit, cfg.dataset,
+                    cfg.split, len(train_records))
+    train_records = train_records[: run.limit]
+    log.info(words.oov_report([caption for record in train_records for caption in record.captions]))
+    val_records = load_records(cfg.dataset, cfg.val_split)
+    dataset = PairDataset(train_records, train_transform(cfg), cfg.captions_per_image, cfg.seed,
+                          cfg.group_captions)
+    batch = cfg.batch_size // context.world_size
+    steps_per_epoch = len(dataset) // context.world_size // batch
+    if not steps_per_epoch:
+        raise UserError(f"batch size {cfg.batch_size} is more than the {len(dataset)} items of an epoch "
+                        f"({'images' if cfg.group_captions else 'pairs'}): no step would train; lower --batch-size")
+    sampler = distributed.EpochSampler(dataset, context, cfg.seed)
+    # the loader's own generator: making an epoch's iterator leaves the global one (dropout's) untouched
+    loader = DataLoader(dataset, batch_size=batch, sampler=sampler, drop_last=True, num_workers=cfg.workers,
+                        collate_fn=PairCollate(words), pin_memory=context.device.type == "cuda",
+                        generator=torch.Generator().manual_seed(cfg.seed))
+    return Data(words, train_records, val_records, dataset, sampler, loader, batch, steps_per_epoch)
 
 
-def seed_for(cfg: TrainConfig, epoch: int, rank: int) -> None:
-    """The random draws of an epoch's steps (dropout) derive from (seed, epoch, rank), its order from (seed, epoch)
-    (:class:`misc.train.distributed.EpochSampler`) and each item's augmentation from (seed, epoch, item)
-    (:class:`misc.data.datasets.PairDataset`), so a resumed run replays exactly the epochs it has not finished; one
-    resumed mid-epoch also restores the generators' state at its checkpoint."""
-    random.seed(cfg.seed * 100_003 + epoch * 101 + rank)
-    torch.manual_seed(cfg.seed * 100_003 + epoch * 101 + rank)
-
-
-@dataclass
-class Position:
-    """Where a run stands: epochs done; within the next one, the steps done, their running sums and every
-    process's random state (mid-epoch checkpoints only); the validation record."""
-
-    epoch: int = 0
-    step: int = 0
-    partial: dict | None = None
-    rng: list | None = None
-    best_rsum: float = float("-inf")
-    best_epoch: int | None = None
-    history: list = field(default_factory=list)
-    val: dict | None = None
-
-
-def resume(state: dict, path: Path, model: Model, optimizer: torch.optim.Optimizer, scheduler: Any,
-           scaler: torch.amp.GradScaler | None, cfg: TrainConfig, context: distributed.Context) -> Position:
-    """Load a training checkpoint's weights and optimizer, scheduler and scaler states; its :class:`Position`."""
-    kinds = {"optimizer": dict, "scheduler": dict, "epoch": int, "best_rsum": float, "metrics": dict}
-    if not all(isinstance(state.get(key), kind) for key, kind in kinds.items()):
-        raise UserError(f"{path} holds no training state to resume ({', '.join(kinds)}); start a new run from its "
-                        f"weights with --init")
-    checkpoint.load_weights(model, state["model"], path)
-    try:
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        if scaler is not None and state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
-    except (ValueError, KeyError, TypeError, RuntimeError) as error:
-        raise UserError(f"{path}: its optimizer state does not fit this model ({first_line(error)})") from None
-    position = Position(state["epoch"], state.get("step", 0), state.get("partial"), state.get("rng"),
-                        state["best_rsum"], state.get("best_epoch"), state["metrics"].get("history", []),
-                        state["metrics"].get("val"))
-    if position.step and (len(position.rng or ()) != context.world_size
-                          or state["config"]["train"].get("batch_size") != cfg.batch_size):
-        raise UserError(f"{path} was written mid-epoch by {len(position.rng or ())} process(es) with batch size "
-                        f"{state['config']['train'].get('batch_size')}: resume it with the same")
-    log.info("resumed %s at epoch %d%s", path, position.epoch, f", step {position.step}" if position.step else "")
-    return position
-
-
-def rng_state(device: torch.device) -> dict:
-    """This process's random generators (dropout draws from them; augmentation has its own, per item)."""
-    return {"torch": torch.get_rng_state(), "python": random.getstate(),
-            "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
-
-
-def set_rng_state(state: dict, device: torch.device) -> None:
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] is not None and device.type == "cuda":
-        torch.cuda.set_rng_state(state["cuda"], device)
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
+def build_learner(model_cfg: ModelConfig, cfg: TrainConfig, run: RunOptions, amp: str | None,
+                  device: torch.device) -> Learner:
+    """The model (a new one, or the resumed run's before its weights load) with its optimizer, scheduler and
+    scaler, the same in every process."""
+    torch.manual_seed(cfg.seed)  # identical initial weights in every process
+    # a resumed run's weights come from its checkpoint: its trunk is not initialised again
+    if run.resume is None:
+        model = new_model(model_cfg).to(device)
+    else:
+        with checkpoint.naming(run.resume.path):
+            model = build_model(model_cfg).to(device)
+    memory_format = torch.channels_last if run.channels_last else torch.contiguous_format
+    model.image.to(memory_format=memory_format)
+    optimizer = build_optimizer(model, cfg)
+    scaler = torch.amp.GradScaler("cuda") if amp == "fp16" else None
+    return Learner(model, optimizer, build_scheduler(optimizer, cfg), scaler, memory_format)
 
 
 def stop(number: int, path: Path) -> NoReturn:
@@ -120,140 +151,154 @@ def stop(number: int, path: Path) -> NoReturn:
     raise SystemExit(128 + number)
 
 
-def train(args: argparse.Namespace, model_cfg: ModelConfig, cfg: TrainConfig, words_path: Path | str | None, out: Path,
-          resumed: dict | None, context: distributed.Context) -> None:
-    device, main_process = context.device, context.is_main
-    if not main_process:
-        logging.getLogger().setLevel(logging.WARNING)
-    amp = args.amp if device.type == "cuda" else None
-    if args.amp and amp is None:
-        log.info("--amp ignored: mixed precision runs on CUDA only")
-    if cfg.batch_size % context.world_size:
-        raise UserError(f"batch size {cfg.batch_size} (the global batch) does not split over "
-                          f"{context.world_size} processes")
-    is_demo = cfg.dataset == "demo"
-    if is_demo and main_process:
-        demo.ensure(config.DEMO_DIR)
-    distributed.barrier(context)
-    chosen = words_path or cfg.words
-    words = load_word_vectors(Path(chosen) if chosen else config.path(words_key(model_cfg, is_demo), demo=is_demo))
-    if words.dim != model_cfg.word_dim:
-        raise UserError(f"word vectors {words.source} are {words.dim}-d but the model expects "
-                          f"model.word_dim={model_cfg.word_dim}")
-    train_records = load_records(cfg.dataset, cfg.split)
-    if args.limit and args.limit > len(train_records):
-        log.warning("--limit %d: %s %s has only %d images; training on all of them", args.limit, cfg.dataset,
-                    cfg.split, len(train_records))
-    train_records = train_records[: args.limit]
-    log.info(words.oov_report([caption for record in train_records for caption in record.captions]))
-    val_records = load_records(cfg.dataset, cfg.val_split)
-    dataset = PairDataset(train_records, train_transform(cfg), cfg.captions_per_image, cfg.seed,
-                          cfg.group_captions)
-    batch = cfg.batch_size // context.world_size  # per process
-    steps_per_epoch = len(dataset) // context.world_size // batch
-    if not steps_per_epoch:
-        raise UserError(f"batch size {cfg.batch_size} is more than the {len(dataset)} items of an epoch "
-                        f"({'images' if cfg.group_captions else 'pairs'}): no step would train; lower --batch-size")
-    out.mkdir(parents=True, exist_ok=True)
+class MidEpochSaver:
+    """After each step of an epoch: write the run's position to ``path`` every ``every`` steps (but at the epoch's
+    last, whose own checkpoint follows) and at the first step after a stop signal, then stop. Every process calls
+    it: the checkpoint holds each one's random state."""
 
-    torch.manual_seed(cfg.seed)  # identical initial weights in every process
-    # a resumed run's weights come from its checkpoint: its trunk is not initialised again
-    if resumed is None:
-        model = new_model(model_cfg).to(device)
-    else:
-        with checkpoint.naming(args.resume):
-            model = build_model(model_cfg).to(device)
-    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
-    model.image.to(memory_format=memory_format)
-    optimizer = build_optimizer(model, cfg)
-    scheduler = build_scheduler(optimizer, cfg)
-    scaler = torch.amp.GradScaler("cuda") if amp == "fp16" else None
-    position = Position()
-    if resumed is not None:
-        position = resume(resumed, args.resume, model, optimizer, scheduler, scaler, cfg, context)
-        if main_process and out.resolve() == args.resume.parent.resolve():
-            checkpoint.check_best(out, resumed)
+    def __init__(self, snapshot: Callable[..., dict], path: Path, every: int | None, steps_per_epoch: int,
+                 signals: distributed.StopSignals, context: distributed.Context) -> None:
+        self.snapshot, self.path, self.every, self.steps_per_epoch = snapshot, path, every, steps_per_epoch
+        self.signals, self.context = signals, context
 
-    sampler = distributed.EpochSampler(dataset, context, cfg.seed)
-    # the loader's own generator: making an epoch's iterator leaves the global one (dropout's) untouched
-    loader = DataLoader(dataset, batch_size=batch, sampler=sampler, drop_last=True, num_workers=cfg.workers,
-                        collate_fn=PairCollate(words), pin_memory=device.type == "cuda",
-                        generator=torch.Generator().manual_seed(cfg.seed))
-    val_protocol = ("1k",) if len(val_records) >= 1000 else ("full",)
-    log.info("training %s on %d %s images (%d pairs/epoch), validating on %d; %d process(es) on %s; run folder %s",
-             model_cfg.trunk, len(train_records), cfg.dataset, len(dataset) * dataset.per_item, len(val_records),
-             context.world_size, device, out)
-    log.info(describe(cfg, model_cfg.arch))
-    board = TrainLog(out / "tensorboard", steps_per_epoch) if main_process else None
-    stored, reference = export.reference(words.source)
-    saved_config = {"model": asdict(model_cfg), "train": asdict(cfg), "word_vectors": stored, "words": reference}
+    def __call__(self, epoch: int, totals: dict[str, float]) -> None:
+        """After a step of ``epoch``, whose running sums (steps done included) are ``totals``."""
+        steps = totals["steps"]
+        number = self.signals.received()
+        if number or (self.every and steps % self.every == 0 and steps < self.steps_per_epoch):
+            rng = distributed.gather_objects(rng_state(self.context.device), self.context)
+            if self.context.is_main:
+                checkpoint.atomic_save(self.snapshot(epoch, step=steps, partial=dict(totals), rng=rng), self.path)
+            distributed.barrier(self.context)
+        if number:
+            stop(number, self.path)
 
-    def snapshot(epoch: int, **within: Any) -> dict:
+
+class Trainer:
+    """The epochs of a run from its position: each one's stage, steps, validation and checkpoints (the main process
+    validates and writes), and TensorBoard."""
+
+    def __init__(self, model_cfg: ModelConfig, cfg: TrainConfig, run: RunOptions, data: Data, learner: Learner,
+                 position: Position, context: distributed.Context, amp: str | None,
+                 signals: distributed.StopSignals) -> None:
+        self.cfg, self.run, self.data, self.learner, self.position = cfg, run, data, learner, position
+        self.context, self.amp, self.signals = context, amp, signals
+        self.board = TrainLog(run.out / "tensorboard", data.steps_per_epoch) if context.is_main else None
+        stored, reference = export.reference(data.words.source)
+        self.saved_config = {"model": asdict(model_cfg), "train": asdict(cfg), "word_vectors": stored,
+                             "words": reference}
+        self.saver = MidEpochSaver(self.snapshot, run.out / checkpoint.LAST, run.save_every, data.steps_per_epoch,
+                                   signals, context)
+        self.epoch = position.epoch
+
+    def snapshot(self, epoch: int, **within: Any) -> dict:
         """The training checkpoint after ``epoch`` epochs (and ``within`` the next one)."""
-        return {"format": checkpoint.FORMAT, "version": checkpoint.VERSION, "config": saved_config,
-                "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "scaler": scaler.state_dict() if scaler else None, "epoch": epoch, "best_rsum": position.best_rsum,
-                "best_epoch": position.best_epoch, "metrics": {"val": position.val, "history": position.history},
-                **within}
+        learner, position = self.learner, self.position
+        return {"format": checkpoint.FORMAT, "version": checkpoint.VERSION, "config": self.saved_config,
+                "model": learner.model.state_dict(), "optimizer": learner.optimizer.state_dict(),
+                "scheduler": learner.scheduler.state_dict(),
+                "scaler": learner.scaler.state_dict() if learner.scaler else None, "epoch": epoch,
+                "best_rsum": position.best_rsum, "best_epoch": position.best_epoch,
+                "metrics": {"val": position.val, "history": position.history}, **within}
 
-    network, wrapped_parts = model, None
-    with distributed.StopSignals(context) as signals:
-        for epoch in range(position.epoch, cfg.epochs):
-            seed_for(cfg, epoch, context.rank)
-            parts = enter_stage(model, epoch, cfg)
-            if context.distributed and parts != wrapped_parts:
+    def fit(self) -> None:
+        """Train every epoch the run has not finished; stop at an epoch's end after a stop signal."""
+        model = self.learner.model
+        network, wrapped_parts = model, None
+        for epoch in range(self.position.epoch, self.cfg.epochs):
+            seed_for(self.cfg, epoch, self.context.rank)
+            parts = enter_stage(model, epoch, self.cfg)
+            if self.context.distributed and parts != wrapped_parts:
                 # DDP registers the parameters that need gradients when it is built: re-wrap when the stage changes.
                 network, wrapped_parts = DistributedDataParallel(model), parts
-            if position.step:  # resumed mid-epoch: the same random state, the rest of the same batches
-                set_rng_state(position.rng[context.rank], device)
-            dataset.set_epoch(epoch)
-            sampler.set_epoch(epoch, position.step * batch)
-            lr = optimizer.param_groups[0]["lr"]
-            if board is not None:
-                board.start_epoch(epoch, position.partial, loss_kind(cfg, epoch))
+            lr = self.learner.optimizer.param_groups[0]["lr"]
+            stats = self.train_epoch(network, epoch)
+            self.learner.scheduler.step()
+            if self.context.is_main:
+                self.end_epoch(epoch, lr, parts, stats)
+            distributed.barrier(self.context)
+            number = self.signals.received()
+            if number and epoch + 1 < self.cfg.epochs:
+                stop(number, self.run.out / checkpoint.LAST)
 
-            def after_step(totals: dict, epoch: int = epoch) -> None:
-                if board is not None:
-                    board.step(totals, optimizer.param_groups[0]["lr"])
-                number = signals.received()
-                if number or (args.save_every and totals["steps"] % args.save_every == 0
-                              and totals["steps"] < steps_per_epoch):
-                    rng = distributed.gather_objects(rng_state(device), context)
-                    if main_process:
-                        checkpoint.atomic_save(snapshot(epoch, step=totals["steps"], partial=dict(totals), rng=rng),
-                                               out / checkpoint.LAST)
-                    distributed.barrier(context)
-                if number:
-                    stop(number, out / checkpoint.LAST)
+    def train_epoch(self, network: torch.nn.Module, epoch: int) -> dict[str, float]:
+        """The steps of ``epoch`` (those left of it, when resumed mid-way): its training statistics."""
+        position, data, learner, device = self.position, self.data, self.learner, self.context.device
+        if position.step:  # resumed mid-epoch: the same random state, the rest of the same batches
+            set_rng_state(position.rng[self.context.rank], device)
+        data.dataset.set_epoch(epoch)
+        data.sampler.set_epoch(epoch, position.step * data.batch)
+        if self.board is not None:
+            self.board.start_epoch(epoch, position.partial, loss_kind(self.cfg, epoch))
+        self.epoch = epoch
+        stats = train_one_epoch(network, data.loader, learner.optimizer, epoch_loss(self.cfg, epoch), device, self.amp,
+                                learner.scaler, learner.memory_format, self.cfg.grad_clip,
+                                progress=self.context.is_main and self.run.progress, description=f"epoch {epoch}",
+                                totals=position.partial, after_step=self.after_step,
+                                global_batch=self.context.distributed)
+        position.step, position.partial = 0, None
+        return stats
 
-            stats = train_one_epoch(network, loader, optimizer, epoch_loss(cfg, epoch), device, amp, scaler,
-                                    memory_format, cfg.grad_clip, progress=main_process and not args.no_progress,
-                                    description=f"epoch {epoch}", totals=position.partial, after_step=after_step,
-                                    global_batch=context.distributed)
-            position.step, position.partial = 0, None
-            scheduler.step()
-            if main_process:
-                metrics = evaluate_records(model, val_records, words, device, cfg.eval_size, val_protocol,
-                                           workers=cfg.workers, amp=amp, progress=not args.no_progress)
-                rsum = metrics[val_protocol[0]]["rsum"]
-                position.history.append({"epoch": epoch, "lr": lr, "trained": parts,
-                                         "loss_kind": loss_kind(cfg, epoch), **stats, "val_rsum": rsum})
-                position.val = metrics
-                board.end_epoch(stats, metrics[val_protocol[0]])
-                is_best = rsum > position.best_rsum
-                if is_best:
-                    position.best_rsum, position.best_epoch = rsum, epoch + 1
-                checkpoint.save_training(snapshot(epoch + 1), out, is_best)
-                log.info("epoch %d: lr %.2e, trained %s, %s loss %.4f, %.0f s (%.0f pairs/s, data wait %.0f s), "
-                         "val rsum %.1f%s", epoch, lr, "+".join(parts), loss_kind(cfg, epoch), stats["loss"],
-                         stats["seconds"], stats["pairs_per_s"], stats["data_seconds"], rsum,
-                         " (best)" if is_best else "")
-            distributed.barrier(context)
-            number = signals.received()
-            if number and epoch + 1 < cfg.epochs:
-                stop(number, out / checkpoint.LAST)
-    if board is not None:
-        board.finish(saved_config, position.best_rsum, position.val and position.val[val_protocol[0]])
-        if position.val:
-            log.info("validation (%s images):\n%s", len(val_records), format_table(position.val))
+    def after_step(self, totals: dict[str, float]) -> None:
+        if self.board is not None:
+            self.board.step(totals, self.learner.optimizer.param_groups[0]["lr"])
+        self.saver(self.epoch, totals)
 
+    def end_epoch(self, epoch: int, lr: float, parts: list[str], stats: dict[str, float]) -> None:
+        """Validate after ``epoch`` and write its checkpoint (and the best), on the main process."""
+        position, protocol = self.position, self.data.val_protocol
+        metrics = evaluate_records(self.learner.model, self.data.val_records, self.data.words, self.context.device,
+                                   self.cfg.eval_size, (protocol,), workers=self.cfg.workers, amp=self.amp,
+                                   progress=self.run.progress)
+        rsum = metrics[protocol]["rsum"]
+        kind = loss_kind(self.cfg, epoch)
+        position.history.append({"epoch": epoch, "lr": lr, "trained": parts, "loss_kind": kind, **stats,
+                                 "val_rsum": rsum})
+        position.val = metrics
+        self.board.end_epoch(stats, metrics[protocol])
+        is_best = rsum > position.best_rsum
+        if is_best:
+            position.best_rsum, position.best_epoch = rsum, epoch + 1
+        checkpoint.save_training(self.snapshot(epoch + 1), self.run.out, is_best)
+        log.info("epoch %d: lr %.2e, trained %s, %s loss %.4f, %.0f s (%.0f pairs/s, data wait %.0f s), "
+                 "val rsum %.1f%s", epoch, lr, "+".join(parts), kind, stats["loss"], stats["seconds"],
+                 stats["pairs_per_s"], stats["data_seconds"], rsum, " (best)" if is_best else "")
+
+    def finish(self) -> None:
+        """Close TensorBoard with the run's settings and final metrics; the last validation table in the log."""
+        if self.board is None:
+            return
+        val = self.position.val
+        self.board.finish(self.saved_config, self.position.best_rsum, val and val[self.data.val_protocol])
+        if val:
+            log.info("validation (%s images):\n%s", len(self.data.val_records), format_table(val))
+
+
+def train(model_config: ModelConfig, train_config: TrainConfig, run: RunOptions,
+          context: distributed.Context) -> None:
+    """Train ``model_config`` by ``train_config`` in this process of ``context``: a new run, or ``run.resume``
+    continued exactly (a run resumed mid-epoch replays the rest of that epoch's batches with the same random
+    state)."""
+    device = context.device
+    if not context.is_main:
+        logging.getLogger().setLevel(logging.WARNING)
+    amp = run.amp if device.type == "cuda" else None
+    if run.amp and amp is None:
+        log.info("--amp ignored: mixed precision runs on CUDA only")
+    data = load_data(model_config, train_config, run, context)
+    run.out.mkdir(parents=True, exist_ok=True)
+    learner = build_learner(model_config, train_config, run, amp, device)
+    position = Position()
+    if run.resume is not None:
+        position = restore(run.resume, learner.model, learner.optimizer, learner.scheduler, learner.scaler,
+                           train_config, context)
+        if context.is_main and run.out.resolve() == run.resume.path.parent.resolve():
+            checkpoint.check_best(run.out, run.resume.state)
+    log.info("training %s on %d %s images (%d pairs/epoch), validating on %d; %d process(es) on %s; run folder %s",
+             model_config.trunk, len(data.train_records), train_config.dataset,
+             len(data.dataset) * data.dataset.per_item, len(data.val_records), context.world_size, device, run.out)
+    log.info(describe(train_config, model_config.arch))
+    with distributed.StopSignals(context) as signals:
+        trainer = Trainer(model_config, train_config, run, data, learner, position, context, amp, signals)
+        trainer.fit()
+    trainer.finish()

@@ -19,12 +19,9 @@ import torch
 from torch import nn
 
 from misc.config import TrainConfig
-from misc.train.losses import LossFn, build_loss
+from misc.train.losses import LOSSES, LossFn, build_loss
 from models.joint import Model, system_class
 from models.trunks import stage_modules
-
-LOSS_NAMES = {"hard": "hardest negatives (eq. 7)", "sum": "sum over negatives (eq. 5)", "npair": "N-pair",
-              "triplet": "sampled triplets"}
 
 
 @dataclass(frozen=True)
@@ -86,7 +83,7 @@ def describe(cfg: TrainConfig, arch: str = "dsve") -> str:
              f"{'epochs':<8}{'lr':<11}{'trains':<36}loss"]
     for (first, last), lr, parts, loss in rows:
         epochs = str(first) if first == last else f"{first}-{last}"
-        lines.append(f"{epochs:<8}{lr:<11.3e}{', '.join(parts):<36}{LOSS_NAMES[loss]}")
+        lines.append(f"{epochs:<8}{lr:<11.3e}{', '.join(parts):<36}{LOSSES[loss].description}")
     return "\n".join(lines)
 
 

@@ -1,7 +1,8 @@
 """TensorBoard logging of a training run (``tensorboard --logdir runs``), on one axis: steps done.
 
-- every step: its loss, tagged with the loss in use (``train/loss/triplet_hardest`` for eq. 7,
-  ``train/loss/triplet_sum`` for eq. 5, ``train/loss/npair``, ``train/loss/triplet_sampled``), and the lr;
+- every step: its loss, tagged with the loss in use (``train/loss/<tag>``, the tag of
+  :data:`misc.train.losses.LOSSES`: ``triplet_hardest`` for eq. 7, ``triplet_sum`` for eq. 5, ``npair``,
+  ``triplet_sampled``), and the lr;
 - every epoch, at its last step: the epoch's mean loss, timings, out-of-vocabulary rate and validation recall;
 - at the end: the hyper-parameters (every model and training setting) with the final validation metrics
   (``add_hparams``), for the HParams dashboard.
@@ -13,7 +14,8 @@ from typing import Any
 
 from torch.utils.tensorboard import SummaryWriter
 
-LOSS_TAGS = {"hard": "triplet_hardest", "sum": "triplet_sum", "npair": "npair", "triplet": "triplet_sampled"}
+from misc.train.losses import LOSSES
+
 EPOCH_STATS = ("loss", "seconds", "data_seconds", "pairs_per_s", "oov_rate")
 
 
@@ -35,7 +37,7 @@ class TrainLog:
         """Log the step just done from the epoch's running sums (``misc.train.loop.train_one_epoch``'s ``totals``):
         its loss is the growth of the loss sum."""
         self.steps = self.epoch * self.steps_per_epoch + int(totals["steps"])
-        self.writer.add_scalar(f"train/loss/{LOSS_TAGS[self.loss]}", totals["loss"] - self.loss_sum, self.steps)
+        self.writer.add_scalar(f"train/loss/{LOSSES[self.loss].tag}", totals["loss"] - self.loss_sum, self.steps)
         self.writer.add_scalar("train/lr", lr, self.steps)
         self.loss_sum = totals["loss"]
 

@@ -37,8 +37,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = parser_for(__doc__)
     parser.add_argument("--preset", choices=list(config.PRESETS), default=None,
                         help="paper (default when COCO is configured; the original code's schedule), paper-text "
-                             "(the schedule as the paper's text states it), demo, das2019 (the matchmap system of Das "
-                             "et al. 2019) or demo-matchmap")
+                             "(the paper's text), demo, das2019 (Das et al. 2019's matchmap) or demo-matchmap")
     add_set_arg(parser)
     parser.add_argument("--dataset", help="coco | flickr30k | demo | a JSON-lines file (data/README.md)")
     parser.add_argument("--split", help="training split (default: config train.split; any name of a JSON-lines file)")
@@ -51,6 +50,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                                    "glove_vectors for model.arch=matchmap; the demo world's on it)")
     parser.add_argument("--resume", type=Path,
                         help="continue a run from its last.pth.tar, in that file's folder unless --out says otherwise")
+    parser.add_argument("--allow-changes", action="store_true", help="with --resume: keep changed settings (recorded)")
     parser.add_argument("--save-every", type=positive_int, metavar="N",
                         help="also write last.pth.tar every N steps within an epoch (resumed exactly from there); "
                              "SIGTERM and SIGUSR1 always write it at the next step, then stop")
@@ -79,7 +79,7 @@ def configure(args: argparse.Namespace) -> tuple[ModelConfig, TrainConfig, Path 
     """Model and training config: the resumed run's, else preset + flags (the demo world when COCO is not
     configured); the word-vector file, and the checkpoint to resume."""
     from misc.store import checkpoint, export
-    from misc.train.state import Resume
+    from misc.train.state import Resume, check_resume
     from models.trunks import IMAGENET_WEIGHTS
 
     if args.weights:
@@ -94,6 +94,8 @@ def configure(args: argparse.Namespace) -> tuple[ModelConfig, TrainConfig, Path 
         with checkpoint.naming(args.resume):
             model_cfg = config.from_dict(ModelConfig, saved["model"])
             train_cfg = config.from_dict(TrainConfig, saved.get("train", {}))
+        if args.preset:  # compared with the run's own settings below, as --set is
+            model_cfg, train_cfg = config.preset(args.preset)
         words = export.find_words(saved, args.words, args.resume)
     else:
         name = args.preset
@@ -108,7 +110,9 @@ def configure(args: argparse.Namespace) -> tuple[ModelConfig, TrainConfig, Path 
     flags = {"dataset": args.dataset, "split": args.split, "val_split": args.val_split, "epochs": args.epochs,
              "batch_size": args.batch_size, "seed": args.seed, "workers": args.workers}
     train_cfg = TrainConfig(**{**asdict(train_cfg), **{k: v for k, v in flags.items() if v is not None}})
-    if not args.resume:
+    if resumed is not None:
+        resumed = check_resume(resumed, model_cfg, train_cfg, args.allow_changes)
+    else:
         model_cfg = replace(model_cfg, trunk_init=source or model_cfg.trunk_init)
         check_trunk_source(model_cfg, args.preset or "paper")
     return model_cfg, train_cfg, str(args.words) if args.words and not resumed else words, resumed

@@ -374,7 +374,7 @@ def test_a_second_process_on_the_same_extraction_is_refused_in_one_line(tmp_path
     manifest = extraction.run_manifest("0" * 64, SIZE, False, ["a.jpg"], 5)
     first = PartStore(out)
     first.start(manifest, resume=False)
-    with pytest.raises(extraction.UserError, match="another process is extracting into"):
+    with pytest.raises(extraction.UserError, match=f"{out}.parts is in use by process {os.getpid()} on "):
         PartStore(out).start(manifest, resume=True)
     first.close()  # as when the first process ends, killed or not
     assert PartStore(out).start(manifest, resume=True) == manifest

@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import os
 import re
+import socket
 import subprocess
 import sys
 import zipfile
@@ -368,8 +369,9 @@ def test_a_second_process_is_refused_while_the_first_holds_the_extraction(checkp
         second = run_cli("image_features_extraction.py", "-p", str(checkpoint), "-d", str(photos), "-o", str(out),
                          "--resume", "--workers", "0", "--no-progress", "--device", "cpu", check=False)
         assert second.returncode == 2
-        assert second.stderr.strip().splitlines()[-1] == (f"error: another process is extracting into {out}.parts; "
-                                                          f"let it finish, or stop it and run again with --resume")
+        assert second.stderr.strip().splitlines()[-1] == (
+            f"error: {out}.parts is in use by process {holder.pid} on {socket.gethostname()} (python); let it "
+            f"finish, or stop it and run again with --resume")
     finally:
         holder.communicate("", timeout=60)
     assert holder.returncode == 0 and not out.exists()

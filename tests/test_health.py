@@ -4,6 +4,7 @@ line naming the epoch, the step and the loss term."""
 from __future__ import annotations
 
 import copy
+import re
 
 import pytest
 import torch
@@ -12,6 +13,7 @@ from misc.data.words import Encoded
 from misc.errors import UserError
 from misc.train.loop import Health, train_one_epoch
 from misc.train.losses import ranking_loss
+from tests.conftest import TINY_MODEL, run_cli
 
 
 class Pairs(torch.nn.Module):
@@ -85,3 +87,20 @@ def test_skipped_steps_are_counted_and_update_nothing():
     assert stats["loss"] == pytest.approx(reference_stats["loss"])  # the mean of the finite steps
     with pytest.raises(UserError, match="step 1: the hard loss is nan"):  # the budget of the run is spent
         run(model, data[:1], poisoned({1}, "loss"), health, optimizer)
+
+
+@pytest.mark.slow
+def test_a_diverging_run_stops_in_one_line_or_skips_and_keeps_its_checkpoints_finite(tiny_world, tmp_path):
+    flags = ["--preset", "demo", "--epochs", "1", *TINY_MODEL, "--set", "train.lr=1e30", "--set", "train.loss=hard",
+             "--set", "train.sum_loss_epochs=0"]
+    stopped = run_cli("train.py", *flags, "--out", tmp_path / "stopped", world=tiny_world, check=False)
+    last = stopped.stderr.strip().splitlines()[-1]
+    assert stopped.returncode == 2 and re.fullmatch(r"error: epoch 0, step \d+: the (hard loss|gradient norm) is "
+                                                    r"(nan|inf)(; .*)", last), stopped.stderr[-2000:]
+    assert not (tmp_path / "stopped" / "last.pth.tar").exists()  # no epoch ended: nothing non-finite was written
+    skipping = run_cli("train.py", *flags, "--set", "train.skip_nonfinite=1000", "--out", tmp_path / "skipping",
+                       world=tiny_world)
+    state = torch.load(tmp_path / "skipping" / "last.pth.tar", weights_only=True)
+    assert state["skipped_steps"] > 0 and "step skipped" in skipping.stderr
+    assert state["metrics"]["history"][0]["skipped_steps"] == state["skipped_steps"]
+    assert all(torch.isfinite(value).all() for value in state["model"].values() if value.is_floating_point())

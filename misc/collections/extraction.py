@@ -6,14 +6,13 @@ into ``OUT.npz`` (streamed, temporary file + rename) when every chunk is done.
 """
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
 from collections.abc import Iterable, Iterator
 
 import numpy as np
@@ -22,7 +21,8 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from misc.store.arrays import Streamed, npz_array, skipped_array, text_array, write_npz
-from misc.store.files import file_sha256, write_json, writing
+from misc.store.files import file_sha256, write_json
+from misc.store.locks import FolderLock
 from misc.errors import UserError
 from misc.data.datasets import eval_transform
 from misc.devices import autocast
@@ -169,7 +169,7 @@ class PartStore:
 
     def __init__(self, out: Path) -> None:
         self.folder = Path(out).with_name(Path(out).name + ".parts")
-        self.lock: TextIO | None = None
+        self.lock: FolderLock | None = None
 
     def start(self, manifest: dict[str, Any], resume: bool) -> dict[str, Any]:
         """Open the store for a run; returns the manifest in force (a resumed run keeps its chunk size)."""
@@ -194,20 +194,12 @@ class PartStore:
             raise
 
     def _lock(self) -> None:
-        with writing(self.folder):  # a read-only or full output folder: one line, before any work
-            self.folder.mkdir(parents=True, exist_ok=True)
-            self.lock = open(self.folder / "lock", "w")  # noqa: SIM115 - held open for the whole run
-        try:
-            fcntl.flock(self.lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            self.close()
-            raise UserError(f"another process is extracting into {self.folder}; let it finish, or stop it and "
-                              f"run again with --resume") from None
+        self.lock = FolderLock(self.folder, "let it finish, or stop it and run again with --resume").acquire()
 
     def close(self) -> None:
         """Release the run's lock (the parts stay for a later --resume)."""
         if self.lock is not None:
-            self.lock.close()
+            self.lock.release()
             self.lock = None
 
     def part(self, chunk: int) -> Path:

@@ -9,6 +9,7 @@ A checkpoint is a dict::
      "model": state_dict, "epoch": epochs completed, "best_rsum": float, "metrics": dict,
      # training checkpoints also carry
      "optimizer": ..., "scheduler": ..., "scaler": ..., "best_epoch": the "epoch" of the best validation,
+     "skipped_steps": non-finite steps skipped so far (train.skip_nonfinite),
      # and when written mid-epoch (--save-every, a stop signal): steps done in epoch "epoch", their running sums
      "step": int, "partial": dict, "rng": one {"torch", "cuda", "python"} per process}
 

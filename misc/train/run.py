@@ -4,6 +4,7 @@ and schedule, the epochs with their checkpoints, mid-epoch saves and stop signal
 is imported only then, so that ``train.py --help`` loads no torch)."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import signal
 from collections.abc import Callable
@@ -25,7 +26,8 @@ from misc.eval.encode import evaluate_records
 from misc.eval.retrieval import format_table
 from misc.store import checkpoint, export
 from misc.train import distributed
-from misc.train.loop import train_one_epoch
+from misc.train.loop import Health, train_one_epoch
+from misc.store.locks import FolderLock
 from misc.train.schedule import build_optimizer, build_scheduler, describe, enter_stage, epoch_loss, loss_kind
 from misc.train.state import Position, Resume, restore, rng_state, seed_for, set_rng_state
 from misc.train.tblog import TrainLog
@@ -33,6 +35,7 @@ from models.config import ModelConfig
 from models.joint import Model, build_model
 
 log = logging.getLogger("train")
+IN_USE = "let it finish, or stop it and continue it later with --resume"  # what a refused run is told
 
 
 @dataclass(frozen=True)
@@ -190,6 +193,10 @@ class Trainer:
         self.saver = MidEpochSaver(self.snapshot, run.out / checkpoint.LAST, run.save_every, data.steps_per_epoch,
                                    signals, context)
         self.epoch = position.epoch
+        self.health = Health(cfg.skip_nonfinite, position.skipped)
+        resumed = run.resume.state.get("resumed_with_changes", []) if run.resume else []
+        changes = [f"at epoch {position.epoch}: {change}" for change in run.resume.changes] if run.resume else []
+        self.changes = [*resumed, *changes]  # settings changed on purpose at a resume (--allow-changes)
 
     def snapshot(self, epoch: int, **within: Any) -> dict:
         """The training checkpoint after ``epoch`` epochs (and ``within`` the next one)."""
@@ -199,7 +206,8 @@ class Trainer:
                 "scheduler": learner.scheduler.state_dict(),
                 "scaler": learner.scaler.state_dict() if learner.scaler else None, "epoch": epoch,
                 "best_rsum": position.best_rsum, "best_epoch": position.best_epoch,
-                "metrics": {"val": position.val, "history": position.history}, **within}
+                "metrics": {"val": position.val, "history": position.history},
+                "skipped_steps": self.health.skipped, "resumed_with_changes": self.changes, **within}
 
     def fit(self) -> None:
         """Train every epoch the run has not finished; stop at an epoch's end after a stop signal."""
@@ -235,7 +243,8 @@ class Trainer:
                                 learner.scaler, learner.memory_format, self.cfg.grad_clip,
                                 progress=self.context.is_main and self.run.progress, description=f"epoch {epoch}",
                                 totals=position.partial, after_step=self.after_step,
-                                global_batch=self.context.distributed)
+                                global_batch=self.context.distributed, health=self.health,
+                                loss_name=loss_kind(self.cfg, epoch))
         position.step, position.partial = 0, None
         return stats
 
@@ -279,26 +288,28 @@ def train(model_config: ModelConfig, train_config: TrainConfig, run: RunOptions,
     """Train ``model_config`` by ``train_config`` in this process of ``context``: a new run, or ``run.resume``
     continued exactly (a run resumed mid-epoch replays the rest of that epoch's batches with the same random
     state)."""
-    device = context.device
-    if not context.is_main:
-        logging.getLogger().setLevel(logging.WARNING)
-    amp = run.amp if device.type == "cuda" else None
-    if run.amp and amp is None:
-        log.info("--amp ignored: mixed precision runs on CUDA only")
-    data = load_data(model_config, train_config, run, context)
-    run.out.mkdir(parents=True, exist_ok=True)
-    learner = build_learner(model_config, train_config, run, amp, device)
-    position = Position()
-    if run.resume is not None:
-        position = restore(run.resume, learner.model, learner.optimizer, learner.scheduler, learner.scaler,
-                           train_config, context)
-        if context.is_main and run.out.resolve() == run.resume.path.parent.resolve():
-            checkpoint.check_best(run.out, run.resume.state)
-    log.info("training %s on %d %s images (%d pairs/epoch), validating on %d; %d process(es) on %s; run folder %s",
-             model_config.trunk, len(data.train_records), train_config.dataset,
-             len(data.dataset) * data.dataset.per_item, len(data.val_records), context.world_size, device, run.out)
-    log.info(describe(train_config, model_config.arch))
-    with distributed.StopSignals(context) as signals:
-        trainer = Trainer(model_config, train_config, run, data, learner, position, context, amp, signals)
-        trainer.fit()
-    trainer.finish()
+    # One writer per run folder: a second train.py (or --resume) into it is refused while this one runs.
+    with FolderLock(run.out, IN_USE) if context.is_main else contextlib.nullcontext():
+        device = context.device
+        if not context.is_main:
+            logging.getLogger().setLevel(logging.WARNING)
+        amp = run.amp if device.type == "cuda" else None
+        if run.amp and amp is None:
+            log.info("--amp ignored: mixed precision runs on CUDA only")
+        data = load_data(model_config, train_config, run, context)
+        run.out.mkdir(parents=True, exist_ok=True)
+        learner = build_learner(model_config, train_config, run, amp, device)
+        position = Position()
+        if run.resume is not None:
+            position = restore(run.resume, learner.model, learner.optimizer, learner.scheduler, learner.scaler,
+                               train_config, context)
+            if context.is_main and run.out.resolve() == run.resume.path.parent.resolve():
+                checkpoint.check_best(run.out, run.resume.state)
+        log.info("training %s on %d %s images (%d pairs/epoch), validating on %d; %d process(es) on %s; run folder %s",
+                 model_config.trunk, len(data.train_records), train_config.dataset,
+                 len(data.dataset) * data.dataset.per_item, len(data.val_records), context.world_size, device, run.out)
+        log.info(describe(train_config, model_config.arch))
+        with distributed.StopSignals(context) as signals:
+            trainer = Trainer(model_config, train_config, run, data, learner, position, context, amp, signals)
+            trainer.fit()
+        trainer.finish()

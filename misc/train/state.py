@@ -4,19 +4,22 @@ from __future__ import annotations
 
 import logging
 import random
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from misc.config import TrainConfig
+from misc.config import TrainConfig, from_dict
 from misc.errors import UserError, first_line
 from misc.store import checkpoint
 from misc.train import distributed
+from models.config import ModelConfig
 from models.joint import Model
 
 log = logging.getLogger("train")
+# What a resumed run may change: how long it goes on and how it loads data, not what a step computes.
+HARMLESS = ("train.epochs", "train.workers")
 
 
 @dataclass(frozen=True)
@@ -26,6 +29,33 @@ class Resume:
 
     path: Path
     state: dict
+    changes: tuple[str, ...] = ()  # settings changed on purpose at this resume (--allow-changes), as "key: old -> new"
+
+
+def changed_settings(saved: dict, model: ModelConfig, train: TrainConfig) -> list[str]:
+    """``section.key: old -> new`` for each setting that differs from the checkpoint's configuration ``saved``
+    (the trunk's starting point aside: a resumed run's weights come from its checkpoint)."""
+    before = {"model": asdict(from_dict(ModelConfig, saved["model"])),
+              "train": asdict(from_dict(TrainConfig, saved.get("train", {})))}
+    after = {"model": asdict(model), "train": asdict(train)}
+    return [f"{section}.{key}: {before[section][key]!r} -> {value!r}" for section in ("model", "train")
+            for key, value in after[section].items()
+            if value != before[section][key] and f"{section}.{key}" != "model.trunk_init"]
+
+
+def check_resume(resume: Resume, model: ModelConfig, train: TrainConfig, allow: bool) -> Resume:
+    """Refuse settings of a resumed run that differ from its checkpoint's (a changed model, data or schedule would
+    make another run than the one continued) unless ``allow``, which records them; :data:`HARMLESS` ones are said
+    and kept."""
+    changes = changed_settings(resume.state["config"], model, train)
+    harmless = [change for change in changes if change.split(":")[0] in HARMLESS]
+    others = [change for change in changes if change not in harmless]
+    if harmless:
+        log.info("resuming %s with %s", resume.path, "; ".join(harmless))
+    if others and not allow:
+        raise UserError(f"--resume {resume.path}: these settings differ from the run's ({'; '.join(others)}); "
+                        f"resume without them, or pass --allow-changes to continue with them on purpose")
+    return replace(resume, changes=tuple(others))
 
 
 @dataclass
@@ -41,6 +71,7 @@ class Position:
     best_epoch: int | None = None
     history: list = field(default_factory=list)
     val: dict | None = None
+    skipped: int = 0  # non-finite steps skipped so far in the run (train.skip_nonfinite)
 
 
 def restore(source: Resume, model: Model, optimizer: torch.optim.Optimizer, scheduler: Any,
@@ -61,7 +92,7 @@ def restore(source: Resume, model: Model, optimizer: torch.optim.Optimizer, sche
         raise UserError(f"{path}: its optimizer state does not fit this model ({first_line(error)})") from None
     position = Position(state["epoch"], state.get("step", 0), state.get("partial"), state.get("rng"),
                         state["best_rsum"], state.get("best_epoch"), state["metrics"].get("history", []),
-                        state["metrics"].get("val"))
+                        state["metrics"].get("val"), state.get("skipped_steps", 0))
     if position.step and (len(position.rng or ()) != context.world_size
                           or state["config"]["train"].get("batch_size") != cfg.batch_size):
         raise UserError(f"{path} was written mid-epoch by {len(position.rng or ())} process(es) with batch size "

@@ -16,7 +16,7 @@ from torch.utils.tensorboard import SummaryWriter
 
 from misc.train.losses import LOSSES
 
-EPOCH_STATS = ("loss", "seconds", "data_seconds", "pairs_per_s", "oov_rate")
+EPOCH_STATS = ("loss", "seconds", "data_seconds", "pairs_per_s", "oov_rate", "skipped_steps")
 
 
 class TrainLog:
@@ -25,19 +25,24 @@ class TrainLog:
     def __init__(self, folder: Path, steps_per_epoch: int) -> None:
         self.writer = SummaryWriter(str(folder))
         self.steps_per_epoch = steps_per_epoch
-        self.epoch, self.loss, self.loss_sum, self.steps = 0, "hard", 0.0, 0
+        self.epoch, self.loss, self.loss_sum, self.steps, self.skipped = 0, "hard", 0.0, 0, 0
 
     def start_epoch(self, epoch: int, totals: dict[str, float] | None, loss: str) -> None:
         """Enter ``epoch``, trained with ``loss`` (a ``TrainConfig.loss`` name); ``totals`` are the running sums of
         the steps already done in it (an epoch resumed mid-way), or None."""
         self.epoch, self.loss = epoch, loss
         self.loss_sum = totals["loss"] if totals else 0.0
+        self.skipped = totals.get("skipped", 0) if totals else 0
 
     def step(self, totals: dict[str, float], lr: float) -> None:
         """Log the step just done from the epoch's running sums (``misc.train.loop.train_one_epoch``'s ``totals``):
         its loss is the growth of the loss sum."""
         self.steps = self.epoch * self.steps_per_epoch + int(totals["steps"])
-        self.writer.add_scalar(f"train/loss/{LOSSES[self.loss].tag}", totals["loss"] - self.loss_sum, self.steps)
+        if totals.get("skipped", 0) > self.skipped:  # a non-finite step: counted, not drawn as a loss
+            self.skipped = totals["skipped"]
+            self.writer.add_scalar("train/skipped_steps", self.skipped, self.steps)
+        else:
+            self.writer.add_scalar(f"train/loss/{LOSSES[self.loss].tag}", totals["loss"] - self.loss_sum, self.steps)
         self.writer.add_scalar("train/lr", lr, self.steps)
         self.loss_sum = totals["loss"]
 

@@ -186,8 +186,10 @@ def test_package_requirements_match_requirements_txt():
 def test_wheel_holds_the_packages_scripts_and_commands(tmp_path):
     """Build the wheel offline from a copy of the tree (an in-tree build would leave build/ in the checkout)."""
     source = tmp_path / "source"
-    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(".*", "data", "runs", "tests", "bench",
-                                                                "__pycache__", "build", "*.egg-info"))
+    top_only = shutil.ignore_patterns("data", "runs", "tests", "bench", "build")  # not misc/data
+    everywhere = shutil.ignore_patterns(".*", "__pycache__", "*.egg-info")
+    shutil.copytree(ROOT, source, ignore=lambda folder, names: everywhere(folder, names)
+                    | (top_only(folder, names) if Path(folder) == ROOT else set()))
     result = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-w",
                              tmp_path / "wheel", source], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr

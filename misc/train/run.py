@@ -18,10 +18,9 @@ from torch.utils.data import DataLoader
 
 from misc.store import checkpoint, export
 from misc import config
-from misc.data import demo
 from misc.train import distributed
 from misc.config import TrainConfig
-from misc.data.datasets import PairCollate, PairDataset, load_records, train_transform
+from misc.data.datasets import PairCollate, PairDataset, load_records, prepare_dataset, train_transform
 from misc.eval.encode import evaluate_records
 from misc.train.loop import train_one_epoch
 from misc.errors import UserError, first_line
@@ -132,8 +131,8 @@ def train(args: argparse.Namespace, model_cfg: ModelConfig, cfg: TrainConfig, wo
         raise UserError(f"batch size {cfg.batch_size} (the global batch) does not split over "
                           f"{context.world_size} processes")
     is_demo = cfg.dataset == "demo"
-    if is_demo and main_process:
-        demo.ensure(config.DEMO_DIR)
+    if main_process:
+        prepare_dataset(cfg.dataset)
     distributed.barrier(context)
     chosen = words_path or cfg.words
     words = load_word_vectors(Path(chosen) if chosen else config.path(words_key(model_cfg, is_demo), demo=is_demo))

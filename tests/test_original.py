@@ -27,7 +27,7 @@ from models.config import ModelConfig
 from misc.store.original import convert_original, infer_trunk, map_state, original_key
 from misc.data.words import ORIGINAL_TEXT, TextOptions, load_word_vectors
 from models.joint import build_model
-from tests.conftest import ROOT, run_cli, run_in_process
+from tests.conftest import ROOT, load_model, run_cli, run_in_process
 
 MAPS, EMBED, WORD, LAYERS, TRUNK = 32, 24, 64, 2, "resnet18"  # WORD = the demo world's word vectors
 PREFIX = "img_emb.module.base_layer."
@@ -272,7 +272,7 @@ def test_image_embedding_equals_the_equations_on_the_raw_tensors(original):
         maps = F.conv2d(trunk.eval()(images), state[f"{PREFIX}1.weight"], state[f"{PREFIX}1.bias"])  # G, eq. 3
         pooled = weldon_by_sorting(maps, 15)
         expected = F.normalize(F.linear(pooled, state["fc.module.weight"], state["fc.module.bias"]), dim=-1)  # eq. 1
-        model = checkpoint.load_model(original.model)
+        model = load_model(original.model)
         torch.testing.assert_close(model.image.feature_maps(images), maps, atol=1e-5, rtol=1e-4)
         torch.testing.assert_close(model.image(images), expected, atol=1e-5, rtol=1e-4)
 
@@ -363,7 +363,7 @@ def test_init_from_a_joint_model_loads_every_weight(original, tmp_path, source):
         checkpoint.atomic_save(checkpoint.load(original.model), path)
     model = build_model(checkpoint.load(original.model)["config"]["model"])
     assert "every weight" in checkpoint.init_from(model, path)
-    reference = checkpoint.load_model(original.model)
+    reference = load_model(original.model)
     assert all(torch.equal(value, reference.state_dict()[key]) for key, value in model.state_dict().items())
 
 

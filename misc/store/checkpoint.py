@@ -15,7 +15,7 @@ A checkpoint is a dict::
 Every value is plain data (dicts, lists, tuples, strings, numbers, tensors); a file holding another object is
 refused.
 
-The model config alone rebuilds the network (:func:`models.joint.build_model`, :func:`load_model`).
+The model config alone rebuilds the network (:func:`models.joint.build_model`, :func:`model_from`).
 
 The original release's files are taken as they are (their conversion is :mod:`misc.store.original`'s): its joint model
 ``model.pth.tar`` is converted in memory by :func:`load`, so every CLI takes it, and its text preprocessing is
@@ -49,7 +49,7 @@ from misc.errors import UserError, few, first_line
 from misc.store.files import atomic_path
 from misc.data.words import TextOptions, WordVectors
 from models.config import ModelConfig
-from models.joint import JointEmbedding, build_model
+from models.joint import Model, build_model
 
 log = logging.getLogger(__name__)
 FORMAT = "dsve-loc"
@@ -180,18 +180,13 @@ def naming(source: Path | str) -> Iterator[None]:
         raise UserError(f"{source}: {error}") from None
 
 
-def model_from(state: dict[str, Any], source: Path | str, device: torch.device | str = "cpu") -> JointEmbedding:
-    """Rebuild the network of a loaded checkpoint (read from ``source``), load its weights, move it to
-    ``device`` in eval mode."""
+def model_from(state: dict[str, Any], source: Path | str, device: torch.device | str = "cpu") -> Model:
+    """Rebuild the network of a loaded checkpoint (read from ``source``), either system's, load its weights, move
+    it to ``device`` in eval mode."""
     with naming(source):
         model = build_model(state["config"]["model"])
     load_weights(model, state["model"], source)
     return model.to(device).eval()
-
-
-def load_model(path: Path | str, device: torch.device | str = "cpu") -> JointEmbedding:
-    """The network of the checkpoint at ``path`` with its weights, on ``device`` in eval mode."""
-    return model_from(load(path), path, device)
 
 
 def load_words(state: dict[str, Any], override_path: Path | str | None = None,

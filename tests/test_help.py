@@ -11,7 +11,7 @@ import pytest
 from tests.conftest import ROOT
 
 COMMANDS = ("train", "eval_retrieval", "pointing_game", "semantic_seg", "localize", "search",
-            "image_features_extraction", "text_features_extraction", "export", "app")
+            "image_features_extraction", "text_features_extraction", "export", "app", "checkpoint", "photo_world")
 HEAVY = ("torch", "torchvision", "gensim", "sru")
 # Runs the command's main(["--help"]) in a fresh interpreter, then prints the heavy modules it imported.
 PROGRAM = """

@@ -20,6 +20,7 @@ import torchvision
 from gensim.models import KeyedVectors
 from torch import nn
 
+import checkpoint as checkpoint_command
 from misc.store import checkpoint
 from misc import cli
 from misc.errors import UserError
@@ -220,20 +221,19 @@ def test_unmapped_or_missing_keys_are_one_line_errors(original):
         convert_original({"state_dict": state, "args_dict": argparse.Namespace(sru=3)}, "m")
 
 
-def checkpoint_cli(args: list, monkeypatch: pytest.MonkeyPatch) -> int:
-    """``python -m misc.store.checkpoint ARGS`` in this process; returns the exit status."""
-    monkeypatch.setattr(sys, "argv", ["misc.store.checkpoint", *map(str, args)])
+def checkpoint_cli(args: list) -> int:
+    """``python checkpoint.py ARGS`` in this process; returns the exit status."""
     try:
-        cli.run(checkpoint.main)
+        cli.run(checkpoint_command.main, [str(arg) for arg in args])
     except SystemExit as exit_:
         return int(exit_.code or 0)
     return 0
 
 
 @pytest.mark.slow
-def test_convert_cli_writes_a_plain_checkpoint_of_the_same_model(original, tmp_path, monkeypatch, capsys):
+def test_convert_cli_writes_a_plain_checkpoint_of_the_same_model(original, tmp_path, capsys):
     out = tmp_path / "converted" / "dsve.pth.tar"
-    result = subprocess.run([sys.executable, "-m", "misc.store.checkpoint", "convert", original.model, out], cwd=ROOT,
+    result = subprocess.run([sys.executable, ROOT / "checkpoint.py", "convert", original.model, out], cwd=ROOT,
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert f"-> {out}: arch=dsve trunk=resnet18 maps_dim=32 embed_dim=24" in result.stdout
@@ -244,10 +244,10 @@ def test_convert_cli_writes_a_plain_checkpoint_of_the_same_model(original, tmp_p
     assert plain["config"] == direct["config"] and plain["model"].keys() == direct["model"].keys()
     assert all(torch.equal(plain["model"][key], value) for key, value in direct["model"].items())
 
-    assert checkpoint_cli(["inspect", original.model], monkeypatch) == 0
+    assert checkpoint_cli(["inspect", original.model]) == 0
     printed = capsys.readouterr().out
     assert "original dsve-loc model" in printed and "first_sentence=True lowercase_fallback=False" in printed
-    assert checkpoint_cli(["convert", out, tmp_path / "again.pth.tar"], monkeypatch) == 2
+    assert checkpoint_cli(["convert", out, tmp_path / "again.pth.tar"]) == 2
     error = capsys.readouterr().err.strip().splitlines()
     assert len(error) == 1 and "not an original dsve-loc model.pth.tar" in error[0]
 

@@ -67,16 +67,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def embed_split(args: argparse.Namespace) -> Embedded:
     """Embed the split's images and captions with the checkpoint (the model, image and word libraries are
     imported here, only on this path)."""
-    from misc import config
-    from misc.data import demo
-    from misc.data.datasets import load_records
+    from misc.data.datasets import load_records, prepare_dataset
     from misc.eval.encode import encode_records
     from misc.inference import Inference
 
     model = Inference.load(args.checkpoint, args.words, args.device, args.amp)
     dataset = args.dataset or model.config["train"]["dataset"]
-    if dataset == "demo":
-        demo.ensure(config.DEMO_DIR)
+    prepare_dataset(dataset)
     records = load_records(dataset, args.split)
     size = args.size or (256 if args.protocol == "crop" else model.test_size)
     log.info("embedding %d images (%dx%d) and their captions from %s on %s", len(records), size, size, dataset,

@@ -4,7 +4,7 @@ Every command's -p, Inference.load and hubconf take the folder as they take a ch
 
     python export.py -p runs/demo/best.pth.tar -o exports/demo
     python export.py -p runs/paper/best.pth.tar -o exports/paper --words-ref   # words by file name and sha256 only
-    python -m misc.store.checkpoint inspect exports/demo
+    python checkpoint.py inspect exports/demo
 """
 from __future__ import annotations
 

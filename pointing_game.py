@@ -271,7 +271,7 @@ def load_items(args: argparse.Namespace, model: Inference) -> tuple[list[Item], 
     """The images and phrases of --dataset, the skipped phrases, and where they come from: dataset, split and
     images_from (in words)."""
     from misc.data import flickr_entities
-    from misc.data.datasets import SPLITS, coco_files, is_custom, read_regions, uses_demo
+    from misc.data.datasets import SPLITS, coco_files, is_custom, prepare_dataset, read_regions, uses_demo
 
     trained_on = model.config["train"]["dataset"]
     dataset = args.dataset or ("flickr30k_entities" if trained_on == "flickr30k" else trained_on)
@@ -286,6 +286,7 @@ def load_items(args: argparse.Namespace, model: Inference) -> tuple[list[Item], 
                         f"{', '.join(DATASETS)} or a JSON-lines file with regions (data/README.md)")
     entities = dataset in ("flickr30k_entities", "demo_entities")
     demo = uses_demo({"flickr30k_entities": "coco", "demo_entities": "demo"}.get(dataset, dataset))
+    prepare_dataset(dataset)
     if entities:
         split = args.split or "test"
         if split not in flickr_entities.SPLITS:

@@ -188,7 +188,7 @@ def load_images(dataset: str, split: str | None) -> tuple[COCO, list[Record], st
     """The instances index, the images to evaluate and where they come from: COCO's instances_val2014.json (or the
     demo world's), or the segments of a JSON-lines file's split (default test) as an in-memory COCO index."""
     from misc.data.jsonl import as_coco, split_entries
-    from misc.data.datasets import SPLITS, Record, is_custom, load_coco, uses_demo
+    from misc.data.datasets import SPLITS, Record, is_custom, load_coco, prepare_dataset, uses_demo
 
     if is_custom(dataset):
         split = split or "test"
@@ -202,6 +202,7 @@ def load_images(dataset: str, split: str | None) -> tuple[COCO, list[Record], st
                             f"segmentation needs images with \"segments\" (data/README.md)")
         return coco, records, f"{Path(dataset).name} split {split}"
     demo = uses_demo(dataset)
+    prepare_dataset(dataset)
     if split is not None:
         check_choice("--split", split, SPLITS)
     annotations = config.required_file("coco_annotations", config.path("coco_annotations", demo=demo),

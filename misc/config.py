@@ -221,7 +221,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
                   "crop_size": 96, "crop_scale": [0.85, 1.0], "flip": False, "eval_size": 96, "test_size": 96,
                   "captions_per_image": 5, "group_captions": True, "workers": 1},
     },
-    # The real-photo world of misc/data/photos.py (written to data/photos by `python -m misc.data.photos data/photos`)
+    # The real-photo world of misc/data/photos.py (written to data/photos by `python photo_world.py data/photos`)
     # in a few minutes on 2 CPU cores, from the ImageNet EfficientNet-Lite0 package and GloVe 6B 50-d, both
     # offline: stem to stage4 stay frozen in eval mode (fixed batch statistics, no backward through the large
     # maps), the rest trains from the start at 128 x 128 (a 4 x 4 grid; localize at 256 or more), no flip

@@ -11,6 +11,8 @@ import pytest
 
 from misc import cli, config
 from misc.data import demo
+from misc.store import checkpoint
+from models.joint import Model
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY_MODEL = ["--set", "model.maps_dim=32", "--set", "model.embed_dim=32", "--set", "model.sru_layers=1",
@@ -37,6 +39,11 @@ def run_cli(script: str, *args: str, world: Path | None = None, check: bool = Tr
     if check and result.returncode != 0:
         raise AssertionError(f"{script} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
     return result
+
+
+def load_model(path: Path) -> Model:
+    """The network of the checkpoint at ``path`` with its weights, on the CPU in eval mode."""
+    return checkpoint.model_from(checkpoint.load(path), path)
 
 
 def run_in_process(script: str, args: list, world: Path, monkeypatch: pytest.MonkeyPatch) -> int:

@@ -14,7 +14,9 @@ from PIL import Image
 from pycocotools.coco import COCO
 from visual_genome import local as vg_local
 
-from misc.data import demo, flickr_entities, scenes, words
+from misc import config
+from misc.data import datasets, demo, flickr_entities, scenes, words
+from misc.errors import UserError
 
 SIZES = {"train": 40, "val": 10, "test": 10}
 IMAGE_SIZE = 96
@@ -201,6 +203,28 @@ def test_ensure_generates_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
     (tmp_path / "other" / "notes.txt").write_text("mine")
     with pytest.raises(FileExistsError):
         demo.ensure(tmp_path / "other")
+
+
+def test_the_demo_world_is_written_by_prepare_dataset_alone(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                             capsys: pytest.CaptureFixture) -> None:
+    """Choosing the demo world's paths (uses_demo) reads and writes nothing; prepare_dataset writes the world where
+    config.DEMO_DIR points, on first use and for the demo's datasets only."""
+    monkeypatch.setattr(demo, "DEMO_SPLITS", {"train": 4, "val": 1, "test": 1})
+    root = tmp_path / "relocated"
+    monkeypatch.setattr(config, "DEMO_DIR", root)
+    assert datasets.uses_demo("demo") and not datasets.uses_demo("coco")
+    with pytest.raises(UserError, match="localization runs on COCO images"):
+        datasets.uses_demo("flickr30k")
+    for other in ("coco", "flickr30k", "flickr30k_entities", str(tmp_path / "mine.jsonl")):
+        datasets.prepare_dataset(other)
+    assert not root.exists() and capsys.readouterr().out == ""
+    datasets.prepare_dataset("demo_entities")
+    assert "Generating" in capsys.readouterr().out
+    assert json.loads((root / "demo.json").read_text())["sizes"] == {"train": 4, "val": 1, "test": 1}
+    assert (root / "flickr30k_entities" / "test.txt").is_file()
+    stamp = (root / "dataset_coco.json").stat().st_mtime_ns
+    datasets.prepare_dataset("demo")  # already there: kept as it is
+    assert capsys.readouterr().out == "" and (root / "dataset_coco.json").stat().st_mtime_ns == stamp
 
 
 def test_position_words_and_relations_on_hand_made_boxes() -> None:

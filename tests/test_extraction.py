@@ -18,7 +18,7 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from misc.collections import extraction
-from misc.store.checkpoint import atomic_save, load_model
+from misc.store.checkpoint import atomic_save
 from misc.config import TrainConfig
 from models.config import ModelConfig
 from misc.data.datasets import eval_transform
@@ -31,7 +31,7 @@ from misc.collections.search import exact_search, index_search, load_collection,
 from misc.collections.texts import read_text_lines
 from misc.data.words import load_word_vectors
 from models.joint import build_model
-from tests.conftest import run_cli
+from tests.conftest import load_model, run_cli
 
 SIZE = 64
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # on a shared 2-core machine, 2 contended threads are slower than 1

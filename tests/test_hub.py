@@ -173,29 +173,42 @@ def test_package_requirements_match_requirements_txt():
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     declared = project["dependencies"] + [r for extra in project["optional-dependencies"].values() for r in extra]
     assert sorted(declared) == sorted(requirement_lines())
-    targets = [target.split(":") for target in project["scripts"].values()]
-    assert all(name.startswith("dsve-") for name in project["scripts"]) and {m for m, _ in targets} == {"misc.commands"}
-    tables = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
-    assert sorted(f for _, f in targets) == sorted(commands.SCRIPTS) == sorted(tables["py-modules"])
-    assert all((ROOT / f"{script}.py").is_file() and callable(getattr(commands, script)) for script in commands.SCRIPTS)
-    with pytest.raises(AttributeError):
-        commands.trian  # noqa: B018 - a name that is no script
+
+
+def test_every_top_level_command_has_a_console_script_that_runs_it(monkeypatch):
+    """Each installed module but hubconf is a top-level script with its ``dsve-*`` command, and that command's
+    function in misc.commands runs the script of its own name."""
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    scripts, modules = pyproject["project"]["scripts"], pyproject["tool"]["setuptools"]["py-modules"]
+    targets = [target.split(":") for target in scripts.values()]
+    assert all(name.startswith("dsve-") for name in scripts) and {module for module, _ in targets} == {"misc.commands"}
+    assert sorted(function for _, function in targets) == sorted(modules)
+    assert sorted(modules) == sorted(path.stem for path in ROOT.glob("*.py") if path.stem != "hubconf")
+    ran = []
+    monkeypatch.setattr(commands, "run_script", ran.append)
+    for _, function in targets:
+        getattr(commands, function)()
+    assert ran == [function for _, function in targets]
 
 
 @pytest.mark.slow
 def test_wheel_holds_the_packages_scripts_and_commands(tmp_path):
     """Build the wheel offline from a copy of the tree (an in-tree build would leave build/ in the checkout)."""
     source = tmp_path / "source"
-    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(".*", "data", "runs", "tests", "bench",
-                                                                "__pycache__", "build", "*.egg-info"))
+    top_only = shutil.ignore_patterns("data", "runs", "tests", "bench", "build")  # not misc/data
+    everywhere = shutil.ignore_patterns(".*", "__pycache__", "*.egg-info")
+    shutil.copytree(ROOT, source, ignore=lambda folder, names: everywhere(folder, names)
+                    | (top_only(folder, names) if Path(folder) == ROOT else set()))
     result = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-w",
                              tmp_path / "wheel", source], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
     [wheel] = (tmp_path / "wheel").glob("dsve_loc-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
-    assert {"misc/inference.py", "misc/commands.py", "models/joint.py", "localize.py", "train.py"} <= set(names)
+    assert {"misc/inference.py", "misc/commands.py", "models/joint.py", "localize.py", "train.py", "checkpoint.py",
+            "photo_world.py"} <= set(names)
     entry_points = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith("entry_points.txt"))).decode()
-    for command in ("dsve-train", "dsve-localize", "dsve-eval-retrieval", "dsve-pointing-game", "dsve-search"):
+    for command in ("dsve-train", "dsve-localize", "dsve-eval-retrieval", "dsve-pointing-game", "dsve-search",
+                    "dsve-checkpoint", "dsve-photo-world"):
         assert f"{command} = misc.commands:" in entry_points
     metadata = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith("METADATA"))).decode()
     assert "Requires-Dist: torch==2.14.1" in metadata

@@ -20,6 +20,7 @@ import torchvision
 from gensim.models import KeyedVectors
 from torch import nn
 
+import checkpoint as checkpoint_command
 from misc.store import checkpoint
 from misc import cli
 from misc.errors import UserError
@@ -27,7 +28,7 @@ from models.config import ModelConfig
 from misc.store.original import convert_original, infer_trunk, map_state, original_key
 from misc.data.words import ORIGINAL_TEXT, TextOptions, load_word_vectors
 from models.joint import build_model
-from tests.conftest import ROOT, run_cli, run_in_process
+from tests.conftest import ROOT, load_model, run_cli, run_in_process
 
 MAPS, EMBED, WORD, LAYERS, TRUNK = 32, 24, 64, 2, "resnet18"  # WORD = the demo world's word vectors
 PREFIX = "img_emb.module.base_layer."
@@ -220,20 +221,19 @@ def test_unmapped_or_missing_keys_are_one_line_errors(original):
         convert_original({"state_dict": state, "args_dict": argparse.Namespace(sru=3)}, "m")
 
 
-def checkpoint_cli(args: list, monkeypatch: pytest.MonkeyPatch) -> int:
-    """``python -m misc.store.checkpoint ARGS`` in this process; returns the exit status."""
-    monkeypatch.setattr(sys, "argv", ["misc.store.checkpoint", *map(str, args)])
+def checkpoint_cli(args: list) -> int:
+    """``python checkpoint.py ARGS`` in this process; returns the exit status."""
     try:
-        cli.run(checkpoint.main)
+        cli.run(checkpoint_command.main, [str(arg) for arg in args])
     except SystemExit as exit_:
         return int(exit_.code or 0)
     return 0
 
 
 @pytest.mark.slow
-def test_convert_cli_writes_a_plain_checkpoint_of_the_same_model(original, tmp_path, monkeypatch, capsys):
+def test_convert_cli_writes_a_plain_checkpoint_of_the_same_model(original, tmp_path, capsys):
     out = tmp_path / "converted" / "dsve.pth.tar"
-    result = subprocess.run([sys.executable, "-m", "misc.store.checkpoint", "convert", original.model, out], cwd=ROOT,
+    result = subprocess.run([sys.executable, ROOT / "checkpoint.py", "convert", original.model, out], cwd=ROOT,
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert f"-> {out}: arch=dsve trunk=resnet18 maps_dim=32 embed_dim=24" in result.stdout
@@ -244,10 +244,10 @@ def test_convert_cli_writes_a_plain_checkpoint_of_the_same_model(original, tmp_p
     assert plain["config"] == direct["config"] and plain["model"].keys() == direct["model"].keys()
     assert all(torch.equal(plain["model"][key], value) for key, value in direct["model"].items())
 
-    assert checkpoint_cli(["inspect", original.model], monkeypatch) == 0
+    assert checkpoint_cli(["inspect", original.model]) == 0
     printed = capsys.readouterr().out
     assert "original dsve-loc model" in printed and "first_sentence=True lowercase_fallback=False" in printed
-    assert checkpoint_cli(["convert", out, tmp_path / "again.pth.tar"], monkeypatch) == 2
+    assert checkpoint_cli(["convert", out, tmp_path / "again.pth.tar"]) == 2
     error = capsys.readouterr().err.strip().splitlines()
     assert len(error) == 1 and "not an original dsve-loc model.pth.tar" in error[0]
 
@@ -272,7 +272,7 @@ def test_image_embedding_equals_the_equations_on_the_raw_tensors(original):
         maps = F.conv2d(trunk.eval()(images), state[f"{PREFIX}1.weight"], state[f"{PREFIX}1.bias"])  # G, eq. 3
         pooled = weldon_by_sorting(maps, 15)
         expected = F.normalize(F.linear(pooled, state["fc.module.weight"], state["fc.module.bias"]), dim=-1)  # eq. 1
-        model = checkpoint.load_model(original.model)
+        model = load_model(original.model)
         torch.testing.assert_close(model.image.feature_maps(images), maps, atol=1e-5, rtol=1e-4)
         torch.testing.assert_close(model.image(images), expected, atol=1e-5, rtol=1e-4)
 
@@ -363,7 +363,7 @@ def test_init_from_a_joint_model_loads_every_weight(original, tmp_path, source):
         checkpoint.atomic_save(checkpoint.load(original.model), path)
     model = build_model(checkpoint.load(original.model)["config"]["model"])
     assert "every weight" in checkpoint.init_from(model, path)
-    reference = checkpoint.load_model(original.model)
+    reference = load_model(original.model)
     assert all(torch.equal(value, reference.state_dict()[key]) for key, value in model.state_dict().items())
 
 

@@ -38,9 +38,9 @@ NOT_RUN = {
         "full dataset: COCO and the released model",
     "python train.py --preset paper --init pretrained_classif_152_2400.pth.tar --words data/words/utable.npy":
         "full dataset: COCO and the released initialisation",
-    "python -m misc.store.checkpoint convert model.pth.tar runs/paper/model.pth.tar":
+    "python checkpoint.py convert model.pth.tar runs/paper/model.pth.tar":
         "the released model: convert reads the original release's file only",
-    "python -m misc.data.photos data/photos --train 1200 --val 50 --test 500":
+    "python photo_world.py data/photos --train 1200 --val 50 --test 500":
         "a 4-minute run: tests/test_real_content.py runs the same steps and asserts their results",
     "make app": "serves until stopped; tests/test_app.py drives the page in Chromium",
     "pip install .": "installs into the environment; tests/test_hub.py builds the wheel and checks what it holds",

@@ -1,6 +1,6 @@
-"""The real-photo world of misc/data/photos.py: honest scenes in the custom JSON-lines format, and (slow) a short run
-from the ImageNet Lite0 trunk that learns it: retrieval R@10 at least 10x chance both ways, the pointing game at
-256 px at least 1.4x the centre baseline (issue 14)."""
+"""The real-photo world of misc/data/photos.py (written by photo_world.py): honest scenes in the custom JSON-lines
+format, and (slow) a short run from the ImageNet Lite0 trunk that learns it: retrieval R@10 at least 10x chance both
+ways, the pointing game at 256 px at least 1.4x the centre baseline (issue 14)."""
 from __future__ import annotations
 
 import json
@@ -12,8 +12,10 @@ import pytest
 from pycocotools import mask as mask_utils
 
 import eval_retrieval
+import photo_world
 import pointing_game
 import train
+from misc import cli
 from misc.data import photos
 from misc.data.jsonl import read_entries, split_entries
 from misc.data.datasets import load_records
@@ -81,6 +83,20 @@ def test_an_occupied_folder_is_refused_unless_it_holds_the_same_world(world: Pat
     assert (tmp_path / "mine" / "notes.txt").read_text() == "mine"
 
 
+def test_photo_world_cli_writes_the_library_world_and_refuses_in_one_line(world: Path, tmp_path: Path, capsys) -> None:
+    flags = ["--seed", "5", "--size", "96", *(f"--{split}={count}" for split, count in COUNTS.items())]
+    photo_world.main([str(tmp_path / "cli"), *flags])
+    written = tmp_path / "cli" / "photos.jsonl"
+    assert capsys.readouterr().out.strip() == f"{written}: 12 images (6 train, 2 val, 4 test)"
+    assert written.read_text() == world.read_text()
+    image = "images/train/00005.jpg"
+    assert (written.parent / image).read_bytes() == (world.parent / image).read_bytes()
+    with pytest.raises(SystemExit) as exit_:
+        cli.run(photo_world.main, [str(written.parent), *flags, "--seed", "7"])
+    error = capsys.readouterr().err.strip().splitlines()
+    assert exit_.value.code == 2 and len(error) == 1 and "holds no photo world of seed 7" in error[0]
+
+
 def chance_at_10(candidates: int, relevant: int) -> float:
     """Percent chance that a random ranking of ``candidates`` puts one of ``relevant`` items in its first 10."""
     return 100 * (1 - math.comb(candidates - relevant, 10) / math.comb(candidates, 10))
@@ -90,7 +106,8 @@ def chance_at_10(candidates: int, relevant: int) -> float:
 def test_a_short_run_from_the_imagenet_trunk_learns_real_photos(tmp_path: Path) -> None:
     """The ``photos`` preset from the offline Lite0 package and GloVe 6B 50-d, then both evaluators on the test
     split: R@10 at least 10x chance in both directions, pointing at 256 px at least 1.4x the centre baseline."""
-    world = photos.generate(tmp_path / "photos", seed=0, counts={"train": 1200, "val": 50, "test": 500})
+    photo_world.main([str(tmp_path / "photos"), "--train", "1200", "--val", "50", "--test", "500"])  # as in README
+    world = tmp_path / "photos" / "photos.jsonl"
     run = tmp_path / "run"
     train.main(["--preset", "photos", "--dataset", str(world), "--out", str(run), *CLI_FLAGS])
     checkpoint = ["-p", str(run / "last.pth.tar"), "--dataset", str(world), "--split", "test", *CLI_FLAGS]

@@ -19,7 +19,7 @@ from misc.store import checkpoint
 from misc import config
 from misc.errors import UserError
 from models.config import ModelConfig
-from tests.conftest import TINY_MODEL, run_in_process
+from tests.conftest import TINY_MODEL, load_model, run_in_process
 
 SMALL = [*TINY_MODEL, "--limit", "32"]  # 4 steps per epoch
 
@@ -236,7 +236,7 @@ def test_resume_checks_best_and_repairs_a_stale_one(tmp_path, caplog):
 def test_bad_checkpoints_are_one_line(tmp_path, content, message):
     path = tmp_path / "bad.pth.tar"
     torch.save(content, path)
-    for use in (checkpoint.load_model, checkpoint.describe):
+    for use in (load_model, checkpoint.describe):
         if "trunk" in message and use is checkpoint.describe:
             continue  # describing a checkpoint builds no network
         with pytest.raises(UserError) as raised:

@@ -9,7 +9,7 @@ import torch
 import torchvision
 
 from misc.store import checkpoint
-from tests.conftest import TINY_MODEL, run_cli, run_in_process
+from tests.conftest import TINY_MODEL, load_model, run_cli, run_in_process
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +45,7 @@ def test_training_lowers_the_loss_and_writes_checkpoints(two_epochs: Path, trunk
     assert (two_epochs / "best.pth.tar").exists()
     assert list((two_epochs / "tensorboard").glob("events.out.tfevents.*"))
     # a checkpoint alone rebuilds its model, and loads without unpickling any class
-    model = checkpoint.load_model(two_epochs / "best.pth.tar")
+    model = load_model(two_epochs / "best.pth.tar")
     assert model.config.embed_dim == 32
     torch.load(two_epochs / "last.pth.tar", weights_only=True)
 

@@ -17,7 +17,7 @@ from misc.train.losses import build_loss, ranking_loss
 from misc.data.words import load_word_vectors
 from models.config import ModelConfig
 from models.joint import build_model
-from tests.conftest import run_in_process
+from tests.conftest import load_model, run_in_process
 
 TINY_MATCHMAP = ["--preset", "demo-matchmap", "--set", "model.trunk_cut=layer2", "--set", "train.crop_size=64",
                  "--set", "train.eval_size=64", "--set", "train.batch_size=8", "--workers", "0", "--no-progress",
@@ -86,7 +86,7 @@ def test_a_tiny_matchmap_trains_through_train_py(tiny_world: Path, monkeypatch: 
     assert state["config"]["model"]["arch"] == "matchmap" and state["config"]["train"]["optimizer"] == "adam"
     assert state["config"]["word_vectors"].endswith("demo_word2vec.bin")
     assert set(state["metrics"]["val"]) == {"full"} and state["metrics"]["val"]["full"]["rsum"] > 0
-    model = checkpoint.load_model(tmp_path / "best.pth.tar")
+    model = load_model(tmp_path / "best.pth.tar")
     assert model.config.arch == "matchmap" and model.config.trunk_cut == "layer2"
 
 

@@ -36,6 +36,9 @@ SPLITS = {"train": ("train",), "restval": ("restval",), "trainrv": ("train", "re
           "test": ("test",)}
 DATASET_KEYS = {"coco": ("coco_images", "coco_karpathy"), "demo": ("coco_images", "coco_karpathy"),
                 "flickr30k": ("flickr_images", "flickr_karpathy")}
+# The datasets the demo world holds: "demo" (its Karpathy, COCO and Visual Genome files) and "demo_entities" (its
+# Flickr30K Entities files, for the pointing game).
+DEMO_DATASETS = ("demo", "demo_entities")
 
 
 @dataclass
@@ -135,15 +138,23 @@ def readable_records(records: list[Record], source: Path) -> list[Record]:
     return kept
 
 
+def prepare_dataset(dataset: str) -> None:
+    """Make ``dataset`` ready for its first use, the one step where the demo world is written: for one of
+    :data:`DEMO_DATASETS`, :func:`misc.data.demo.ensure` writes the world to ``config.DEMO_DIR`` unless it already
+    holds one, so that every command runs on a fresh clone with no data. Any other dataset is the user's own files,
+    checked when they are read."""
+    if dataset in DEMO_DATASETS:
+        demo.ensure(config.DEMO_DIR)
+
+
 def uses_demo(dataset: str) -> bool:
-    """Whether the localization data paths come from the demo world (generated first if there is none yet), else
-    from the configured COCO / Visual Genome paths."""
+    """Whether the localization data paths come from the demo world (``demo``), else from the configured COCO /
+    Visual Genome paths (``coco``); any other name is a one-line error. Nothing is read or written here:
+    :func:`prepare_dataset` writes the demo world."""
     if dataset not in ("coco", "demo"):
         raise UserError(f"dataset {dataset!r}: localization runs on COCO images ('coco'), the demo world ('demo') "
                         f"or a JSON-lines file (data/README.md){did_you_mean(dataset, ('coco', 'demo'))}; pass "
                         f"--dataset")
-    if dataset == "demo":
-        demo.ensure(config.DEMO_DIR)
     return dataset == "demo"
 
 

@@ -1,7 +1,7 @@
 """A small world of real photos for a real-content test (issue 14): objects cut out of scikit-image's bundled
 photos, pasted onto crops of its bundled texture photos, written as one JSON-lines file (misc/data/jsonl.py).
 
-    python -m misc.data.photos data/photos --seed 0 --train 1200 --val 100 --test 500
+    python photo_world.py data/photos --seed 0 --train 1200 --val 100 --test 500   # the command that writes one
 
 Only photos that ship inside the scikit-image wheel are read (from ``skimage/data``; nothing is downloaded). Each
 object's mask is justified on its source photo: a hand-chosen ellipse or rectangle in fractions of the photo (the
@@ -33,7 +33,6 @@ from scipy import ndimage
 from skimage.filters import threshold_otsu
 from skimage.morphology import convex_hull_image
 
-from misc import cli
 from misc.errors import UserError
 from misc.store.files import atomic_path, write_json, writing
 from misc.data.images import read_image
@@ -316,21 +315,3 @@ def generate(out: Path, seed: int = 0, counts: dict[str, int] | None = None, siz
         raise
     return out / FILE
 
-
-def main(argv: list[str] | None = None) -> None:
-    """Generate a photo world and print where its JSON-lines file is."""
-    parser = cli.parser_for(__doc__)
-    parser.prog = "python -m misc.data.photos"
-    parser.add_argument("out", type=Path, help="folder to write (empty or missing)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--size", type=cli.positive_int, default=SIZE, help="image side in pixels")
-    for split, count in COUNTS.items():
-        parser.add_argument(f"--{split}", type=int, default=count, help=f"{split} images (default {count})")
-    args = parser.parse_args(argv)
-    counts = {split: getattr(args, split) for split in COUNTS}
-    print(f"{generate(args.out, args.seed, counts, args.size)}: {sum(counts.values())} images "
-          f"({', '.join(f'{count} {split}' for split, count in counts.items())})")
-
-
-if __name__ == "__main__":
-    cli.run(main)

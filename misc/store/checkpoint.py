@@ -16,18 +16,15 @@ A checkpoint is a dict::
 Every value is plain data (dicts, lists, tuples, strings, numbers, tensors); a file holding another object is
 refused.
 
-The model config alone rebuilds the network (:func:`models.joint.build_model`, :func:`load_model`).
+The model config alone rebuilds the network (:func:`models.joint.build_model`, :func:`model_from`).
 
 The original release's files are taken as they are (their conversion is :mod:`misc.store.original`'s): its joint model
 ``model.pth.tar`` is converted in memory by :func:`load`, so every CLI takes it, and its text preprocessing is
 applied by :func:`load_words`; its ImageNet classification network initialises training (:func:`init_from`).
-
-    python -m misc.store.checkpoint convert model.pth.tar runs/original.pth.tar   # write the conversion in this format
-    python -m misc.store.checkpoint inspect model.pth.tar                         # any checkpoint file
+The top-level ``checkpoint.py`` is the command that converts (:func:`convert_file`) and inspects (:func:`describe`).
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import io
 import json
@@ -45,12 +42,11 @@ from torch import nn
 
 from misc import config
 from misc.store import export, original
-from misc.cli import run
 from misc.errors import UserError, few, first_line
 from misc.store.files import atomic_path
 from misc.data.words import TextOptions, WordVectors
 from models.config import ModelConfig
-from models.joint import JointEmbedding, build_model
+from models.joint import Model, build_model
 
 log = logging.getLogger(__name__)
 FORMAT = "dsve-loc"
@@ -152,7 +148,7 @@ def as_checkpoint(data: dict[str, Any], path: Path | str) -> dict[str, Any]:
     if not isinstance(saved, dict) or not all(isinstance(saved.get(key, {}), dict) for key in ("model", "train")) \
             or "model" not in saved:
         raise UserError(f"{path} holds no model configuration (config.model, a dict), so its network cannot be "
-                        f"rebuilt: it is not a checkpoint of this project's train.py or misc.store.checkpoint")
+                        f"rebuilt: it is not a checkpoint of this project's train.py or checkpoint.py convert")
     if not isinstance(weights, dict) or not all(isinstance(value, torch.Tensor) for value in weights.values()):
         raise UserError(f"{path}: 'model' is not a state dict of tensors")
     with naming(path):
@@ -181,18 +177,13 @@ def naming(source: Path | str) -> Iterator[None]:
         raise UserError(f"{source}: {error}") from None
 
 
-def model_from(state: dict[str, Any], source: Path | str, device: torch.device | str = "cpu") -> JointEmbedding:
-    """Rebuild the network of a loaded checkpoint (read from ``source``), load its weights, move it to
-    ``device`` in eval mode."""
+def model_from(state: dict[str, Any], source: Path | str, device: torch.device | str = "cpu") -> Model:
+    """Rebuild the network of a loaded checkpoint (read from ``source``), either system's, load its weights, move
+    it to ``device`` in eval mode."""
     with naming(source):
         model = build_model(state["config"]["model"])
     load_weights(model, state["model"], source)
     return model.to(device).eval()
-
-
-def load_model(path: Path | str, device: torch.device | str = "cpu") -> JointEmbedding:
-    """The network of the checkpoint at ``path`` with its weights, on ``device`` in eval mode."""
-    return model_from(load(path), path, device)
 
 
 def load_words(state: dict[str, Any], override_path: Path | str | None = None,
@@ -324,20 +315,3 @@ def describe(path: Path) -> str:
              f"{sum(t.numel() for t in tensors if t.is_floating_point()) / 1e6:.1f} M values"]
     return "\n".join(lines)
 
-
-def main() -> None:
-    """``convert`` an original model.pth.tar, or ``inspect`` any checkpoint file."""
-    parser = argparse.ArgumentParser(prog="python -m misc.store.checkpoint", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    commands = parser.add_subparsers(dest="command", required=True)
-    convert = commands.add_parser("convert", help="write an original model.pth.tar in this project's format")
-    convert.add_argument("source", type=Path, help="the original release's model.pth.tar")
-    convert.add_argument("out", type=Path, help="checkpoint to write")
-    inspect = commands.add_parser("inspect", help="say what a checkpoint file holds")
-    inspect.add_argument("file", type=Path)
-    args = parser.parse_args()
-    print(convert_file(args.source, args.out) if args.command == "convert" else describe(args.file))
-
-
-if __name__ == "__main__":
-    run(main)

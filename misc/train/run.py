@@ -18,8 +18,8 @@ from torch.utils.data import DataLoader
 
 from misc import config
 from misc.config import TrainConfig
-from misc.data import demo
-from misc.data.datasets import PairCollate, PairDataset, Record, load_records, train_transform
+from misc.data.datasets import (PairCollate, PairDataset, Record, load_records, prepare_dataset,
+                                train_transform)
 from misc.data.words import WordVectors, load_word_vectors
 from misc.errors import UserError
 from misc.eval.encode import evaluate_records
@@ -99,8 +99,8 @@ def load_data(model_cfg: ModelConfig, cfg: TrainConfig, run: RunOptions, context
         raise UserError(f"batch size {cfg.batch_size} (the global batch) does not split over "
                         f"{context.world_size} processes")
     is_demo = cfg.dataset == "demo"
-    if is_demo and context.is_main:
-        demo.ensure(config.DEMO_DIR)
+    if context.is_main:
+        prepare_dataset(cfg.dataset)
     distributed.barrier(context)
     chosen = run.words or cfg.words
     words = load_word_vectors(Path(chosen) if chosen else

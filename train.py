@@ -74,7 +74,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def configure(args: argparse.Namespace) -> tuple[ModelConfig, TrainConfig, Path | str | None, dict | None]:
     """Model and training config: the resumed run's, else preset + flags (the demo world when COCO is not
     configured); the word-vector file, and the resumed checkpoint."""
-    from misc.store import checkpoint, export
+    from misc.store import checkpoint, word_refs
     from models.trunks import IMAGENET_WEIGHTS
 
     if args.weights:
@@ -89,7 +89,7 @@ def configure(args: argparse.Namespace) -> tuple[ModelConfig, TrainConfig, Path 
         with checkpoint.naming(args.resume):
             model_cfg = config.from_dict(ModelConfig, saved["model"])
             train_cfg = config.from_dict(TrainConfig, saved.get("train", {}))
-        words = export.find_words(saved, args.words, args.resume)
+        words = word_refs.find_words(saved, args.words, args.resume)
     else:
         name = args.preset
         if name is None:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from misc.store import checkpoint, export
+from misc.store import checkpoint, word_refs
 from misc import cli, config
 from misc.config import TrainConfig
 from misc.errors import UserError
@@ -50,7 +50,7 @@ def trained(data_root: Path, tmp_path: Path) -> Path:
     optimizer = torch.optim.Adam(model.parameters())
     sum(parameter.sum() for parameter in model.parameters()).backward()
     optimizer.step()
-    stored, reference = export.reference(data_root / "words" / "tiny.txt")
+    stored, reference = word_refs.reference(data_root / "words" / "tiny.txt")
     run = tmp_path / "run"
     checkpoint.atomic_save({"format": "dsve-loc", "version": 1, "epoch": 3, "best_rsum": 42.5,
                             "config": {"model": asdict(model_cfg),

@@ -16,7 +16,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
-from misc.store import checkpoint, export
+from misc.store import checkpoint, word_refs
 from misc import config
 from misc.data import demo
 from misc.train import distributed
@@ -185,7 +185,7 @@ def train(args: argparse.Namespace, model_cfg: ModelConfig, cfg: TrainConfig, wo
              context.world_size, device, out)
     log.info(describe(cfg, model_cfg.arch))
     board = TrainLog(out / "tensorboard", steps_per_epoch) if main_process else None
-    stored, reference = export.reference(words.source)
+    stored, reference = word_refs.reference(words.source)
     saved_config = {"model": asdict(model_cfg), "train": asdict(cfg), "word_vectors": stored, "words": reference}
 
     def snapshot(epoch: int, **within: Any) -> dict:

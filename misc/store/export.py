@@ -46,7 +46,7 @@ def read_word_vectors(path: Path, options: TextOptions) -> WordVectors:
     vocab = path.with_name(VOCAB).read_text(encoding="utf-8").split("\n")[:-1]
     if len(vocab) != len(matrix):
         raise UserError(f"{path.with_name(VOCAB)}: {len(vocab)} words but {path} has {len(matrix)} rows")
-    vectors = KeyedVectors(vector_size=matrix.shape[1], count=len(vocab))
+    vectors = KeyedVectors(vector_size=matrix.shape[1])
     vectors.add_vectors(vocab, matrix)
     return WordVectors(vectors, path, options)
 

@@ -48,10 +48,11 @@ def parser_for(doc: str | None) -> Parser:
 
 
 def add_checkpoint_args(parser: argparse.ArgumentParser | Any, required: bool = True) -> None:
-    """``-p/--checkpoint`` (this project's or the original release's file) and ``--words`` (overrides the stored
-    word-vector file). ``parser`` may be a mutually exclusive group for the checkpoint."""
+    """``-p/--checkpoint``: a model source (:mod:`misc.store.source`), a checkpoint file or an export folder.
+    ``parser`` may be a mutually exclusive group for the checkpoint."""
     parser.add_argument("-p", "--checkpoint", type=Path, required=required,
-                        help="model checkpoint (this project's, or the original release's model.pth.tar)")
+                        help="model: a checkpoint (this project's, or the original release's model.pth.tar) or an "
+                             "export folder (export.py)")
 
 
 def add_extraction_args(parser: argparse.ArgumentParser, source: str, source_help: str, batch_size: int) -> None:
@@ -80,16 +81,19 @@ class TorchThreads(argparse.Action):
         setattr(namespace, self.dest, values)
 
 
-def add_device_args(parser: argparse.ArgumentParser) -> None:
-    """``--device``, ``--amp``, ``--threads``, ``--workers`` and ``--no-progress``."""
-    parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto)")
-    parser.add_argument("--amp", nargs="?", const="bf16", choices=["bf16", "fp16"], default=None,
-                        help="mixed precision (bare --amp means bf16): bf16 on CUDA or the CPU (autocast, "
-                             "channels-last; embeddings change slightly), fp16 on CUDA only")
-    parser.add_argument("--threads", type=positive_int, action=TorchThreads,
-                        help="CPU threads for torch (default: torch's choice, one per core)")
-    parser.add_argument("--workers", type=int, default=None, help="data-loading processes")
-    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+def add_device_args(parser: argparse.ArgumentParser, workers: bool = True) -> None:
+    """The flags of every command that runs a model, in one group of its ``--help``: ``--device``, ``--amp``,
+    ``--threads``, ``--no-progress`` and, where data is loaded in batches (``workers``), ``--workers``."""
+    group = parser.add_argument_group("running the model")
+    group.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto)")
+    group.add_argument("--amp", nargs="?", const="bf16", choices=["bf16", "fp16"], default=None,
+                       help="mixed precision (bare --amp means bf16): bf16 on CUDA or the CPU (autocast, "
+                            "channels-last; embeddings change slightly), fp16 on CUDA only")
+    group.add_argument("--threads", type=positive_int, action=TorchThreads,
+                       help="CPU threads for torch (default: torch's choice, one per core)")
+    if workers:
+        group.add_argument("--workers", type=int, default=None, help="data-loading processes")
+    group.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
 def add_size_arg(parser: argparse.ArgumentParser, default: int | None = None,

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import importlib
 import re
-import shutil
 import subprocess
 import sys
 import tomllib
@@ -22,7 +21,7 @@ from misc.errors import UserError
 from misc.data.images import read_image
 from misc.inference import Inference
 from misc.visualize import figure_size
-from tests.conftest import ROOT, run_in_process
+from tests.conftest import ROOT, build_wheel, run_in_process
 from tests.test_localization import tiny_checkpoint  # noqa: F401 - the session fixture, a random tiny DSVE model
 
 EXIF_ORIENTATION = 0x0112
@@ -184,16 +183,10 @@ def test_package_requirements_match_requirements_txt():
 
 @pytest.mark.slow
 def test_wheel_holds_the_packages_scripts_and_commands(tmp_path):
-    """Build the wheel offline from a copy of the tree (an in-tree build would leave build/ in the checkout)."""
-    source = tmp_path / "source"
-    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(".*", "data", "runs", "tests", "bench",
-                                                                "__pycache__", "build", "*.egg-info"))
-    result = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-w",
-                             tmp_path / "wheel", source], capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stdout + result.stderr
-    [wheel] = (tmp_path / "wheel").glob("dsve_loc-*.whl")
+    wheel = build_wheel(tmp_path)
     names = zipfile.ZipFile(wheel).namelist()
-    assert {"misc/inference.py", "misc/commands.py", "models/joint.py", "localize.py", "train.py"} <= set(names)
+    assert {"misc/inference.py", "misc/commands.py", "misc/data/words.py", "misc/store/source.py", "models/joint.py",
+            "localize.py", "train.py"} <= set(names)
     entry_points = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith("entry_points.txt"))).decode()
     for command in ("dsve-train", "dsve-localize", "dsve-eval-retrieval", "dsve-pointing-game", "dsve-search"):
         assert f"{command} = misc.commands:" in entry_points

@@ -161,3 +161,17 @@ def test_an_old_checkpoint_with_an_absolute_path_still_loads(trained: Path, data
     checkpoint.atomic_save({**state, "config": config_}, tmp_path / "old.pth.tar")
     old = checkpoint.load(tmp_path / "old.pth.tar")
     assert checkpoint.load_words(old, None, tmp_path / "old.pth.tar").source == data_root / "words" / "tiny.txt"
+
+
+def test_a_checkpoint_finds_its_words_where_training_read_them_last(trained: Path, data_root: Path, tmp_path: Path,
+                                                                    monkeypatch):
+    """Another data root without the file (an installed command run elsewhere on the same machine): the path the
+    file had at training time is tried last, and only a file of the recorded sha256 is taken there."""
+    source = data_root / "words" / "tiny.txt"
+    state = checkpoint.load(trained)
+    assert state["config"]["words"]["path"] == str(source.resolve())
+    monkeypatch.setattr(config, "DATA", tmp_path / "elsewhere" / "data")
+    assert checkpoint.load_words(state, None, trained).source == source.resolve()
+    write_words(source, seed=2)
+    with pytest.raises(UserError, match="has another sha256"):
+        checkpoint.load_words(state, None, trained)

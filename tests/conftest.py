@@ -40,6 +40,12 @@ def run_cli(script: str, *args: str, world: Path | None = None, check: bool = Tr
     return result
 
 
+@pytest.fixture(scope="session")
+def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The project's wheel, built once per session (slow tests only: about 5 s)."""
+    return build_wheel(tmp_path_factory.mktemp("wheel"))
+
+
 def build_wheel(folder: Path) -> Path:
     """Build the project's wheel offline into ``folder`` from a copy of the tree (an in-tree build would leave
     build/ in the checkout); the copy leaves out the top-level folders that are no part of the package."""

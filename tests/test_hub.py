@@ -21,7 +21,7 @@ from misc.errors import UserError
 from misc.data.images import read_image
 from misc.inference import Inference
 from misc.visualize import figure_size
-from tests.conftest import ROOT, build_wheel, run_in_process
+from tests.conftest import ROOT, run_in_process
 from tests.test_localization import tiny_checkpoint  # noqa: F401 - the session fixture, a random tiny DSVE model
 
 EXIF_ORIENTATION = 0x0112
@@ -182,8 +182,7 @@ def test_package_requirements_match_requirements_txt():
 
 
 @pytest.mark.slow
-def test_wheel_holds_the_packages_scripts_and_commands(tmp_path):
-    wheel = build_wheel(tmp_path)
+def test_wheel_holds_the_packages_scripts_and_commands(wheel):
     names = zipfile.ZipFile(wheel).namelist()
     assert {"misc/inference.py", "misc/commands.py", "misc/data/words.py", "misc/store/source.py", "models/joint.py",
             "localize.py", "train.py"} <= set(names)

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.conftest import ROOT, TINY_MODEL, build_wheel
+from tests.conftest import ROOT, TINY_MODEL
 
 FLAGS = ["--no-progress", "--device", "cpu"]
 
@@ -27,7 +27,7 @@ def files(folder: Path) -> set[str]:
 
 
 @pytest.mark.slow
-def test_the_installed_commands_run_the_demo_from_the_users_folder(tiny_world, tmp_path):
+def test_the_installed_commands_run_the_demo_from_the_users_folder(wheel, tiny_world, tmp_path):
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", venv], check=True, timeout=120)
     python = venv / "bin" / "python"
@@ -36,7 +36,7 @@ def test_the_installed_commands_run_the_demo_from_the_users_folder(tiny_world, t
     # The requirements (torch, ...) and pip come from this interpreter's environment: nothing is downloaded.
     (site / "requirements_from_the_test_environment.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
     installed = subprocess.run([python, "-m", "pip", "install", "--no-index", "--no-deps", "--quiet",
-                                build_wheel(tmp_path)], capture_output=True, text=True, timeout=300)
+                                wheel], capture_output=True, text=True, timeout=300)
     assert installed.returncode == 0, installed.stdout + installed.stderr
     before = files(site)
     assert "misc/config.py" in before and (venv / "bin" / "dsve-train").is_file()

@@ -17,7 +17,7 @@ import argparse
 import logging
 from pathlib import Path
 
-from misc.cli import add_checkpoint_args, add_size_arg, add_words_arg, parser_for, positive_int, run
+from misc.cli import add_checkpoint_args, add_device_args, add_size_arg, add_words_arg, parser_for, positive_int, run
 
 log = logging.getLogger("app")
 
@@ -34,7 +34,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add_size_arg(parser, default_text="416, the paper's")
     parser.add_argument("--k", type=positive_int,
                         help="maps summed per phrase (eq. 9; default: the paper's 180 for d = 2400, scaled to d)")
-    parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto)")
+    add_device_args(parser, workers=False)
     return parser.parse_args(argv)
 
 
@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> None:
     from misc import webapp  # torch and gradio load only once the arguments are known to be right
     from misc.inference import PAPER_SIZE, Inference
 
-    model = Inference.load(args.checkpoint, args.words, args.device)
+    model = Inference.load(args.checkpoint, args.words, args.device, args.amp)
     searchable = webapp.load_collections(args.features, args.checkpoint) if args.features else None
     examples = webapp.example_images()
     log.info("serving %s on http://%s:%d (%d example images, %s)", args.checkpoint, args.host, args.port,

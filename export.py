@@ -32,8 +32,9 @@ def main(argv: list[str] | None = None) -> None:
 
     written = export_file(args.checkpoint, args.out, args.words, args.words_ref)
     size = sum(path.stat().st_size for path in written)
+    source = [args.checkpoint] if args.checkpoint.is_file() else list(args.checkpoint.iterdir())
     print(f"{args.checkpoint} -> {args.out}: {', '.join(path.name for path in written)} ({size / 1e6:.1f} MB; "
-          f"the checkpoint: {args.checkpoint.stat().st_size / 1e6:.1f} MB)")
+          f"the source: {sum(path.stat().st_size for path in source) / 1e6:.1f} MB)")
 
 
 if __name__ == "__main__":

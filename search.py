@@ -27,9 +27,10 @@ from typing import TYPE_CHECKING, Any, TextIO
 
 import numpy as np
 
-from misc.cli import add_checkpoint_args, add_words_arg, parser_for, positive_int, run
+from misc.cli import add_checkpoint_args, add_device_args, add_words_arg, parser_for, positive_int, run
 from misc.errors import UserError
-from misc.store.files import file_sha256, write_json
+from misc.store.files import write_json
+from misc.store.source import model_sha256
 
 if TYPE_CHECKING:
     from misc.inference import Inference
@@ -52,8 +53,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--index", choices=["exact", "faiss"], default="exact")
     parser.add_argument("--nprobe", type=positive_int,
                         help="faiss IVF lists visited per query (default: nlist/16, >= 8)")
-    parser.add_argument("--device", default="auto", help="to embed queries: auto | cpu | cuda | cuda:N")
     parser.add_argument("--json", help="write the results as JSON to this file ('-' for standard output)")
+    add_device_args(parser, workers=False)
     return parser.parse_args(argv)
 
 
@@ -62,7 +63,7 @@ def load_model(args: argparse.Namespace, why: str) -> Inference:
         raise UserError(f"{why} needs the model: pass -p CHECKPOINT")
     from misc.inference import Inference
 
-    return Inference.load(args.checkpoint, args.words, args.device)
+    return Inference.load(args.checkpoint, args.words, args.device, args.amp)
 
 
 def text_queries(args: argparse.Namespace) -> tuple[np.ndarray, list[str], str]:
@@ -80,7 +81,7 @@ def text_queries(args: argparse.Namespace) -> tuple[np.ndarray, list[str], str]:
     for text, norm in zip(args.query, np.linalg.norm(features, axis=1)):
         if norm < 0.5:
             raise UserError(f"query {text!r}: none of its words is in the vocabulary of {model.words.source}")
-    return features, list(args.query), file_sha256(args.checkpoint)
+    return features, list(args.query), model_sha256(args.checkpoint)
 
 
 def image_query(args: argparse.Namespace, images: Collection | None) -> tuple[np.ndarray, str, int | None, str]:
@@ -100,7 +101,7 @@ def image_query(args: argparse.Namespace, images: Collection | None) -> tuple[np
     model = load_model(args, "an image file query")
     size = (images.config.get("size") if images is not None else None) or model.test_size
     features = model.embed_images(model.transform(size)(read_image(path, size))[None]).numpy()
-    return features, str(path), None, file_sha256(args.checkpoint)
+    return features, str(path), None, model_sha256(args.checkpoint)
 
 
 def stored_row(images: Collection, query: str) -> int | None:

@@ -78,7 +78,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def configure(args: argparse.Namespace) -> tuple[ModelConfig, TrainConfig, Path | str | None, Resume | None]:
     """Model and training config: the resumed run's, else preset + flags (the demo world when COCO is not
     configured); the word-vector file, and the checkpoint to resume."""
-    from misc.store import checkpoint, export
+    from misc.store import checkpoint, word_refs
     from misc.train.state import Resume, check_resume
     from models.trunks import IMAGENET_WEIGHTS
 
@@ -96,7 +96,7 @@ def configure(args: argparse.Namespace) -> tuple[ModelConfig, TrainConfig, Path 
             train_cfg = config.from_dict(TrainConfig, saved.get("train", {}))
         if args.preset:  # compared with the run's own settings below, as --set is
             model_cfg, train_cfg = config.preset(args.preset)
-        words = export.find_words(saved, args.words, args.resume)
+        words = word_refs.find_words(saved, args.words, args.resume)
     else:
         name = args.preset
         if name is None:

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 from collections.abc import Callable
 
-from misc.config import ROOT
+from misc.config import CLONE, ROOT
 from misc.errors import UserError
 
 
@@ -39,10 +39,11 @@ def parser_for(doc: str | None) -> Parser:
 
 
 def add_checkpoint_args(parser: argparse.ArgumentParser | Any, required: bool = True) -> None:
-    """``-p/--checkpoint`` (this project's or the original release's file) and ``--words`` (overrides the stored
-    word-vector file). ``parser`` may be a mutually exclusive group for the checkpoint."""
+    """``-p/--checkpoint``: a model source (:mod:`misc.store.source`), a checkpoint file or an export folder.
+    ``parser`` may be a mutually exclusive group for the checkpoint."""
     parser.add_argument("-p", "--checkpoint", type=Path, required=required,
-                        help="model checkpoint (this project's, or the original release's model.pth.tar)")
+                        help="model: a checkpoint (this project's, or the original release's model.pth.tar) or an "
+                             "export folder (export.py)")
 
 
 def add_extraction_args(parser: argparse.ArgumentParser, source: str, source_help: str, batch_size: int) -> None:
@@ -71,16 +72,19 @@ class TorchThreads(argparse.Action):
         setattr(namespace, self.dest, values)
 
 
-def add_device_args(parser: argparse.ArgumentParser) -> None:
-    """``--device``, ``--amp``, ``--threads``, ``--workers`` and ``--no-progress``."""
-    parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto)")
-    parser.add_argument("--amp", nargs="?", const="bf16", choices=["bf16", "fp16"], default=None,
-                        help="mixed precision (bare --amp means bf16): bf16 on CUDA or the CPU (autocast, "
-                             "channels-last; embeddings change slightly), fp16 on CUDA only")
-    parser.add_argument("--threads", type=positive_int, action=TorchThreads,
-                        help="CPU threads for torch (default: torch's choice, one per core)")
-    parser.add_argument("--workers", type=int, default=None, help="data-loading processes")
-    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+def add_device_args(parser: argparse.ArgumentParser, workers: bool = True) -> None:
+    """The flags of every command that runs a model, in one group of its ``--help``: ``--device``, ``--amp``,
+    ``--threads``, ``--no-progress`` and, where data is loaded in batches (``workers``), ``--workers``."""
+    group = parser.add_argument_group("running the model")
+    group.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto)")
+    group.add_argument("--amp", nargs="?", const="bf16", choices=["bf16", "fp16"], default=None,
+                       help="mixed precision (bare --amp means bf16): bf16 on CUDA or the CPU (autocast, "
+                            "channels-last; embeddings change slightly), fp16 on CUDA only")
+    group.add_argument("--threads", type=positive_int, action=TorchThreads,
+                       help="CPU threads for torch (default: torch's choice, one per core)")
+    if workers:
+        group.add_argument("--workers", type=int, default=None, help="data-loading processes")
+    group.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
 def add_size_arg(parser: argparse.ArgumentParser, default: int | None = None,
@@ -106,7 +110,7 @@ def add_set_arg(parser: argparse.ArgumentParser) -> None:
 
 def run(main: Callable[..., Any], argv: list[str] | None = None) -> None:
     """Run a CLI's ``main(argv)``; user mistakes print one line ``error: ...`` and exit with status 2."""
-    if (ROOT / ".git").exists():  # a clone: sru compiles its kernels once into it (as `make` does), not per user
+    if CLONE:  # sru compiles its kernels once into the clone (as `make` does); installed, into torch's default
         os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".cache" / "torch_extensions"))
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     for library in ("gensim", "faiss"):  # their INFO lines (gensim's progress, faiss's CPU probing) are not ours

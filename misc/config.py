@@ -1,8 +1,10 @@
 """Every dataset and weight path, and every hyper-parameter default.
 
-Paths: each key has a default under ``data/`` and an environment variable that overrides it
+Paths: each key has a default under the data root :data:`DATA` and an environment variable that overrides it
 (``DSVE_<KEY>``). :func:`path` resolves a key and fails with one line naming the key, the expected
-file and where it comes from. Hyper-parameters are plain dataclasses; :data:`PRESETS` holds the
+file and where it comes from. The data root is ``DSVE_DATA`` when set; else, in a clone, the clone's ``data/``;
+else (the installed package) the working directory's ``data/``, never the installed package's folder. Training
+runs go to ``runs/`` beside it in the same way. Hyper-parameters are plain dataclasses; :data:`PRESETS` holds the
 paper's settings and the small ``demo`` settings that train on two CPU cores.
 """
 from __future__ import annotations
@@ -19,9 +21,13 @@ from models.checks import from_dict  # noqa: F401  (config.from_dict rebuilds a 
 from models.config import ModelConfig
 
 ROOT = Path(__file__).resolve().parent.parent
-DATA = ROOT / "data"
+# A clone holds its pyproject.toml beside misc/; an installed package (site-packages) does not, and nothing is
+# written there: data and runs belong to the working directory, as they would in a clone.
+CLONE = (ROOT / "pyproject.toml").is_file()
+HOME = ROOT if CLONE else Path.cwd()
+DATA = Path(os.environ["DSVE_DATA"]).expanduser().resolve() if os.environ.get("DSVE_DATA") else HOME / "data"
 DEMO_DIR = Path(os.environ.get("DSVE_DEMO_DIR", DATA / "demo"))  # movable, e.g. for tests
-RUNS = ROOT / "runs"
+RUNS = HOME / "runs"
 
 
 @dataclass(frozen=True)

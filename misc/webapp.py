@@ -20,7 +20,7 @@ import numpy as np
 from PIL import Image
 
 from misc import config
-from misc.store.files import file_sha256
+from misc.store.source import model_sha256
 from misc.errors import UserError
 from misc.data.images import list_images, read_image
 from misc.inference import PAPER_SIZE, Inference
@@ -108,7 +108,7 @@ def load_collections(path: Path, checkpoint: Path) -> Searchable:
         files = [path]
     else:
         raise UserError(f"--features {path}: no such file or folder")
-    return Searchable({file.name: load_collection(file) for file in files}, file_sha256(checkpoint))
+    return Searchable({file.name: load_collection(file) for file in files}, model_sha256(checkpoint))
 
 
 def text_query(model: Inference, query: str | None) -> np.ndarray:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -44,6 +45,29 @@ def run_cli(script: str, *args: str, world: Path | None = None, check: bool = Tr
 def load_model(path: Path) -> Model:
     """The network of the checkpoint at ``path`` with its weights, on the CPU in eval mode."""
     return checkpoint.model_from(checkpoint.load(path), path)
+
+
+@pytest.fixture(scope="session")
+def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The project's wheel, built once per session (slow tests only: about 5 s)."""
+    return build_wheel(tmp_path_factory.mktemp("wheel"))
+
+
+def build_wheel(folder: Path) -> Path:
+    """Build the project's wheel offline into ``folder`` from a copy of the tree (an in-tree build would leave
+    build/ in the checkout); the copy leaves out the top-level folders that are no part of the package."""
+    def ignore(where: str, names: list[str]) -> set[str]:
+        top = {"data", "runs", "tests", "bench", "build"} if Path(where) == ROOT else set()
+        return {name for name in names if name.startswith(".") or name == "__pycache__" or name in top
+                or name.endswith(".egg-info")}
+
+    source = folder / "source"
+    shutil.copytree(ROOT, source, ignore=ignore)
+    result = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-w",
+                             folder / "wheel", source], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    [wheel] = (folder / "wheel").glob("dsve_loc-*.whl")
+    return wheel
 
 
 def run_in_process(script: str, args: list, world: Path, monkeypatch: pytest.MonkeyPatch) -> int:

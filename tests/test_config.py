@@ -1,10 +1,48 @@
 """Paths and settings resolve with clear errors."""
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
 from misc import config
 from misc.errors import UserError
+from tests.conftest import ROOT
+
+# Prints where misc.config puts the data root, two keys under it, the demo world and the runs.
+ROOTS = ("from misc import config; print(config.DATA, config.path('coco_karpathy', must_exist=False), "
+         "config.path('vg_dir', must_exist=False), config.DEMO_DIR, config.RUNS, sep='\\n')")
+
+
+def roots(where: Path, path: Path, **variables: str) -> list[Path]:
+    """misc.config's paths in a fresh interpreter run in ``where`` with ``path`` first on sys.path."""
+    environment = {key: value for key, value in os.environ.items() if not key.startswith("DSVE_")}
+    result = subprocess.run([sys.executable, "-c", ROOTS], cwd=where, capture_output=True, text=True, timeout=120,
+                            env={**environment, "PYTHONPATH": str(path), **variables})
+    assert result.returncode == 0, result.stderr
+    return [Path(line) for line in result.stdout.splitlines()]
+
+
+def test_the_data_root_is_the_clones_or_dsve_data_and_a_key_variable_still_wins(tmp_path):
+    assert roots(tmp_path, ROOT) == [ROOT / "data", ROOT / "data/coco/dataset_coco.json", ROOT / "data/vg",
+                                     ROOT / "data/demo", ROOT / "runs"]
+    mine = tmp_path / "mine"
+    assert roots(tmp_path, ROOT, DSVE_DATA=str(mine), DSVE_VG_DIR=str(tmp_path / "vg")) == [
+        mine, mine / "coco/dataset_coco.json", tmp_path / "vg", mine / "demo", ROOT / "runs"]
+
+
+def test_installed_the_data_root_is_the_working_directorys(tmp_path):
+    site = tmp_path / "site-packages"  # the packages as pip lays them out: no pyproject.toml beside them
+    for package in ("misc", "models"):
+        shutil.copytree(ROOT / package, site / package, ignore=shutil.ignore_patterns("__pycache__"))
+    work = tmp_path / "work"
+    work.mkdir()
+    assert roots(work, site) == [work / "data", work / "data/coco/dataset_coco.json", work / "data/vg",
+                                 work / "data/demo", work / "runs"]
 
 
 def test_missing_path_names_key_env_and_source(monkeypatch, tmp_path):

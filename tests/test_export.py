@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from misc.store import checkpoint, export
+from misc.store import checkpoint, word_refs
 from misc import cli, config
 from misc.config import TrainConfig
 from misc.errors import UserError
@@ -50,7 +50,7 @@ def trained(data_root: Path, tmp_path: Path) -> Path:
     optimizer = torch.optim.Adam(model.parameters())
     sum(parameter.sum() for parameter in model.parameters()).backward()
     optimizer.step()
-    stored, reference = export.reference(data_root / "words" / "tiny.txt")
+    stored, reference = word_refs.reference(data_root / "words" / "tiny.txt")
     run = tmp_path / "run"
     checkpoint.atomic_save({"format": "dsve-loc", "version": 1, "epoch": 3, "best_rsum": 42.5,
                             "config": {"model": asdict(model_cfg),
@@ -161,3 +161,17 @@ def test_an_old_checkpoint_with_an_absolute_path_still_loads(trained: Path, data
     checkpoint.atomic_save({**state, "config": config_}, tmp_path / "old.pth.tar")
     old = checkpoint.load(tmp_path / "old.pth.tar")
     assert checkpoint.load_words(old, None, tmp_path / "old.pth.tar").source == data_root / "words" / "tiny.txt"
+
+
+def test_a_checkpoint_finds_its_words_where_training_read_them_last(trained: Path, data_root: Path, tmp_path: Path,
+                                                                    monkeypatch):
+    """Another data root without the file (an installed command run elsewhere on the same machine): the path the
+    file had at training time is tried last, and only a file of the recorded sha256 is taken there."""
+    source = data_root / "words" / "tiny.txt"
+    state = checkpoint.load(trained)
+    assert state["config"]["words"]["path"] == str(source.resolve())
+    monkeypatch.setattr(config, "DATA", tmp_path / "elsewhere" / "data")
+    assert checkpoint.load_words(state, None, trained).source == source.resolve()
+    write_words(source, seed=2)
+    with pytest.raises(UserError, match="has another sha256"):
+        checkpoint.load_words(state, None, trained)

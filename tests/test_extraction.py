@@ -238,7 +238,7 @@ def test_resume_after_interruption_gives_the_uninterrupted_result(zoo, tiny_chec
 @pytest.mark.slow
 def test_resume_refuses_parts_made_with_other_settings(zoo, tiny_checkpoint, tmp_path):
     out = tmp_path / "out.npz"
-    manifest = extraction.run_manifest(extraction.file_sha256(tiny_checkpoint), SIZE, False, list_images(zoo), 5)
+    manifest = extraction.run_manifest(extraction.model_sha256(tiny_checkpoint), SIZE, False, list_images(zoo), 5)
     PartStore(out).start(manifest, resume=False)  # as an interrupted run with these settings leaves it
     for change, what in (({"size": 96}, "different image size"), ({"maps": True}, "different --maps setting"),
                          ({"files_sha256": "0" * 64}, "different file list"),

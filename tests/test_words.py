@@ -104,6 +104,7 @@ def test_skipthought_table_with_dictionary_and_unk(tmp_path: Path, layout: str):
     matrix, oov = words.lookup(["a", "RED", "zebra", "Dog"])
     assert oov == 1  # RED is found lower-cased, zebra is not found
     np.testing.assert_array_equal(matrix, table[[0, 1, 3, 4]])  # zebra -> the UNK row
+    assert words.vectors.index_to_key == WORDS and words.vectors.vectors.shape == table.shape  # no empty rows
 
 
 class WritesMarker:

@@ -21,8 +21,9 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from misc.store.arrays import Streamed, npz_array, skipped_array, text_array, write_npz
-from misc.store.files import file_sha256, write_json
+from misc.store.files import write_json
 from misc.store.locks import FolderLock
+from misc.store.source import model_sha256
 from misc.errors import UserError
 from misc.data.datasets import eval_transform
 from misc.devices import autocast
@@ -150,7 +151,7 @@ def log_skipped(skipped: list[tuple[str, str]], out: Path, shown: int = 20) -> N
 
 def describe_checkpoint(path: Path, state: dict[str, Any], **extra: Any) -> dict[str, Any]:
     """What a feature file records about the model that made it (stored as the JSON string ``config``)."""
-    return {"checkpoint": str(path), "checkpoint_sha256": file_sha256(path), "model": state["config"]["model"],
+    return {"checkpoint": str(path), "checkpoint_sha256": model_sha256(path), "model": state["config"]["model"],
             **extra}
 
 

@@ -221,7 +221,7 @@ def _skipthought(table: Path) -> KeyedVectors:
     first: dict[str, int] = {}
     for row, word in enumerate(words):
         first.setdefault(word, row)
-    vectors = KeyedVectors(vector_size=matrix.shape[1], count=len(first))
+    vectors = KeyedVectors(vector_size=matrix.shape[1])
     vectors.add_vectors(list(first), matrix[list(first.values())])
     return vectors
 
@@ -239,7 +239,7 @@ def _kumo(folder: Path) -> tuple[Path, KeyedVectors]:
     words = parquet.read_table(indexes[0], columns=["index"]).column("index").to_pylist()
     if matrix.ndim != 2 or len(words) != len(matrix):
         raise UserError(f"{indexes[0]}: {len(words)} words but {matrices[0]} is {matrix.shape}")
-    vectors = KeyedVectors(vector_size=matrix.shape[1], count=len(words))
+    vectors = KeyedVectors(vector_size=matrix.shape[1])
     vectors.add_vectors(words, matrix.astype(np.float32, copy=False))
     return matrices[0], vectors
 

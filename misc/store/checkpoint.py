@@ -41,7 +41,7 @@ import torch
 from torch import nn
 
 from misc import config
-from misc.store import export, original
+from misc.store import export, original, source, word_refs
 from misc.errors import UserError, few, first_line
 from misc.store.files import atomic_path
 from misc.data.words import TextOptions, WordVectors
@@ -121,7 +121,7 @@ def read(path: Path | str) -> dict[str, Any]:
 def load(path: Path | str) -> dict[str, Any]:
     """Load a checkpoint of this project's format, an export folder (:mod:`misc.store.export`), or the original
     release's ``model.pth.tar`` converted to it."""
-    return as_checkpoint(export.read_export(path) if export.is_export(path) else read(path), path)
+    return as_checkpoint(export.read_export(path) if source.is_export(path) else read(path), path)
 
 
 def kind(data: dict[str, Any]) -> str:
@@ -191,12 +191,12 @@ def load_words(state: dict[str, Any], override_path: Path | str | None = None,
     """The word vectors of a loaded checkpoint, with its text preprocessing, checked against its text path.
 
     The file is ``override_path`` (a CLI's ``--words``), else the one the checkpoint names
-    (:func:`misc.store.export.find_words`: found by name under the data root, checked by sha256), else config key
+    (:func:`misc.store.word_refs.find_words`: found by name under the data root, checked by sha256), else config key
     ``word_vectors`` (the demo world's when the checkpoint trained on it); converted original models name none,
     so they use the configured skip-thought table. ``checkpoint_path`` only names the checkpoint in errors.
     """
     saved = state["config"]
-    path = (export.find_words(saved, override_path, checkpoint_path or "checkpoint")
+    path = (word_refs.find_words(saved, override_path, checkpoint_path or "checkpoint")
             or config.path("word_vectors", demo=saved["train"].get("dataset") == "demo"))
     text = saved.get("text") or {}
     known = {f.name for f in fields(TextOptions)}
@@ -279,9 +279,9 @@ def export_file(path: Path | str, out: Path | str, words: Path | str | None = No
     of the run's ``results.json`` beside it in its model card."""
     state = load(path)
     vectors = None if words_ref else load_words(state, words, path)
-    found = vectors.source if vectors is not None else export.find_words(state["config"], words, path)
+    found = vectors.source if vectors is not None else word_refs.find_words(state["config"], words, path)
     if found is not None and Path(found).is_file():
-        stored, reference = export.reference(Path(found))
+        stored, reference = word_refs.reference(Path(found))
         state = {**state, "config": {**state["config"], "word_vectors": stored, "words": reference}}
     results = Path(path).parent / "results.json"
     numbers = json.loads(results.read_text(encoding="utf-8")) if results.is_file() else None
@@ -295,7 +295,7 @@ def summary(model: dict[str, Any]) -> str:
 
 def describe(path: Path) -> str:
     """A few lines on what a checkpoint file holds."""
-    data = export.read_export(path) if export.is_export(path) else read(path)
+    data = export.read_export(path) if source.is_export(path) else read(path)
     found = kind(data)
     if found == "classification":
         return original.describe_classification(data, path)

@@ -1,11 +1,4 @@
-"""Portable models: word-vector references that survive a copy to another machine, and export folders.
-
-A checkpoint names its word vectors by ``config["word_vectors"]`` (a path relative to the data root
-:data:`misc.config.DATA` when the file lies under it, the name of an installed word-vector package, else the
-absolute path) and ``config["words"]`` (``{"file": name, "sha256": digest}``). :func:`find_words` looks the file
-up where it was, under the data root and at the configured word-vector keys, and checks its digest; a missing or
-different file is one line naming ``--words``. Checkpoints written before ``config["words"]`` existed name a path
-relative to the project (or an absolute one) and are read as they are.
+"""Export folders: a model for inference, without its training state, that survives a copy to another machine.
 
 An export folder (:func:`write_export`, ``python export.py``, ``train.py --export``) holds what inference needs and
 nothing of the training state::
@@ -21,12 +14,9 @@ It is written as a temporary folder, then renamed; :func:`read_export` turns it 
 """
 from __future__ import annotations
 
-import contextlib
 import json
-import logging
 import os
 import shutil
-from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -36,84 +26,15 @@ from safetensors.torch import load_file, save_file
 
 from misc import config
 from misc.errors import UserError
-from misc.store.files import atomic_path, file_sha256, writing
+from misc.data.words import TextOptions, WordVectors, load_word_vectors
+from misc.store.files import atomic_path, writing
+from misc.store.source import CARD, CONFIG, VOCAB, WEIGHTS, WORDS
 from misc.train.schedule import describe
-from misc.data.words import PACKAGED, TextOptions, WordVectors, load_word_vectors, packaged
 
-log = logging.getLogger(__name__)
 EXPORT = 1  # version of the export folder's layout
-WEIGHTS, CONFIG, WORDS, VOCAB, CARD = "model.safetensors", "config.json", "words.safetensors", "vocab.txt", "README.md"
 
 
-# --------------------------------------------------------------------------- word-vector references
-
-@cache
-def _digest(path: str, size: int, mtime_ns: int) -> str:
-    """:func:`misc.store.files.file_sha256`, cached per file version (path, size, modification time)."""
-    return file_sha256(path)
-
-
-def sha256(path: Path) -> str:
-    """The SHA-256 of a file, computed once per file version in a process."""
-    stat = path.stat()
-    return _digest(str(path.resolve()), stat.st_size, stat.st_mtime_ns)
-
-
-def reference(source: Path) -> tuple[str, dict[str, str]]:
-    """How a checkpoint names the word-vector file ``source``: (``config["word_vectors"]``, ``config["words"]``)."""
-    resolved = Path(source).resolve()
-    stored = str(resolved)
-    for name in PACKAGED:
-        with contextlib.suppress(UserError):  # a package that is not installed holds nothing
-            if resolved.is_relative_to(packaged(name).resolve()):
-                stored = name
-    if resolved.is_relative_to(config.DATA.resolve()):
-        stored = str(resolved.relative_to(config.DATA.resolve()))
-    return stored, {"file": resolved.name, "sha256": sha256(resolved)}
-
-
-def candidates(stored: str, name: str, legacy: bool) -> list[Path]:
-    """Where a file the checkpoint names may be, in order: where it was, under the data root, at the configured
-    word-vector keys (the demo world's included) when their file has its name."""
-    path = Path(stored)
-    found = [path if path.is_absolute() else (config.ROOT if legacy else config.DATA) / path]
-    if stored in PACKAGED:
-        with contextlib.suppress(UserError):
-            found.insert(0, packaged(stored) / name)
-    found += [config.DATA / "words" / name, config.DATA / name]
-    configured = [config.path(key, must_exist=False) for key in ("word_vectors", "glove_vectors")]
-    found += [path for path in (*configured, config.DEMO_PATHS["word_vectors"]) if path.name == name]
-    return list(dict.fromkeys(found))
-
-
-def find_words(saved: dict[str, Any], override: Path | str | None, source: Path | str) -> Path | None:
-    """The word-vector file of the checkpoint config ``saved`` (read from ``source``): ``override`` (``--words``;
-    a different digest is a warning: the same vectors re-saved in another format differ by their bytes, and a
-    wrong width still fails in :func:`misc.store.checkpoint.load_words`), else the file it names, found by
-    :func:`candidates` and checked by digest; None when it names none (converted original models)."""
-    stored, ref = saved.get("word_vectors"), saved.get("words") or {}
-    if override is not None:
-        if ref.get("sha256") and Path(override).is_file() and sha256(Path(override)) != ref["sha256"]:
-            log.warning("--words %s is not the file %s was trained with (%s, sha256 %s): its embeddings are only "
-                        "right if these are the same vectors", override, source, ref["file"], ref["sha256"][:12])
-        return Path(override)
-    if stored is None:
-        return None
-    name = ref.get("file") or Path(stored).name
-    digest = ref.get("sha256")
-    where = candidates(stored, name, legacy=not ref)
-    present = [path for path in where if path.is_file() or path.is_dir()]
-    for path in present:
-        if digest is None or path.is_dir() or sha256(path) == digest:
-            return path
-    about = f"checkpoint {source} needs word vectors {name!r} ({f'sha256 {digest[:12]}; ' if digest else ''}" \
-            f"key config.word_vectors = {stored!r})"
-    if present:
-        raise UserError(f"{about}: {present[0]} has another sha256 ({sha256(present[0])[:12]}); put the right "
-                        f"file under {config.DATA} or pass --words PATH to use this one anyway")
-    raise UserError(f"{about}: not found under {config.DATA} (the data root) nor at config key word_vectors; "
-                    f"pass --words PATH")
-
+# --------------------------------------------------------------------------- export folders
 
 def read_word_vectors(path: Path, options: TextOptions) -> WordVectors:
     """:func:`misc.data.words.load_word_vectors`, and an export folder's ``words.safetensors`` with its
@@ -125,12 +46,10 @@ def read_word_vectors(path: Path, options: TextOptions) -> WordVectors:
     vocab = path.with_name(VOCAB).read_text(encoding="utf-8").split("\n")[:-1]
     if len(vocab) != len(matrix):
         raise UserError(f"{path.with_name(VOCAB)}: {len(vocab)} words but {path} has {len(matrix)} rows")
-    vectors = KeyedVectors(vector_size=matrix.shape[1], count=len(vocab))
+    vectors = KeyedVectors(vector_size=matrix.shape[1])
     vectors.add_vectors(vocab, matrix)
     return WordVectors(vectors, path, options)
 
-
-# --------------------------------------------------------------------------- export folders
 
 def write_export(state: dict[str, Any], source: Path, out: Path, words: WordVectors | None,
                  results: dict[str, Any] | None = None) -> list[Path]:
@@ -180,10 +99,6 @@ def _sync(path: Path) -> None:
             os.fsync(descriptor)
         finally:
             os.close(descriptor)
-
-
-def is_export(path: Path | str) -> bool:
-    return Path(path).is_dir() and (Path(path) / CONFIG).is_file()
 
 
 def read_export(folder: Path | str) -> dict[str, Any]:

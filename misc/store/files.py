@@ -1,6 +1,6 @@
 """Atomic file writes: readers see the old file or the complete new one, never a partial one; and a full disk, a
 read-only folder or a permission error while writing is one line naming the file and what to do. Also a file's
-SHA-256, streamed."""
+SHA-256, streamed (and cached per file version)."""
 from __future__ import annotations
 
 import contextlib
@@ -9,6 +9,7 @@ import hashlib
 import json
 import os
 import uuid
+from functools import cache
 from pathlib import Path
 from typing import Any
 from collections.abc import Iterator
@@ -92,6 +93,18 @@ def file_sha256(path: Path | str) -> str:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+@cache
+def _digest(path: str, size: int, mtime_ns: int) -> str:
+    """:func:`file_sha256`, cached per file version (path, size, modification time)."""
+    return file_sha256(path)
+
+
+def sha256(path: Path | str) -> str:
+    """The SHA-256 of a file, computed once per file version in a process."""
+    stat = Path(path).stat()
+    return _digest(str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns)
 
 
 def write_json(path: Path | str, data: Any) -> None:

@@ -12,7 +12,8 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-from misc.store.files import file_sha256, update_results, write_json
+from misc.store.files import update_results, write_json
+from misc.store.source import model_sha256
 
 ROOT = Path(__file__).resolve().parents[2]
 SCHEMA = ROOT / "docs" / "results.schema.json"
@@ -41,11 +42,12 @@ def record(tool: str, *, checkpoint: Path | str | None, dataset: str | None, spl
            **extra: Any) -> dict[str, Any]:
     """The results record of one evaluation (the fields of docs/results.md, in that order, then ``extra``).
 
-    The checkpoint's SHA-256 is read from its bytes here (streamed, once per record) unless ``checkpoint_sha256``
-    is given, e.g. from a feature file that recorded it.
+    The checkpoint (a file or an export folder) has its digest :func:`misc.store.source.model_sha256` read here
+    (streamed, once per file version) unless ``checkpoint_sha256`` is given, e.g. from a feature file that
+    recorded it.
     """
     if checkpoint is not None and checkpoint_sha256 is None:
-        checkpoint_sha256 = file_sha256(checkpoint)
+        checkpoint_sha256 = model_sha256(checkpoint)
     return {"tool": tool, "version": package_version(), "checkpoint": None if checkpoint is None else str(checkpoint),
             "checkpoint_sha256": checkpoint_sha256, "dataset": dataset, "split": split, "size": size,
             "protocol": protocol, "metrics": metrics, **extra}

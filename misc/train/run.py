@@ -24,7 +24,7 @@ from misc.data.words import WordVectors, load_word_vectors
 from misc.errors import UserError
 from misc.eval.encode import evaluate_records
 from misc.eval.retrieval import format_table
-from misc.store import checkpoint, export
+from misc.store import checkpoint, word_refs
 from misc.train import distributed
 from misc.train.loop import Health, train_one_epoch
 from misc.store.locks import FolderLock
@@ -187,7 +187,7 @@ class Trainer:
         self.cfg, self.run, self.data, self.learner, self.position = cfg, run, data, learner, position
         self.context, self.amp, self.signals = context, amp, signals
         self.board = TrainLog(run.out / "tensorboard", data.steps_per_epoch) if context.is_main else None
-        stored, reference = export.reference(data.words.source)
+        stored, reference = word_refs.reference(data.words.source)
         self.saved_config = {"model": asdict(model_cfg), "train": asdict(cfg), "word_vectors": stored,
                              "words": reference}
         self.saver = MidEpochSaver(self.snapshot, run.out / checkpoint.LAST, run.save_every, data.steps_per_epoch,

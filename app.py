@@ -41,7 +41,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     from misc import webapp  # torch and gradio load only once the arguments are known to be right
-    from misc.inference import PAPER_SIZE, Inference
+    from misc.eval.localization import PAPER_SIZE
+    from misc.inference import Inference
 
     model = Inference.load(args.checkpoint, args.words, args.device, args.amp)
     searchable = webapp.load_collections(args.features, args.checkpoint) if args.features else None

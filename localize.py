@@ -21,7 +21,6 @@ from misc.cli import (add_checkpoint_args, add_device_args, add_size_arg, add_wo
 
 log = logging.getLogger("localize")
 COLORMAPS = ("viridis", "inferno", "magma", "plasma", "cividis")  # perceptually uniform, readable in grey
-DEFAULT_SIZE = 416
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -31,7 +30,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("-t", "--text", action="append", required=True, metavar="QUERY",
                         help="a text query; repeat for several")
     parser.add_argument("-o", "--out", type=Path, default=Path("localize.png"), help="PNG to write")
-    add_size_arg(parser, DEFAULT_SIZE)
+    add_size_arg(parser, default_text="416, the paper's")  # misc.eval.localization.PAPER_SIZE: no torch here
     parser.add_argument("--k", type=positive_int,
                         help="maps summed per query (default 180, the paper's for d = 2400; round(0.075 d) for "
                              "smaller d)")
@@ -50,20 +49,22 @@ def main(argv: list[str] | None = None) -> None:
     # torch and matplotlib are imported once the arguments are known: --help and argument errors stay instant
     from misc.errors import check_number
     from misc.data.images import read_image
+    from misc.eval.localization import PAPER_SIZE
     from misc.inference import Inference
     from misc.visualize import figure_size, save_png
 
     check_number("--alpha", args.alpha, low=0, high=1)
     image = read_image(args.image)
     model = Inference.load(args.checkpoint, args.words, args.device, args.amp)
-    found = model.heatmaps(image, args.text, args.size, args.k)
+    size = args.size or PAPER_SIZE
+    found = model.heatmaps(image, args.text, size, args.k)
     for text in args.text:
         if model.known_words(text) == 0:
             log.warning("no word of %r is in the vocabulary: its heatmap means little", text)
     save_png(found.figure(args.shared_scale, alpha=args.alpha, colormap=args.colormap), args.out)
     width, height = figure_size(*image.size, len(args.text))
     h, w = found.maps.shape[-2:]
-    print(f"{args.out}: {width}x{height} px, {len(args.text)} heatmap(s) of {h}x{w} ({args.size}x{args.size} "
+    print(f"{args.out}: {width}x{height} px, {len(args.text)} heatmap(s) of {h}x{w} ({size}x{size} "
           f"input, k={found.k if found.k is not None else 'n/a'}, "
           f"{'one colour scale' if args.shared_scale else 'a colour scale per panel'})")
     for text, (x, y), score, unknown in zip(args.text, found.peaks.tolist(), found.scores.tolist(), found.unknown):

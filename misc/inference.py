@@ -24,7 +24,7 @@ from misc.store import checkpoint
 from misc.data.datasets import eval_transform
 from misc.errors import UserError
 from misc.data.images import oriented, read_image
-from misc.eval.localization import choose_k, peak_location
+from misc.eval.localization import PAPER_SIZE, POINTING_K, choose_k, peak_location
 from misc.devices import autocast, resolve_device
 from misc.eval.encode import encode_captions
 from misc.visualize import DEFAULT_COLORMAP, overlays, panel_size, panel_title, save_png
@@ -32,8 +32,6 @@ from misc.data.words import WordVectors
 from models.heatmaps import apply_filters
 from models.joint import Model
 
-PAPER_SIZE = 416  # the image side of the paper's localization (a 13 x 13 map from ResNet-152)
-PAPER_K = 180  # eq. 9's k in the paper, for d = 2400
 ImageSource = str | Path | Image.Image
 
 
@@ -209,7 +207,7 @@ class Inference:
             if not any(any(c.isalnum() for c in token) for token in self.words.tokens(text)):
                 raise UserError(f"query {text!r} has no words")
         picture = as_image(image)
-        k = self.choose_k(k, PAPER_K)
+        k = self.choose_k(k, POINTING_K)
         maps = self.maps(self.transform(size)(picture)[None])  # (1, C, h, w)
         heat = apply_filters(maps, self.filters(texts, k))[0].cpu()  # (T, h, w)
         return Heatmaps(texts, heat, peak_location(heat, *picture.size), self.scores(picture, texts),

@@ -23,7 +23,8 @@ from misc import config
 from misc.store.source import model_sha256
 from misc.errors import UserError
 from misc.data.images import list_images, read_image
-from misc.inference import PAPER_SIZE, Inference
+from misc.eval.localization import PAPER_SIZE
+from misc.inference import Inference
 from misc.collections.search import Collection, exact_search, load_collection
 from misc.visualize import figure_image, overlays
 

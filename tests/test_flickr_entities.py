@@ -12,6 +12,7 @@ from misc.store import checkpoint
 from misc.data import flickr_entities as fe
 from misc.config import TrainConfig
 from misc.errors import UserError
+from misc.eval.localization import phrase_hit
 from models.config import ModelConfig
 from models.joint import build_model
 from tests.conftest import run_in_process
@@ -98,13 +99,13 @@ def test_load_split_and_missing_files_name_the_key(root: Path) -> None:
 
 def test_a_phrase_hits_when_the_point_is_in_any_of_its_boxes() -> None:
     boxes = torch.tensor([[0.0, 0.0, 10.0, 10.0], [50.0, 50.0, 20.0, 10.0]])
-    assert fe.phrase_hit(torch.tensor([55.0, 55.0]), boxes)  # the second box only
-    assert fe.phrase_hit(torch.tensor([5.0, 5.0]), boxes)
-    assert not fe.phrase_hit(torch.tensor([30.0, 30.0]), boxes)
-    assert fe.phrase_hit(torch.tensor([50.0, 50.0]), boxes) and not fe.phrase_hit(torch.tensor([50.0, 50.0]), boxes,
+    assert phrase_hit(torch.tensor([55.0, 55.0]), boxes)  # the second box only
+    assert phrase_hit(torch.tensor([5.0, 5.0]), boxes)
+    assert not phrase_hit(torch.tensor([30.0, 30.0]), boxes)
+    assert phrase_hit(torch.tensor([50.0, 50.0]), boxes) and not phrase_hit(torch.tensor([50.0, 50.0]), boxes,
                                                                                   strict=True)
-    assert fe.phrase_hit(torch.tensor([30.0, 30.0]), boxes, tolerance=28.5)  # 20 sqrt 2 from either box
-    assert not fe.phrase_hit(torch.tensor([30.0, 30.0]), boxes, tolerance=28.0)
+    assert phrase_hit(torch.tensor([30.0, 30.0]), boxes, tolerance=28.5)  # 20 sqrt 2 from either box
+    assert not phrase_hit(torch.tensor([30.0, 30.0]), boxes, tolerance=28.0)
 
 
 def random_checkpoint(world: Path, path: Path, **model: object) -> Path:

@@ -32,3 +32,23 @@ def test_help_imports_no_heavy_library(name):
     assert result.returncode == 0, result.stderr
     assert "usage:" in result.stdout
     assert json.loads(result.stdout.strip().splitlines()[-1]) == []
+
+
+def test_help_names_the_library_defaults(capsys):
+    """The localization commands write their defaults out in --help (reading them would import torch): the
+    numbers, datasets and protocols they name are the ones misc/eval uses."""
+    import localize
+    import pointing_game
+    import semantic_seg
+    from misc.eval import pointing, segment
+    from misc.eval.localization import PAPER_SIZE, POINTING_K, SEGMENTATION_K
+
+    expected = {pointing_game: [f"(default: {PAPER_SIZE},", f"(default {POINTING_K},", " | ".join(pointing.DATASETS)],
+                localize: [f"(default: {PAPER_SIZE},", f"(default {POINTING_K},"],
+                semantic_seg: [f"(default {SEGMENTATION_K},", "{" + ",".join(segment.PROTOCOLS) + "}"]}
+    for module, phrases in expected.items():
+        with pytest.raises(SystemExit):
+            module.main(["--help"])
+        text = " ".join(capsys.readouterr().out.split())
+        for phrase in phrases:
+            assert phrase in text, (module.__name__, phrase)

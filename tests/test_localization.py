@@ -338,7 +338,7 @@ def test_original_masks_rescale_to_uint8_and_threshold_without_the_minimum():
 
 
 def test_category_queries_are_name_and_plural():
-    from semantic_seg import query
+    from misc.eval.segment import query
     assert query("cat") == "cat cats"
     assert query("bus") == "bus buses"
     assert query("person") == "person people"

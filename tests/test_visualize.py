@@ -12,8 +12,8 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import Rectangle
 from PIL import Image
 
-import pointing_game
-from misc import visualize
+from misc.eval import pointing
+from misc.eval.localization import POINTING_K
 from misc.inference import Inference
 from misc.visualize import MARGIN, figure_size, overlays, panel_size, panel_title, save_png, title_height
 from tests.test_localization import tiny_checkpoint  # noqa: F401 - the session fixture, a random tiny DSVE model
@@ -115,16 +115,16 @@ def test_pointing_pictures_draw_the_boxes_and_the_scored_point(tiny_world, tiny_
                                                              monkeypatch):
     path = next((tiny_world / "images" / "val2014").glob("*.jpg"))
     model = Inference.load(tiny_checkpoint, device="cpu")
-    phrases = [pointing_game.Phrase("a red circle", [(4.0, 8.0, 20.0, 16.0)], {}),
-               pointing_game.Phrase("a blue square", [(0.0, 0.0, 32.0, 32.0), (40.0, 40.0, 8.0, 8.0)], {})]
-    item = pointing_game.Item("photo", path, (64.0, 64.0), phrases)
+    phrases = [pointing.Phrase("a red circle", [(4.0, 8.0, 20.0, 16.0)], {}),
+               pointing.Phrase("a blue square", [(0.0, 0.0, 32.0, 32.0), (40.0, 40.0, 8.0, 8.0)], {})]
+    item = pointing.Item("photo", path, (64.0, 64.0), phrases)
     size = 128  # the rows' frame: twice the 64 px image
     rows = [{"point": [16.0, 48.0], "boxes": [[8.0, 16.0, 40.0, 32.0]], "hit": True},
             {"point": [100.0, 20.0], "boxes": [[0.0, 0.0, 64.0, 64.0], [80.0, 80.0, 16.0, 16.0]], "hit": False}]
     drawn: dict[Path, Figure] = {}
-    monkeypatch.setattr(visualize, "save_png", lambda figure, out: drawn.setdefault(out, figure))
-    written = pointing_game.write_overlays(model, [item], rows, size, model.choose_k(None, 180), "original",
-                                           tmp_path)
+    monkeypatch.setattr(pointing, "save_png", lambda figure, out: drawn.setdefault(out, figure))
+    written = pointing.write_overlays(model, [item], rows, size, model.choose_k(None, POINTING_K), "original",
+                                      tmp_path)
     assert written == [tmp_path / "pointing_photo.png"]
     first, second = panels(drawn[written[0]])
     for axes, phrase in zip((first, second), phrases):

@@ -18,11 +18,8 @@ import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
 from misc import config
 from misc.errors import UserError
-from misc.eval.localization import pointing_hits
 
 ENTITY_TYPES = ("people", "clothing", "bodyparts", "animals", "vehicles", "instruments", "scene", "other")
 NOT_VISUAL = "0"  # the chain id of every "notvisual" phrase: never annotated
@@ -124,12 +121,6 @@ def entity_boxes(annotation: Annotation, entity: str, scene_as_image: bool = Fal
         whole = (0.0, 0.0, float(annotation.width), float(annotation.height))
         return ([whole], None) if scene_as_image else ([], "scene")
     return [], "no box" if entity in annotation.nobox else "not annotated"
-
-
-def phrase_hit(point: torch.Tensor, boxes: torch.Tensor, tolerance: float = 0.0, strict: bool = False) -> bool:
-    """Whether a point (2,) as (x, y) hits ANY of a phrase's boxes (N, 4) as (x, y, width, height), under the
-    rule of :func:`misc.eval.localization.pointing_hits`."""
-    return bool(pointing_hits(point.reshape(1, 2).expand(len(boxes), 2), boxes, tolerance, strict).any())
 
 
 def read_split(root: Path, split: str) -> list[str]:

@@ -24,6 +24,9 @@ from misc.errors import UserError
 log = logging.getLogger(__name__)
 
 PAPER_DIM = 2400  # d of the paper's model; the paper's k values are for it
+POINTING_K = 180  # eq. 9's k for the pointing game and single heatmaps in the paper (d = 2400)
+SEGMENTATION_K = 10  # eq. 9's k for semantic segmentation in the paper (d = 2400)
+PAPER_SIZE = 416  # the image side of the paper's localization (a 13 x 13 map from ResNet-152)
 POINTING_PROTOCOLS = ("original", "centre")  # where a grid cell points, see cell_points
 
 
@@ -109,3 +112,9 @@ def pointing_hits(points: torch.Tensor, boxes: torch.Tensor, tolerance: float = 
     outside = torch.clamp(torch.maximum(low - points, points - high), min=0)  # (N, 2) per-axis distance
     near = outside.norm(dim=1) <= tolerance if tolerance > 0 else torch.zeros(len(points), dtype=torch.bool)
     return inside.all(dim=1) | near
+
+
+def phrase_hit(point: torch.Tensor, boxes: torch.Tensor, tolerance: float = 0.0, strict: bool = False) -> bool:
+    """Whether a point (2,) as (x, y) hits ANY of a phrase's boxes (N, 4) as (x, y, width, height), under the
+    rule of :func:`pointing_hits` (Flickr30K Entities: any box of the phrase's coreference chain)."""
+    return bool(pointing_hits(point.reshape(1, 2).expand(len(boxes), 2), boxes, tolerance, strict).any())

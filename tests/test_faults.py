@@ -25,7 +25,7 @@ import search as search_cli
 import text_features_extraction
 from misc import cli
 from misc.collections import extraction
-from misc.store import files
+from misc.store import files, locks
 from misc.store.arrays import TextColumn, npz_array, text_array, write_npz
 from misc.store.checkpoint import atomic_save
 from misc.config import TrainConfig
@@ -252,7 +252,7 @@ def test_a_read_only_output_folder_stops_an_extraction_before_any_work(tmp_path,
     def refused(path: Path, *_: object) -> None:
         raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
 
-    monkeypatch.setattr(extraction, "open", refused, raising=False)
+    monkeypatch.setattr(locks, "open", refused, raising=False)  # the lock file is the run's first write
     out = tmp_path / "out.npz"
     said = f"cannot write {out}.parts: read-only file system; write to another folder"
     with pytest.raises(UserError, match=re.escape(said)):

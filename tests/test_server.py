@@ -9,6 +9,8 @@ import io
 import json
 import shutil
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -31,6 +33,7 @@ from misc.store.arrays import write_npz
 from misc.store.checkpoint import atomic_save
 from models.config import ModelConfig
 from models.joint import build_model
+from tests.conftest import ROOT
 from tests.test_extraction import png_header_only
 
 TEXT = "a red square"
@@ -191,3 +194,31 @@ def test_localized_results_carry_the_heatmap_peak_and_a_box_around_it(served, mo
                      "--localize", "--device", "cpu", "--json", str(out)])
     found = json.loads(out.read_text())["queries"][0]["results"]
     assert [e["localization"] for e in found] == [e["localization"] for e in answer]
+
+
+@pytest.mark.slow
+def test_the_cli_serves_on_127_0_0_1_without_a_model(model_and_collection):
+    features_path = model_and_collection[1]
+    with np.load(features_path) as data:
+        features = data["features"]
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = subprocess.Popen([sys.executable, str(ROOT / "search.py"), "--images", str(features_path), "--serve",
+                               "--port", str(port)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as client:
+            deadline = time.monotonic() + 60
+            while True:
+                try:
+                    assert client.get("/").json()["model"] is False
+                    break
+                except httpx.TransportError:
+                    assert server.poll() is None and time.monotonic() < deadline, server.stderr.read().decode()
+                    time.sleep(0.2)
+            answer = client.post("/search", json={"embedding": features[5].tolist(), "k": 3}).json()
+            assert [r["id"] for r in answer["results"]] == best_rows(features, features[5], 3)
+            assert "start it with -p CHECKPOINT" in one_line_error(client.post("/search", json={"text": TEXT}))
+    finally:
+        server.terminate()
+        server.wait(timeout=30)

@@ -132,6 +132,7 @@ def main(argv: list[str] | None = None) -> None:
         from misc.collections.server import make_app, make_server
 
         model = load_model(args, "--serve") if args.checkpoint else None
+        searcher.prepare()
         log.info("serving %s (%d rows) on http://%s:%d", collection.path, len(collection.features), args.host,
                  args.port)
         return make_server(make_app(searcher, model), args.host, args.port).run()

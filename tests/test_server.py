@@ -197,7 +197,7 @@ def test_localized_results_carry_the_heatmap_peak_and_a_box_around_it(served, mo
 
 
 @pytest.mark.slow
-def test_the_cli_serves_on_127_0_0_1_without_a_model(model_and_collection):
+def test_the_cli_serves_a_faiss_index_on_127_0_0_1_without_a_model(model_and_collection):
     features_path = model_and_collection[1]
     with np.load(features_path) as data:
         features = data["features"]
@@ -205,7 +205,8 @@ def test_the_cli_serves_on_127_0_0_1_without_a_model(model_and_collection):
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     server = subprocess.Popen([sys.executable, str(ROOT / "search.py"), "--images", str(features_path), "--serve",
-                               "--port", str(port)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                               "--port", str(port), "--index", "faiss"], cwd=ROOT, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE)
     try:
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as client:
             deadline = time.monotonic() + 60
@@ -218,6 +219,8 @@ def test_the_cli_serves_on_127_0_0_1_without_a_model(model_and_collection):
                     time.sleep(0.2)
             answer = client.post("/search", json={"embedding": features[5].tolist(), "k": 3}).json()
             assert [r["id"] for r in answer["results"]] == best_rows(features, features[5], 3)
+            assert answer["index"] == {"type": "faiss IndexFlat", "built": True}  # built before listening
+            assert Path(f"{features_path}.index_report.json").is_file()
             assert "start it with -p CHECKPOINT" in one_line_error(client.post("/search", json={"text": TEXT}))
     finally:
         server.terminate()

@@ -91,6 +91,13 @@ class Searcher:
     index: Any = None
     built: bool = False
 
+    def prepare(self) -> None:
+        """Load or build the faiss index now (a server does it before it listens, not on its first query)."""
+        if self.method == "faiss" and self.index is None:
+            from misc.collections.index import load_or_build_index
+
+            self.index, self.built = load_or_build_index(self.collection, self.budget, self.factory, self.rerank)
+
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
         """Scores and rows (Q, k') best first (-1 rows: not found by an approximate index), and how they were
         found."""
@@ -99,9 +106,7 @@ class Searcher:
             return scores, rows, {"type": "exact"}
         from misc.collections import index
 
-        if self.index is None:
-            self.index, self.built = index.load_or_build_index(self.collection, self.budget, self.factory,
-                                                               self.rerank)
+        self.prepare()
         scores, rows = index.index_search(self.index, queries, k, self.value, self.rerank, self.collection.features)
         info: dict[str, Any] = {"type": f"faiss {index.describe(self.index)}", "built": self.built}
         name = index.search_parameter(self.index)

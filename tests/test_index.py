@@ -13,7 +13,7 @@ import pytest
 
 import search as search_cli
 from misc.collections.index import (build_index, choose_factory, index_search, load_or_build_index, parse_bytes,
-                                    without_self)
+                                    sample_rows, without_self)
 from misc.collections.search import dedup, load_collection
 from misc.errors import UserError
 from misc.store.arrays import write_npz
@@ -152,3 +152,15 @@ def test_build_index_cli_prints_the_report(tmp_path, capsys):
     assert out.startswith("IVF8,Flat: 800 vectors,") and f'default {report["default"]}' in out
     with pytest.raises(UserError, match="--max-index-memory"):
         search_cli.main(["--images", str(tmp_path / "images.npz"), "--build-index", "--max-index-memory", "lots"])
+
+
+def test_training_rows_are_a_seeded_random_sample_and_the_queries_are_held_out():
+    train, queries = sample_rows(20_000, "IVF16,Flat", seed=0)
+    assert len(train) == 64 * 16 and len(queries) == 1000 and not set(train) & set(queries)
+    assert train.max() > 10_000 and not np.array_equal(train, np.arange(64 * 16))  # not the first rows
+    assert np.array_equal(sample_rows(20_000, "IVF16,Flat", seed=0)[0], train)  # seeded
+    assert not np.array_equal(sample_rows(20_000, "IVF16,Flat", seed=1)[0], train)
+    assert len(sample_rows(20_000, "OPQ8,IVF16,PQ8")[0]) == 39 * 256  # what faiss asks for 256 centroids
+    assert len(sample_rows(20_000, "HNSW32")[0]) == 0 and len(sample_rows(500, "Flat")[1]) == 500
+    train, queries = sample_rows(1500, "IVF16,Flat")  # too few rows to hold 1000 out: queries may be trained on
+    assert len(train) == 1024 and len(queries) == 1000

@@ -225,3 +225,19 @@ def test_the_cli_serves_a_faiss_index_on_127_0_0_1_without_a_model(model_and_col
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+def test_a_failure_inside_the_server_is_one_line_without_a_traceback(model_and_collection, caplog):
+    from fastapi.testclient import TestClient
+
+    searcher = Searcher(load_collection(model_and_collection[1]))
+
+    def broken(queries: np.ndarray, k: int) -> None:
+        raise RuntimeError("faiss exploded\nwith a second line")
+
+    searcher.search = broken
+    with TestClient(make_app(searcher, None)) as client:
+        response = client.post("/search", json={"embedding": [1.0] * 32})
+        assert one_line_error(response, 500) == "internal error; see the server's log"
+        assert "faiss exploded" not in response.text and "faiss exploded" in caplog.text  # logged here
+        assert client.get("/").status_code == 200

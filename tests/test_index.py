@@ -150,6 +150,9 @@ def test_build_index_cli_prints_the_report(tmp_path, capsys):
     out = capsys.readouterr().out
     report = json.loads((tmp_path / "images.npz.index_report.json").read_text())
     assert out.startswith("IVF8,Flat: 800 vectors,") and f'default {report["default"]}' in out
+    saved(tmp_path, np.empty((0, 8), np.float32))
+    with pytest.raises(UserError, match="holds no rows: there is nothing to index"):
+        search_cli.main(["--images", str(tmp_path / "images.npz"), "--build-index"])
     with pytest.raises(UserError, match="--max-index-memory"):
         search_cli.main(["--images", str(tmp_path / "images.npz"), "--build-index", "--max-index-memory", "lots"])
 

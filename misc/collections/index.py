@@ -269,6 +269,8 @@ def load_or_build_index(collection: Collection, budget: int | None = None, facto
     (``factory``, else :func:`choose_factory` for ``budget``), else a new one, measured (:func:`report`) and
     saved next to the features with its report. Returns the index and whether it was built now."""
     features = collection.features
+    if not len(features):
+        raise UserError(f"{collection.path} holds no rows: there is nothing to index")
     index_path, sidecar, report_path = index_files(collection.path)
     wanted = {"features": npz_fingerprint(collection.path), "count": len(features),
               "factory": factory or choose_factory(*features.shape, budget)}

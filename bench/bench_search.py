@@ -11,8 +11,9 @@ Two seeded collections of N unit vectors (default 1M) are searched with Q querie
   subtopic and a random direction, all three unit, normalised. Coarse lists capture such structure well.
 Real collections lie between the two; the rows bracket what an IVF index gives on them.
 For each: misc.collections.search.exact_search (blocks of rows times the queries; what search.py --index exact
-runs), then misc.collections.search.build_index (IVF-flat with sqrt(N) lists, what search.py --index faiss builds
-for N >= 100k) searched with several nprobe; recall@10 is the overlap of its top-10 with the exact top-10.
+runs), then misc.collections.index.build_index (IVF-flat with sqrt(N) lists, what search.py --index faiss builds
+for N >= 1M without a memory budget) searched with several nprobe; recall@10 is the overlap of its top-10 with the
+exact top-10.
 Latencies are medians of repeated runs, for a batch of Q queries and for one query at a time.
 
 The vectors (N x d x 4 bytes) and the IVF-flat index (as much again) must both fit in memory: with d = 2400 and
@@ -32,7 +33,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import machine  # noqa: E402
-from misc.collections.search import build_index, default_nlist, default_nprobe, exact_search, index_search  # noqa: E402
+from misc.collections.index import build_index, index_search, nlist_for  # noqa: E402
+from misc.collections.search import exact_search  # noqa: E402
 
 K = 10
 
@@ -90,14 +92,13 @@ def bench(kind: str, count: int, dim: int, queries: int, nlist: int, repeats: in
     one_s, _ = timed(lambda: exact_search(query[:1], features, K), repeats)
     rows = [(kind, "exact (blocks x queries)", "-", batch_s, one_s, 1.0, float(np.mean(scores[:, 0])))]
     started = time.perf_counter()
-    index = build_index(features, nlist)
+    index = build_index(features, f"IVF{nlist},Flat")
     built = time.perf_counter() - started
     print(f"{kind}: IVF-flat with {nlist} lists built in {built:.1f} s", flush=True)
-    for nprobe in sorted({max(1, nlist // 64), nlist // 32, default_nprobe(nlist), nlist // 8, nlist // 4}):
+    for nprobe in sorted({max(1, nlist // 64), nlist // 32, nlist // 16, nlist // 8, nlist // 4}):
         batch_s, (_, found) = timed(lambda nprobe=nprobe: index_search(index, query, K, nprobe), repeats)
         one_s, _ = timed(lambda nprobe=nprobe: index_search(index, query[:1], K, nprobe), repeats)
-        default = " (default)" if nprobe == default_nprobe(nlist) else ""
-        rows.append((kind, f"IVF-flat nlist={nlist} (built in {built:.0f} s)", f"{nprobe}{default}", batch_s, one_s,
+        rows.append((kind, f"IVF-flat nlist={nlist} (built in {built:.0f} s)", str(nprobe), batch_s, one_s,
                      recall(found, truth), float("nan")))
     return rows
 
@@ -122,10 +123,7 @@ def main() -> None:
                          f"half of the {memory_available() / 1e9:.1f} GB available on this shared machine")
         if dim < 64:
             raise SystemExit(f"not enough memory for {count} vectors; pass a smaller --n")
-    nlist = default_nlist(count)
-    if nlist == 1:
-        nlist = int(round(math.sqrt(count)))
-        notes.append(f"N < 100k would get an exact flat index in search.py; IVF with {nlist} lists forced here")
+    nlist = nlist_for(count)
     print(f"machine: {machine()}")
     print(f"faiss {faiss.__version__} with {faiss.omp_get_max_threads()} threads, numpy {np.__version__}, "
           f"{memory_available() / 1e9:.1f} GB memory available")

@@ -23,11 +23,12 @@ from misc.config import TrainConfig
 from models.config import ModelConfig
 from misc.data.datasets import eval_transform
 from misc.eval.encode import encode_captions
-from misc.collections import search
 from misc.store.arrays import Streamed, TextColumn, npz_array, text_column, write_npz
 from misc.collections.extraction import ImageFiles, PartStore, collate_images, extract_images
 from misc.data.images import decode_image, list_images, read_list
-from misc.collections.search import exact_search, index_search, load_collection, load_or_build_index
+from misc.collections import index as faiss_index
+from misc.collections.index import build_index, index_search, load_or_build_index
+from misc.collections.search import exact_search, load_collection
 from misc.collections.texts import read_text_lines
 from misc.data.words import load_word_vectors
 from models.joint import build_model
@@ -305,11 +306,11 @@ def test_exact_search_agrees_with_full_sort_and_faiss():
     np.testing.assert_array_equal(rows, order)
     np.testing.assert_allclose(scores, np.take_along_axis(queries @ features.T, order, 1), rtol=1e-6)
     for nlist, nprobe in ((1, None), (16, 16)):  # flat, and IVF visiting every list: both exact
-        index = search.build_index(features, nlist)
+        index = build_index(features, "Flat" if nlist == 1 else f"IVF{nlist},Flat")
         faiss_scores, faiss_rows = index_search(index, queries, 10, nprobe)
         np.testing.assert_array_equal(faiss_rows, order)
         np.testing.assert_allclose(faiss_scores, scores, atol=1e-5)
-    ivf_rows = index_search(search.build_index(features, 16), queries, 10, 4)[1]
+    ivf_rows = index_search(build_index(features, "IVF16,Flat"), queries, 10, 4)[1]
     assert np.mean([len(set(a) & set(b)) / 10 for a, b in zip(ivf_rows, order)]) > 0.3
 
 
@@ -318,6 +319,7 @@ def test_faiss_index_is_saved_reused_and_rebuilt_when_features_change(tmp_path):
     write_npz(path, {"features": random_unit(200, 8, 0), "paths": np.array([f"{i}.jpg" for i in range(200)])})
     assert load_or_build_index(load_collection(path))[1] is True
     assert (tmp_path / "images.npz.faiss").exists() and (tmp_path / "images.npz.faiss.json").exists()
+    assert (tmp_path / "images.npz.index_report.json").exists()
     assert load_or_build_index(load_collection(path))[1] is False
     write_npz(path, {"features": random_unit(200, 8, 1), "paths": np.array([f"{i}.jpg" for i in range(200)])})
     index, built = load_or_build_index(load_collection(path))
@@ -339,7 +341,7 @@ def test_search_cli_all_directions(demo_features, demo_texts, tiny_checkpoint):
     found = json.loads(result.stdout)
     best = np.argsort(-(images @ lines[1]), kind="stable")[:5]
     assert [r["path"] for r in found["queries"][0]["results"]] == [paths[i] for i in best]
-    assert found["index"] == {"type": "faiss IndexFlatIP", "built": True} and "top 5 of 24 images" in result.stderr
+    assert found["index"] == {"type": "faiss IndexFlat", "built": True} and "top 5 of 24 images" in result.stderr
     assert "1 of 4 query words are not in the vocabulary" in result.stderr
     assert "Loading faiss" not in result.stderr  # faiss's own CPU probing stays quiet
 
@@ -388,7 +390,7 @@ def test_an_index_that_cannot_be_saved_is_still_searched(tmp_path, monkeypatch, 
     def read_only(index: object, name: str) -> None:
         raise RuntimeError(f"Error: fopen({name}, 'wb') failed: Read-only file system")
 
-    monkeypatch.setattr(search.faiss, "write_index", read_only)
+    monkeypatch.setattr(faiss_index.faiss, "write_index", read_only)
     index, built = load_or_build_index(load_collection(path))
     assert built and not list(tmp_path.glob("*.faiss*")) and "could not save the index" in caplog.text
     queries = random_unit(3, 8, 1)

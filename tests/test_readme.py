@@ -43,6 +43,8 @@ NOT_RUN = {
     "python photo_world.py data/photos --train 1200 --val 50 --test 500":
         "a 4-minute run: tests/test_real_content.py runs the same steps and asserts their results",
     "make app": "serves until stopped; tests/test_app.py drives the page in Chromium",
+    "python search.py --images photos.npz -p model.pth.tar --serve --port 8000":
+        "serves until stopped; tests/test_server.py queries the same server over HTTP",
     "pip install .": "installs into the environment; tests/test_hub.py checks what the wheel holds and "
                      "tests/test_installed.py installs it in a fresh one and runs its commands",
 }

@@ -1,26 +1,17 @@
-"""Search of extracted collections: exact top-k by chunked matrix products, or a faiss index (inner product on
-unit vectors) saved next to the features with a fingerprint of them, rebuilt when stale."""
+"""Search of extracted collections: loading them, exact top-k by chunked matrix products, or a faiss index
+(:mod:`misc.collections.index`); dropping near-duplicate results; the result entries every front end returns."""
 from __future__ import annotations
 
 import json
-import logging
-import math
-import time
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
-import faiss
 import numpy as np
 
-from misc.store.arrays import TextColumn, npz_array, npz_fingerprint, npz_names
 from misc.errors import UserError, first_line
-from misc.store.files import atomic_path, write_json
-
-log = logging.getLogger(__name__)
-
-FLAT_BELOW = 100_000  # collections smaller than this get an exact faiss index
+from misc.store.arrays import TextColumn, npz_array, npz_names
 
 
 @dataclass
@@ -85,81 +76,100 @@ def exact_search(queries: np.ndarray, features: np.ndarray, k: int,
     return np.take_along_axis(best_scores, order, 1), np.take_along_axis(best_rows, order, 1)
 
 
-def default_nlist(count: int) -> int:
-    """Inverted lists for ``count`` vectors: 1 (an exact flat index) below :data:`FLAT_BELOW`, else sqrt(N).
+@dataclass
+class Searcher:
+    """How a collection is searched: ``method`` "exact" or "faiss" (an index chosen for ``budget`` bytes or made by
+    ``factory``), ``value`` the nprobe / efSearch (default: the saved one), ``rerank`` the candidates scored
+    again exactly."""
 
-    sqrt(N) keeps k-means training (on 64 points per list) and list assignment affordable on a CPU; faiss
-    suggests 4-16 sqrt(N) for the fastest queries at the billion scale.
-    """
-    return 1 if count < FLAT_BELOW else int(round(math.sqrt(count)))
+    collection: Collection
+    method: str = "exact"
+    budget: int | None = None
+    factory: str | None = None
+    value: int | None = None
+    rerank: int | None = None
+    index: Any = None
+    built: bool = False
+
+    def prepare(self) -> None:
+        """Load or build the faiss index now (a server does it before it listens, not on its first query)."""
+        if self.method == "faiss" and self.index is None:
+            from misc.collections.index import load_or_build_index
+
+            self.index, self.built = load_or_build_index(self.collection, self.budget, self.factory, self.rerank)
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+        """Scores and rows (Q, k') best first (-1 rows: not found by an approximate index), and how they were
+        found."""
+        if self.method == "exact":
+            scores, rows = exact_search(queries, self.collection.features, k)
+            return scores, rows, {"type": "exact"}
+        from misc.collections import index
+
+        self.prepare()
+        scores, rows = index.index_search(self.index, queries, k, self.value, self.rerank, self.collection.features)
+        info: dict[str, Any] = {"type": f"faiss {index.describe(self.index)}", "built": self.built}
+        name = index.search_parameter(self.index)
+        if name:
+            info[name] = index.current_value(self.index)
+        if self.rerank:
+            info["rerank"] = self.rerank
+        return scores, rows, info
 
 
-def default_nprobe(nlist: int) -> int:
-    """Lists visited per query: 1/16 of them (at least 8), e.g. 62 of 1000 for a million vectors.
-    Recall rises and speed falls about linearly with nprobe; nprobe = nlist is exact (see bench/bench_search.py)."""
-    return min(nlist, max(8, nlist // 16))
+def dedup(rows: np.ndarray, features: np.ndarray, threshold: float, k: int) -> np.ndarray:
+    """The first ``k`` of ranked ``rows`` (-1 ignored) whose vector has cosine < ``threshold`` with every kept
+    higher-ranked one (the rows are unit vectors, so the cosine is their inner product)."""
+    kept: list[int] = []
+    kept_vectors = np.empty((0, features.shape[1]), dtype=np.float32)
+    for row in rows[rows >= 0]:
+        vector = np.asarray(features[row], dtype=np.float32)
+        if not kept or float(np.max(kept_vectors @ vector)) < threshold:
+            kept.append(int(row))
+            kept_vectors = np.vstack([kept_vectors, vector])
+            if len(kept) == k:
+                break
+    return np.array(kept, dtype=np.int64)
 
 
-def build_index(features: np.ndarray, nlist: int | None = None, seed: int = 0,
-                rows_per_step: int = 65536) -> Any:
-    """A faiss inner-product index of unit rows (N, d): flat (exact) when ``nlist`` is 1, else IVF-flat trained
-    on a seeded sample of 64 rows per list. Rows are added by blocks, so a memory-mapped matrix is never copied
-    whole (the IVF-flat index itself holds a copy of the vectors: N x d x 4 bytes)."""
-    count, dim = features.shape
-    nlist = default_nlist(count) if nlist is None else nlist
-    if nlist <= 1:
-        index = faiss.IndexFlatIP(dim)
+def stored_row(images: Collection, query: str) -> int | None:
+    """The row of ``images`` that ``query`` names: a row number, a stored path (relative to the extracted folder),
+    or a path from here to a file of the extracted folder (``photos/cat.jpg`` for the stored ``cat.jpg``); None
+    if it names none of them."""
+    if query.isdigit():
+        if int(query) >= len(images.features):
+            raise UserError(f"--image {query}: {images.path} has rows 0 to {len(images.features) - 1}")
+        return int(query)
+    names = [query]
+    folder = images.config.get("folder")
+    if folder and Path(query).exists() and Path(query).resolve().is_relative_to(Path(folder)):
+        names.append(Path(query).resolve().relative_to(Path(folder)).as_posix())
+    for name in names:
+        found = np.flatnonzero(images.labels == name)
+        if len(found):
+            return int(found[0])
+    return None
+
+
+def result_entry(collection: Collection, rank: int, score: float, row: int) -> dict[str, Any]:
+    """One result: its rank, cosine score, row (its id) and what it is (image path, or text line and number)."""
+    entry: dict[str, Any] = {"rank": rank, "score": round(float(score), 6), "row": row}
+    if collection.kind == "image":
+        entry["path"] = str(collection.labels[row])
     else:
-        if count < nlist:
-            raise ValueError(f"{nlist} inverted lists need at least as many vectors, got {count}")
-        index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, nlist, faiss.METRIC_INNER_PRODUCT)
-        sample = np.sort(np.random.default_rng(seed).choice(count, size=min(count, 64 * nlist), replace=False))
-        index.train(np.ascontiguousarray(features[sample], dtype=np.float32))
-    for start in range(0, count, rows_per_step):
-        index.add(np.ascontiguousarray(features[start:start + rows_per_step], dtype=np.float32))
-    return index
+        entry["line_number"] = int(collection.line_numbers[row])
+        entry["line"] = str(collection.labels[row])
+    return entry
 
 
-def index_files(features_path: Path) -> tuple[Path, Path]:
-    """Where the faiss index of a feature file lives, and its sidecar (fingerprint of the features it indexes)."""
-    features_path = Path(features_path)
-    return (features_path.with_name(features_path.name + ".faiss"),
-            features_path.with_name(features_path.name + ".faiss.json"))
-
-
-def load_or_build_index(collection: Collection, nlist: int | None = None) -> tuple[Any, bool]:
-    """The saved index of a collection when it indexes these very features (and ``nlist`` if given), else a new
-    one, saved next to the features. Returns the index and whether it was built now."""
-    index_path, sidecar = index_files(collection.path)
-    wanted = {"features": npz_fingerprint(collection.path), "count": len(collection.features),
-              "nlist": default_nlist(len(collection.features)) if nlist is None else nlist}
-    if index_path.exists() and sidecar.exists():
-        try:
-            if json.loads(sidecar.read_text(encoding="utf-8")) == wanted:
-                return faiss.read_index(str(index_path)), False
-            log.info("index %s is stale or was built differently; rebuilding", index_path)
-        except (ValueError, RuntimeError) as error:
-            log.warning("unreadable index %s (%s); rebuilding", index_path, error)
-    started = time.perf_counter()
-    index = build_index(collection.features, wanted["nlist"])
-    log.info("built %s index of %d vectors in %.1f s", type(index).__name__, index.ntotal,
-             time.perf_counter() - started)
-    try:
-        with atomic_path(index_path) as temporary:
-            faiss.write_index(index, str(temporary))
-        write_json(sidecar, wanted)
-    except (UserError, OSError, RuntimeError) as error:  # faiss reports a failed write as a RuntimeError
-        log.warning("could not save the index to %s (%s); it is used for this search only, and built again next "
-                    "time", index_path, str(error).strip().splitlines()[0])
-    else:
-        log.info("saved the index to %s", index_path)
-    return index, True
-
-
-def index_search(index: Any, queries: np.ndarray, k: int, nprobe: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Top-``k`` of a faiss index; an IVF index visits ``nprobe`` lists (default :func:`default_nprobe`).
-    Rows a query could not fill (too few vectors in the visited lists) have index -1."""
-    if isinstance(index, faiss.IndexIVF):
-        index.nprobe = min(index.nlist, nprobe or default_nprobe(index.nlist))
-    scores, rows = index.search(np.ascontiguousarray(queries, dtype=np.float32), min(k, index.ntotal))
-    return scores, rows.astype(np.int64)
+def print_results(collection: Collection, results: list[dict[str, Any]], info: dict[str, Any],
+                  stream: TextIO) -> None:
+    """Human summary: the ranked results of every query."""
+    nouns = "images" if collection.kind == "image" else "lines"
+    for result in results:
+        print(f'{result["type"]} {result["query"]!r} -> top {len(result["results"])} of {len(collection.features)} '
+              f'{nouns} ({info["type"]}):', file=stream)
+        for entry in result["results"]:
+            what = entry["path"] if collection.kind == "image" else f'line {entry["line_number"]}: {entry["line"]}'
+            where = f'  peak {entry["localization"]["peak"]}' if "localization" in entry else ""
+            print(f'{entry["rank"]:4d}  {entry["score"]:.4f}  {what}{where}', file=stream)

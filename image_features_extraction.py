@@ -99,14 +99,16 @@ def extract_sharded(args: argparse.Namespace) -> None:
     if args.maps:
         raise UserError("--maps is only stored in an .npz output (-o X.npz)")
     from misc.collections.extraction import describe_checkpoint, log_skipped
-    from misc.collections.shard_run import extract_shards, rank_and_world, run_manifest
+    from misc.collections.shard_run import extract_shards, rank_and_world, rank_device, run_manifest
     from misc.collections.shards import ShardFolder
     from misc.collections.sources import find_shards
     from misc.inference import Inference
 
     rank, world = rank_and_world()
     shards, folder = find_shards(str(args.folder), args.list, args.chunk_size)
-    model = Inference.load(args.checkpoint, device=args.device, amp=args.amp)
+    if not shards:
+        raise UserError(f"no images in {args.list or args.folder} (extensions: jpg, jpeg, png, bmp, webp)")
+    model = Inference.load(args.checkpoint, device=rank_device(args.device), amp=args.amp)
     size = args.size or model.test_size
     record = describe_checkpoint(args.checkpoint, model.state, size=size,
                                  folder=str(folder.resolve()) if folder is not None else None)
@@ -123,7 +125,7 @@ def extract_sharded(args: argparse.Namespace) -> None:
                              progress=not args.no_progress)
     finally:
         store.close()
-    log_skipped(run.skipped, args.out / "done")
+    log_skipped(run.skipped, args.out / "done", listed="'skipped_samples' of the done records in")
     log.info("rank %d: %d shards (%d already done), %d images embedded, %d skipped (%.1f images/s) -> %s", rank,
              run.shards, run.resumed, run.rows, len(run.skipped), run.timing.images_per_s, args.out)
 

@@ -20,12 +20,14 @@ import pytest
 import torch
 from PIL import Image
 
-from misc.collections.search import exact_search, load_collection
+from misc.collections.search import exact_search, index_search, load_collection, load_or_build_index
 from misc.collections.shard_run import ShardImages, extract_shards, run_manifest
-from misc.collections.shards import ShardFolder, ShardedRows, is_sharded, row_ids
-from misc.collections.sources import Sample, Skip, expand_tars, find_shards, read_entries, read_tar
+from misc.collections.shards import ShardFolder, ShardedRows, ShardRows, is_sharded, row_ids
+from misc.collections.sources import Sample, Shard, Skip, expand_tars, find_shards, read_entries, read_tar
 from misc.config import TrainConfig
 from misc.errors import UserError
+from misc.eval.features import paired_features
+from misc.store.arrays import text_column, write_npz
 from misc.store.checkpoint import atomic_save
 from models.config import ModelConfig
 from models.joint import build_model
@@ -179,6 +181,9 @@ def test_resume_recomputes_only_missing_shards(tmp_path: Path, encoder: torch.nn
     np.testing.assert_array_equal(collection.features[3:7], vectors[3:7])
     scores, rows = exact_search(vectors[[7]], collection.features, 3)
     assert rows[0, 0] == 7 and np.isclose(scores[0, 0], 1.0, atol=1e-5)
+    index, built = load_or_build_index(collection)
+    assert built and index.ntotal == 12 and index_search(index, vectors[[7]], 3)[1].tolist() == rows.tolist()
+    assert load_or_build_index(load_collection(out))[1] is False  # saved beside the folder, reused
 
 
 def _tensor(data: bytes) -> torch.Tensor:
@@ -198,6 +203,25 @@ def test_sharded_rows_reads_like_the_concatenation() -> None:
     np.testing.assert_array_equal(rows[2], whole[2])
     np.testing.assert_array_equal(np.asarray(rows), whole)
 
+
+def test_eval_retrieval_pairs_captions_with_a_sharded_extraction(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    vectors = rng.normal(size=(5, 8)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    store, sources = ShardFolder(tmp_path / "out"), [f"photos/{n}.jpg" for n in range(5)]
+    shards = [Shard(0, files=tuple(sources[:3]), captions=(None,) * 3), Shard(1, files=tuple(sources[3:]),
+                                                                              captions=(None,) * 2)]
+    store.open(run_manifest("photos", shards, {"checkpoint_sha256": "c", "size": SIZE}, 8, "float32"))
+    for shard, rows in zip(shards, (range(0, 3), range(3, 5))):
+        store.write(shard.number, ShardRows(vectors[rows], [sources[r] for r in rows], [sources[r] for r in rows],
+                                            ["0" * 40] * len(rows), [None] * len(rows), []), "float32", {})
+    store.close()
+    named = [sources[n] for n in (4, 0, 1, 2, 3, 4)]
+    write_npz(tmp_path / "captions.npz", {"features": vectors[[4, 0, 1, 2, 3, 4]],
+                                          **text_column(named, "image_paths"), "config": np.array("{}")})
+    embedded = paired_features(tmp_path / "out", tmp_path / "captions.npz")
+    np.testing.assert_array_equal(embedded.images, vectors)
+    assert embedded.owner.tolist() == [4, 0, 1, 2, 3, 4] and embedded.source["checkpoint_sha256"] == "c"
 
 # --------------------------------------------------------------------------- whole commands, several processes
 

@@ -135,7 +135,11 @@ def load_or_build_index(collection: Collection, nlist: int | None = None) -> tup
     """The saved index of a collection when it indexes these very features (and ``nlist`` if given), else a new
     one, saved next to the features. Returns the index and whether it was built now."""
     index_path, sidecar = index_files(collection.path)
-    wanted = {"features": npz_fingerprint(collection.path), "count": len(collection.features),
+    if collection.path.is_dir():  # the sharded layout of image_features_extraction.py -o FOLDER
+        from misc.collections.shards import sharded_fingerprint as fingerprint
+    else:
+        fingerprint = npz_fingerprint
+    wanted = {"features": fingerprint(collection.path), "count": len(collection.features),
               "nlist": default_nlist(len(collection.features)) if nlist is None else nlist}
     if index_path.exists() and sidecar.exists():
         try:

@@ -42,6 +42,14 @@ def rank_and_world() -> tuple[int, int]:
     return rank, world
 
 
+def rank_device(device: str) -> str:
+    """The device of this rank: under torchrun on a machine with several GPUs, ``auto`` and ``cuda`` mean the
+    GPU of the rank's ``LOCAL_RANK`` (one process a GPU); anything else is used as given."""
+    if device in ("auto", "cuda") and "LOCAL_RANK" in os.environ and torch.cuda.device_count() > 1:
+        return f"cuda:{int(os.environ['LOCAL_RANK']) % torch.cuda.device_count()}"
+    return device
+
+
 def run_manifest(source: str, shards: list[Shard], record: dict[str, Any], dim: int, dtype: str) -> dict[str, Any]:
     """The manifest of a sharded run (see :data:`misc.collections.shards.CHECKED`)."""
     return {"version": LAYOUT_VERSION, "source": source, "shards": [shard.describe() for shard in shards],

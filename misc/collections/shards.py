@@ -13,6 +13,7 @@ shards in flight. A row's id is ``shard * 2**32 + row``: it never changes when o
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import logging
 from dataclasses import dataclass
@@ -166,6 +167,16 @@ def check_manifest(path: Path, stored: dict[str, Any], wanted: dict[str, Any]) -
             detail = f"{stored.get(key)} then, {wanted[key]} now"
         raise UserError(f"{path} was made with a different {what} ({detail}); write to another folder, or delete "
                         f"this one to start over")
+
+
+def sharded_fingerprint(folder: Path) -> str:
+    """A content fingerprint of a sharded extraction (as ``npz_fingerprint`` of an .npz, to tell a stale index):
+    the manifest and the vectors' sha256 of every done record, read without touching the vectors."""
+    folder = Path(folder)
+    digest = hashlib.sha256((folder / "manifest.json").read_bytes())
+    for record in sorted((folder / "done").glob("*.json")):
+        digest.update(json.loads(record.read_text(encoding="utf-8"))["emb_sha256"].encode())
+    return digest.hexdigest()
 
 
 class ShardedRows:

@@ -112,6 +112,9 @@ def test_list_files_with_captions(tmp_path: Path) -> None:
     (tmp_path / "a.csv").write_text("path,caption\nx/1.jpg,one\n2.png,\n")
     assert read_entries(tmp_path / "a.jsonl", tmp_path) == (["x/1.jpg", "2.png"], ["one", None])
     assert read_entries(tmp_path / "a.csv", tmp_path) == (["x/1.jpg", "2.png"], ["one", ""])
+    (tmp_path / "twice.csv").write_text("path\na.jpg\nb.jpg\na.jpg\n")
+    with pytest.raises(UserError, match=r"row 3 repeats 'a.jpg' \(row 1\)"):
+        read_entries(tmp_path / "twice.csv", tmp_path)
     (tmp_path / "bad.jsonl").write_text('{"file": "x.jpg"}\n')
     with pytest.raises(UserError, match="every row needs a 'path'"):
         read_entries(tmp_path / "bad.jsonl", tmp_path)
@@ -185,6 +188,21 @@ def test_resume_recomputes_only_missing_shards(tmp_path: Path, encoder: torch.nn
     assert built and index.ntotal == 12 and index_search(index, vectors[[7]], 3)[1].tolist() == rows.tolist()
     assert load_or_build_index(load_collection(out))[1] is False  # saved beside the folder, reused
 
+
+def test_an_empty_shard_is_stored_and_read_back(tmp_path: Path, encoder: torch.nn.Module) -> None:
+    write_tar(tmp_path / "000000.tar", [])
+    write_tar(tmp_path / "000001.tar", [("a.jpg", jpeg(5)), ("b.png", b"broken")])
+    shards, folder = find_shards(str(tmp_path / "{000000..000001}.tar"), None, 1000)
+    store = ShardFolder(tmp_path / "out")
+    store.open(run_manifest("x", shards, {"checkpoint_sha256": "c", "size": SIZE}, 32, "float16"))
+    run = extract_shards(encoder, shards, folder, store, size=SIZE, dtype="float16", device=torch.device("cpu"),
+                         workers=0, progress=False)
+    store.close()
+    assert (run.rows, len(run.skipped)) == (1, 1) and "b.png" in run.skipped[0][0]
+    assert np.load(tmp_path / "out" / "emb" / "img" / "000000.npy").shape == (0, 32)
+    assert json.loads((tmp_path / "out" / "done" / "000001.json").read_text())["skipped"] == 1
+    collection = load_collection(tmp_path / "out")
+    assert collection.features.shape == (1, 32) and collection.labels.tolist() == [f"{tmp_path / '000001.tar'}:a.jpg"]
 
 def _tensor(data: bytes) -> torch.Tensor:
     from misc.data.datasets import eval_transform

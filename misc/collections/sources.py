@@ -102,6 +102,11 @@ def read_entries(list_file: Path, folder: Path) -> tuple[list[str], list[str | N
     files = [Path(row["path"]).resolve().relative_to(root).as_posix()
              if Path(row["path"]).is_absolute() and Path(row["path"]).resolve().is_relative_to(root)
              else row["path"] for row in rows]
+    first: dict[str, int] = {}
+    for number, file in enumerate(files, 1):
+        if first.setdefault(file, number) != number:  # a key of the output must name one image
+            raise UserError(f"list file {list_file}: row {number} repeats {file!r} (row {first[file]}); list each "
+                            f"image once (give one several captions in text_features_extraction.py --tsv)")
     return files, [None if row.get("caption") is None else str(row["caption"]) for row in rows]
 
 

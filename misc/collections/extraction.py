@@ -139,12 +139,13 @@ def maps_bytes(count: int, maps_dim: int, size: int) -> int:
     return count * maps_dim * map_side(size) ** 2 * np.dtype(MAPS_DTYPE).itemsize
 
 
-def log_skipped(skipped: list[tuple[str, str]], out: Path, shown: int = 20) -> None:
-    """Warn about the first ``shown`` skipped items (where, why); all of them are in the output's ``skipped``."""
+def log_skipped(skipped: list[tuple[str, str]], out: Path | str, shown: int = 20,
+                listed: str = "the 'skipped' array of") -> None:
+    """Warn about the first ``shown`` skipped items (where, why); all of them are in the output (``listed``)."""
     for where, reason in skipped[:shown]:
         log.warning("skipped %s: %s", where, reason)
     if len(skipped) > shown:
-        log.warning("... and %d more, all listed in the 'skipped' array of %s", len(skipped) - shown, out)
+        log.warning("... and %d more, all listed in %s %s", len(skipped) - shown, listed, out)
 
 
 # --------------------------------------------------------------------------- checkpoints and word vectors

@@ -20,6 +20,7 @@ import faiss
 import numpy as np
 
 from misc.errors import UserError
+from misc.collections.shards import sharded_fingerprint
 from misc.store.arrays import npz_fingerprint
 from misc.store.files import atomic_path, write_json
 
@@ -272,7 +273,8 @@ def load_or_build_index(collection: Collection, budget: int | None = None, facto
     if not len(features):
         raise UserError(f"{collection.path} holds no rows: there is nothing to index")
     index_path, sidecar, report_path = index_files(collection.path)
-    wanted = {"features": npz_fingerprint(collection.path), "count": len(features),
+    fingerprint = sharded_fingerprint if collection.path.is_dir() else npz_fingerprint  # -o FOLDER, or an .npz
+    wanted = {"features": fingerprint(collection.path), "count": len(features),
               "factory": factory or choose_factory(*features.shape, budget)}
     if index_path.exists() and sidecar.exists() and not rebuild:
         try:

@@ -30,6 +30,10 @@ def load_collection(path: Path) -> Collection:
     """Open a feature file written by the image or text extraction; a file that is not one (unreadable, crafted,
     pickled objects inside, rows and labels that do not match) is a one-line :class:`UserError` naming it."""
     path = Path(path)
+    if path.is_dir():  # the sharded layout of image_features_extraction.py -o FOLDER
+        from misc.collections.shards import load_sharded
+
+        return load_sharded(path)
     try:
         return _collection(path)
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as error:

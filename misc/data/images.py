@@ -6,6 +6,7 @@
 """
 from __future__ import annotations
 
+import io
 import logging
 import os
 import warnings
@@ -82,8 +83,9 @@ def printable(entry: str) -> str:
 
 # --------------------------------------------------------------------------- decoding
 
-def decode_image(path: Path | str, size: int | None = None, *, exif: bool = True) -> Image.Image:
-    """Decode any image file into RGB, ready to be resized to ``size`` x ``size``; raise on undecodable files.
+def decode_image(path: Path | str | bytes, size: int | None = None, *, exif: bool = True) -> Image.Image:
+    """Decode any image file (or the bytes of one, e.g. a tar member) into RGB, ready to be resized to ``size`` x
+    ``size``; raise on undecodable files.
 
     Policy:
     - with ``size``, JPEGs are decoded at the smallest DCT scale (1/2, 1/4, 1/8) still at least ``size`` on both
@@ -97,13 +99,13 @@ def decode_image(path: Path | str, size: int | None = None, *, exif: bool = True
     - empty files, unknown formats and truncated files raise; so do images above PIL's decompression-bomb limit
       (``2 * PIL.Image.MAX_IMAGE_PIXELS``, about 179 megapixels), which PIL refuses before decoding anything.
     """
-    path = Path(path)
-    if path.stat().st_size == 0:
+    source = io.BytesIO(path) if isinstance(path, bytes) else Path(path)
+    if (len(path) if isinstance(path, bytes) else source.stat().st_size) == 0:
         raise ValueError("empty file (0 bytes)")
     with warnings.catch_warnings():
         # Between MAX_IMAGE_PIXELS and twice that PIL only warns; such images are decoded (JPEGs at reduced scale).
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        with Image.open(path) as image:
+        with Image.open(source) as image:
             if size is not None:
                 image.draft(image.mode, (size, size))
             image.load()

@@ -49,7 +49,13 @@ def load_features(path: Path) -> Embedded:
 
 
 def _extracted(path: Path, labels: str, command: str) -> tuple[np.ndarray, list[str], dict[str, Any]]:
-    """Features, the label of each row (``labels``: an array or a text column) and the config of an extraction."""
+    """Features, the label of each row (``labels``: an array or a text column) and the config of an extraction
+    (an image extraction may be a folder in the sharded layout: its rows are labelled by their ``source``)."""
+    if Path(path).is_dir():
+        from misc.collections.shards import load_sharded
+
+        collection = load_sharded(path)
+        return np.asarray(collection.features), collection.labels.tolist(), collection.config
     try:
         names = npz_names(path)
         if "features" not in names or labels not in names | {name.removesuffix("_utf8") for name in names}:

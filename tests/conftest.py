@@ -6,14 +6,18 @@ import os
 import shutil
 import subprocess
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
 
 from misc import cli, config
 from misc.data import demo
+from misc.config import TrainConfig
 from misc.store import checkpoint
-from models.joint import Model
+from misc.store.checkpoint import atomic_save
+from models.config import ModelConfig
+from models.joint import Model, build_model
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY_MODEL = ["--set", "model.maps_dim=32", "--set", "model.embed_dim=32", "--set", "model.sru_layers=1",
@@ -40,6 +44,17 @@ def run_cli(script: str, *args: str, world: Path | None = None, check: bool = Tr
     if check and result.returncode != 0:
         raise AssertionError(f"{script} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
     return result
+
+
+def random_checkpoint(path: Path, model_config: ModelConfig, world: Path, test_size: int) -> Path:
+    """A checkpoint of ``model_config`` with random weights (the global seed's), trained on nothing, reading the
+    demo ``world``'s word vectors and evaluating at ``test_size``."""
+    settings = {"model": asdict(model_config), "train": asdict(TrainConfig(dataset="demo", test_size=test_size)),
+                "word_vectors": str(world / "words" / "demo_word2vec.bin")}
+    weights = build_model(model_config).state_dict()
+    atomic_save({"format": "dsve-loc", "version": 1, "config": settings, "model": weights, "epoch": 0,
+                 "best_rsum": 0.0, "metrics": {}}, path)
+    return path
 
 
 def load_model(path: Path) -> Model:

@@ -2,21 +2,18 @@
 line, and channels-last training computes the same steps as the default layout."""
 from __future__ import annotations
 
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from misc.config import TrainConfig
 from misc.data.words import Encoded
-from misc.store.checkpoint import atomic_save
 from misc.train.loop import train_one_epoch
 from misc.train.losses import ranking_loss
 from models.config import ModelConfig
 from models.joint import build_model
-from tests.conftest import run_in_process
+from tests.conftest import random_checkpoint, run_in_process
 
 TINY = ModelConfig(trunk="resnet18", maps_dim=32, embed_dim=32, weldon_k=0.2, word_dim=64, sru_layers=1,
                    image_dropout=0.0, text_dropout=0.0, rnn_dropout=0.0)
@@ -25,12 +22,7 @@ TINY = ModelConfig(trunk="resnet18", maps_dim=32, embed_dim=32, weldon_k=0.2, wo
 @pytest.fixture(scope="module")
 def tiny_checkpoint(tiny_world: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("amp") / "tiny.pth.tar"
-    atomic_save({"format": "dsve-loc", "version": 1,
-                 "config": {"model": asdict(TINY), "train": asdict(TrainConfig(dataset="demo", test_size=64)),
-                            "word_vectors": str(tiny_world / "words" / "demo_word2vec.bin")},
-                 "model": build_model(TINY).state_dict(), "epoch": 0, "best_rsum": 0.0, "metrics": {}}, path)
-    return path
+    return random_checkpoint(tmp_path_factory.mktemp("amp") / "tiny.pth.tar", TINY, tiny_world, 64)
 
 
 def extract(checkpoint: Path, world: Path, out: Path, monkeypatch, *flags: str) -> np.ndarray:

@@ -7,7 +7,6 @@ import os
 import struct
 import subprocess
 import zlib
-from dataclasses import asdict
 from pathlib import Path
 from collections.abc import Iterator
 
@@ -18,8 +17,6 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from misc.collections import extraction
-from misc.store.checkpoint import atomic_save
-from misc.config import TrainConfig
 from models.config import ModelConfig
 from misc.data.datasets import eval_transform
 from misc.eval.encode import encode_captions
@@ -31,8 +28,7 @@ from misc.collections.index import build_index, index_search, load_or_build_inde
 from misc.collections.search import exact_search, load_collection
 from misc.collections.texts import read_text_lines
 from misc.data.words import load_word_vectors
-from models.joint import build_model
-from tests.conftest import load_model, run_cli
+from tests.conftest import load_model, random_checkpoint, run_cli
 
 SIZE = 64
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # on a shared 2-core machine, 2 contended threads are slower than 1
@@ -97,12 +93,7 @@ def tiny_checkpoint(tiny_world: Path, tmp_path_factory: pytest.TempPathFactory) 
     """A random-weight checkpoint of a tiny model (resnet18, 32-d), with the tiny world's word vectors."""
     torch.manual_seed(0)
     model_config = ModelConfig(trunk="resnet18", maps_dim=32, embed_dim=32, weldon_k=0.2, word_dim=64, sru_layers=1)
-    path = tmp_path_factory.mktemp("checkpoint") / "tiny.pth.tar"
-    atomic_save({"format": "dsve-loc", "version": 1,
-                 "config": {"model": asdict(model_config), "train": asdict(TrainConfig(dataset="demo", test_size=SIZE)),
-                            "word_vectors": str(tiny_world / "words" / "demo_word2vec.bin")},
-                 "model": build_model(model_config).state_dict(), "epoch": 0, "best_rsum": 0.0, "metrics": {}}, path)
-    return path
+    return random_checkpoint(tmp_path_factory.mktemp("checkpoint") / "tiny.pth.tar", model_config, tiny_world, SIZE)
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,6 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import asdict
 from pathlib import Path
 
 import httpx
@@ -27,13 +26,10 @@ import search as search_cli
 from misc.collections.queries import box_around_peak
 from misc.collections.search import Searcher, load_collection
 from misc.collections.server import make_app, make_server
-from misc.config import TrainConfig
 from misc.inference import Inference
 from misc.store.arrays import write_npz
-from misc.store.checkpoint import atomic_save
 from models.config import ModelConfig
-from models.joint import build_model
-from tests.conftest import ROOT
+from tests.conftest import ROOT, random_checkpoint
 from tests.test_extraction import png_header_only
 
 TEXT = "a red square"
@@ -45,12 +41,7 @@ def model_and_collection(tiny_world: Path, tmp_path_factory: pytest.TempPathFact
     torch.manual_seed(0)
     root = tmp_path_factory.mktemp("served")
     model_config = ModelConfig(trunk="resnet18", maps_dim=32, embed_dim=32, weldon_k=0.2, word_dim=64, sru_layers=1)
-    checkpoint = root / "tiny.pth.tar"
-    atomic_save({"format": "dsve-loc", "version": 1,
-                 "config": {"model": asdict(model_config), "train": asdict(TrainConfig(dataset="demo", test_size=64)),
-                            "word_vectors": str(tiny_world / "words" / "demo_word2vec.bin")},
-                 "model": build_model(model_config).state_dict(), "epoch": 0, "best_rsum": 0.0, "metrics": {}},
-                checkpoint)
+    checkpoint = random_checkpoint(root / "tiny.pth.tar", model_config, tiny_world, 64)
     folder = shutil.copytree(tiny_world / "images" / "val2014", root / "photos")
     names = sorted(p.name for p in folder.iterdir())
     features = Inference.load(checkpoint, device="cpu").embed_images([folder / n for n in names], 64).numpy()

@@ -11,7 +11,6 @@ import subprocess
 import sys
 import tarfile
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -20,18 +19,17 @@ import pytest
 import torch
 from PIL import Image
 
-from misc.collections.search import exact_search, index_search, load_collection, load_or_build_index
+from misc.collections.index import index_search, load_or_build_index
+from misc.collections.search import exact_search, load_collection
 from misc.collections.shard_run import ShardImages, extract_shards, run_manifest
 from misc.collections.shards import ShardFolder, ShardedRows, ShardRows, is_sharded, row_ids
 from misc.collections.sources import Sample, Shard, Skip, expand_tars, find_shards, read_entries, read_tar
-from misc.config import TrainConfig
 from misc.errors import UserError
 from misc.eval.features import paired_features
 from misc.store.arrays import text_column, write_npz
-from misc.store.checkpoint import atomic_save
 from models.config import ModelConfig
 from models.joint import build_model
-from tests.conftest import ROOT, run_in_process
+from tests.conftest import ROOT, random_checkpoint, run_in_process
 
 SIZE = 64
 TINY = ModelConfig(trunk="resnet18", maps_dim=32, embed_dim=32, weldon_k=0.2, word_dim=64, sru_layers=1)
@@ -246,12 +244,7 @@ def test_eval_retrieval_pairs_captions_with_a_sharded_extraction(tmp_path: Path)
 @pytest.fixture(scope="module")
 def tiny_checkpoint(tiny_world: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("checkpoint") / "tiny.pth.tar"
-    atomic_save({"format": "dsve-loc", "version": 1,
-                 "config": {"model": asdict(TINY), "train": asdict(TrainConfig(dataset="demo", test_size=SIZE)),
-                            "word_vectors": str(tiny_world / "words" / "demo_word2vec.bin")},
-                 "model": build_model(TINY).state_dict(), "epoch": 0, "best_rsum": 0.0, "metrics": {}}, path)
-    return path
+    return random_checkpoint(tmp_path_factory.mktemp("checkpoint") / "tiny.pth.tar", TINY, tiny_world, SIZE)
 
 
 def launch(checkpoint: Path, pattern: str, out: Path, rank: int = 0, world: int = 1) -> subprocess.Popen:

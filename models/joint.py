@@ -74,6 +74,15 @@ class JointEmbedding(System):
         return {"projection": self.image.proj, "SRU": self.text, "1x1 conv": self.image.adapt,
                 "trunk": self.image.trunk}
 
+    @staticmethod
+    def config_dims(config: ModelConfig) -> list[tuple[str, str, int, int]]:
+        last = f"text.rnn.rnn_lst.{config.sru_layers - 1}.weight_c"  # the SRU's last layer (2 d,)
+        return [("maps_dim", "image.adapt.weight", 0, config.maps_dim),
+                ("maps_dim", "image.proj.weight", 1, config.maps_dim),
+                ("embed_dim", "image.proj.weight", 0, config.embed_dim),
+                ("word_dim", "text.rnn.rnn_lst.0.weight", 0, config.word_dim),
+                ("sru_layers", last, 0, 2 * config.embed_dim)]
+
 
 Model = System
 SYSTEMS: dict[str, type[System]] = {"dsve": JointEmbedding, "matchmap": Matchmap}  # ModelConfig.arch

@@ -151,3 +151,9 @@ class Matchmap(System):
 
     def parts(self) -> dict[str, nn.Module]:
         return {"3x3 conv": self.image.head, "LSTM": self.text, "trunk": self.image.trunk}
+
+    @staticmethod
+    def config_dims(config: ModelConfig) -> list[tuple[str, str, int, int]]:
+        return [("region_dim", "image.head.0.weight", 0, config.region_dim),
+                ("lstm_hidden", "text.rnn.weight_hh_l0", 1, config.lstm_hidden),
+                ("word_dim", "text.rnn.weight_ih_l0", 1, config.word_dim)]

@@ -11,6 +11,7 @@ retrieval and localization never ask which system they hold.
     model.text_filters(words, lengths, k) -> (Q, C)                 one filter per text
     model.heatmaps(images, words, lengths, k) -> (B, Q, h, w)       filters applied at every position
     model.parts() -> {name: module}                                 the trainable parts, in :attr:`PARTS` order
+    System.config_dims(config) -> [(field, tensor, axis, size)]     where the config's sizes show in the weights
 """
 from __future__ import annotations
 
@@ -81,4 +82,11 @@ class System(nn.Module):
         return apply_filters(self.maps(images), self.text_filters(words, lengths, k))
 
     def parts(self) -> dict[str, nn.Module]:
+        raise NotImplementedError
+
+    @staticmethod
+    def config_dims(config: ModelConfig) -> list[tuple[str, str, int, int]]:
+        """Where each dimension of ``config`` shows in the weights: (field, tensor, axis, the size ``config`` gives
+        that axis), so that a weights file can be checked against a configuration from its header alone, before
+        the network is built."""
         raise NotImplementedError

@@ -22,14 +22,18 @@ from typing import Any
 
 import torch
 from gensim.models import KeyedVectors
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from misc import config
-from misc.errors import UserError
+from misc.errors import UserError, first_line
 from misc.data.words import TextOptions, WordVectors, load_word_vectors
 from misc.store.files import atomic_path, writing
 from misc.store.source import CARD, CONFIG, VOCAB, WEIGHTS, WORDS
 from misc.train.schedule import describe
+from models.checks import from_dict
+from models.config import ModelConfig
+from models.joint import system_class
 
 EXPORT = 1  # version of the export folder's layout
 
@@ -74,7 +78,9 @@ def write_export(state: dict[str, Any], source: Path, out: Path, words: WordVect
         if words is not None:
             _write_words(words, temporary)
         (temporary / CARD).write_text(card(meta, results), encoding="utf-8")
+        mode = (temporary / CONFIG).stat().st_mode & 0o777  # what the umask gives a new file
         for path in temporary.iterdir():
+            os.chmod(path, mode)  # safetensors writes its files readable by their owner only
             _sync(path)
         if out.exists():
             shutil.rmtree(aside, ignore_errors=True)
@@ -103,19 +109,78 @@ def _sync(path: Path) -> None:
 
 def read_export(folder: Path | str) -> dict[str, Any]:
     """An export folder as a checkpoint dict (no training state); embedded word vectors are named by their path
-    inside the folder."""
+    inside the folder. An export is input like any file: each file is checked before anything large is allocated
+    (:func:`check_export`), so a damaged or mismatched one is one line naming the file."""
     folder = Path(folder)
-    try:
-        meta = json.loads((folder / CONFIG).read_text(encoding="utf-8"))
-        weights = load_file(folder / WEIGHTS)
-    except (OSError, ValueError) as error:
-        raise UserError(f"{folder} is not a readable export folder ({CONFIG} and {WEIGHTS}): {error}") from error
-    if not isinstance(meta, dict) or not isinstance(meta.get("config"), dict) or meta.get("export", 0) > EXPORT:
-        raise UserError(f"{folder / CONFIG} is not an export's configuration this code reads (export <= {EXPORT})")
+    meta = read_config(folder / CONFIG)
+    check_export(folder, meta["config"])
+    weights = load_file(folder / WEIGHTS)
     saved = meta["config"]
     if saved.get("word_vectors") == WORDS:
         saved["word_vectors"], saved["words"] = str((folder / WORDS).resolve()), None
     return {key: value for key, value in meta.items() if key not in ("export", "source")} | {"model": weights}
+
+
+def read_config(path: Path) -> dict[str, Any]:
+    """An export's ``config.json``, checked to be one this code reads."""
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as error:
+        raise UserError(f"{path} is not a readable export configuration ({first_line(error)}); export the model "
+                        f"again with export.py") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("config"), dict) or meta.get("export", 0) > EXPORT:
+        raise UserError(f"{path} is not an export's configuration this code reads (export <= {EXPORT})")
+    if not isinstance(meta["config"].get("model"), dict):
+        raise UserError(f"{path}: no model configuration (config.model); export the model again with export.py")
+    return meta
+
+
+def tensor_shapes(path: Path) -> dict[str, tuple[tuple[int, ...], str]]:
+    """Every tensor's shape and dtype from a ``.safetensors`` header, without reading the tensors; the header's
+    length and the data it describes are checked against the file's size first."""
+    try:
+        size = path.stat().st_size
+        with path.open("rb") as handle:
+            length = int.from_bytes(handle.read(8), "little")
+        if size < 8 or length > size - 8:
+            raise ValueError(f"its header claims {length} bytes but the file holds {max(size - 8, 0)}")
+        with safe_open(path, "pt") as opened:
+            return {key: (tuple(opened.get_slice(key).get_shape()), opened.get_slice(key).get_dtype())
+                    for key in opened.keys()}  # noqa: SIM118 - safe_open is no mapping
+    except (OSError, ValueError, SafetensorError) as error:
+        raise UserError(f"{path} is damaged ({first_line(error)}); copy or export it again") from None
+
+
+def check_export(folder: Path, saved: dict[str, Any]) -> None:
+    """Check an export folder's weights and word vectors against its configuration ``saved`` from their headers,
+    before any network is built: each size of ``saved["model"]`` must be the size of the tensors it shapes
+    (``config_dims`` of its system: an absurd size is refused here, never allocated; the trunk's tensors are
+    checked when the weights are loaded); ``words.safetensors`` must have one row per word of ``vocab.txt`` and the
+    model's word dimension."""
+    shapes = tensor_shapes(folder / WEIGHTS)
+    try:
+        model = from_dict(ModelConfig, saved["model"])
+    except UserError as error:
+        raise UserError(f"{folder / CONFIG}: {error}") from None
+    for field, key, axis, size in system_class(model.arch).config_dims(model):
+        found = shapes.get(key, ((), ""))[0]
+        if len(found) <= axis or found[axis] != size:
+            raise UserError(f"{folder / CONFIG} does not fit {folder / WEIGHTS}: model.{field} = "
+                            f"{getattr(model, field)} makes tensor {key} {size} long on axis {axis}, but it is "
+                            f"{list(found) if found else 'missing'} there")
+    if saved.get("word_vectors") != WORDS:
+        return
+    vectors = tensor_shapes(folder / WORDS).get("vectors", ((), ""))[0]
+    if len(vectors) != 2:
+        raise UserError(f"{folder / WORDS} holds no (words, dimensions) matrix 'vectors'; export the model again")
+    rows, dim = vectors
+    try:
+        words = (folder / VOCAB).read_bytes().count(b"\n")
+    except OSError as error:
+        raise UserError(f"{folder / VOCAB} cannot be read ({first_line(error)}); export the model again") from None
+    if words != rows or dim != saved["model"].get("word_dim", dim):
+        raise UserError(f"{folder / WORDS} holds {rows} vectors of {dim} dimensions but {VOCAB} has {words} words "
+                        f"and the model reads {saved['model'].get('word_dim')}: the files do not belong together")
 
 
 # --------------------------------------------------------------------------- the model card

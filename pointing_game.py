@@ -4,6 +4,7 @@
     python pointing_game.py -p model.pth.tar --split test --json runs/pg.json --per-phrase --results results.json
     python pointing_game.py -p model.pth.tar --tolerance 15        # also count peaks within 15 px of the box
     python pointing_game.py -p runs/das2019/best.pth.tar --dataset flickr30k_entities   # Das et al. 2019's benchmark
+    python pointing_game.py -p runs/das2019/best.pth.tar --dataset flickr30k_entities --protocol das2019  # their rule
 
 --dataset coco (or demo, the demo world in the same formats): phrases are the Visual Genome region descriptions
 (config key vg_dir) of images that are also COCO val2014 images (or, with --split, images of that Karpathy split, to
@@ -25,7 +26,7 @@ every position (DSVE: eq. 9 with k; matchmap: the mean of its words' matchmaps, 
                       strictly inside the box (bx < x < bx + w, by < y < by + h); arg-max ties in column-major order
   centre              the cell's centre ((col + .5) W/w, (row + .5) H/h), a hit inside the box, edges included
   das2019             Das et al. 2019's code (Flickr30K Entities only): the map bilinearly resized to SIZE x SIZE
-                      (default: the model's localization size, 224 for the matchmap), the arg-max pixel's centre,
+                      (default: the checkpoint's train.test_size, their 224), the arg-max pixel's centre,
                       every box of the phrase its own trial (edges included), the fraction of hits per caption,
                       then the mean over captions; the any-box accuracy at the same point is reported beside it.
                       --swap-xy reproduces their code's comparison of the arg-max's row with the box's x range and
@@ -114,7 +115,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.context is not None:
         check_choice("--context", args.context, ("phrase", "caption"))
     model = Inference.load(args.checkpoint, args.words, args.device, args.amp)
-    size = args.size or (model.model.localization_size if args.protocol == DAS2019 else PAPER_SIZE)
+    size = args.size or (model.test_size if args.protocol == DAS2019 else PAPER_SIZE)
     items, skipped, source = pointing.load_items(model, args.dataset, args.split, args.limit, args.min_words,
                                                  args.scene_as_image)
     entities = source["images_from"].startswith("Flickr30K Entities")

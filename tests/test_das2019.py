@@ -187,3 +187,28 @@ def test_inference_refuses_a_phrase_not_in_the_caption_and_dsve_in_one_line(tiny
     with pytest.raises(UserError, match="one text vector per sentence") as refusal:
         dsve.filters_in_context([caption], [(0, 0, 1)])
     assert "\n" not in str(refusal.value)
+
+
+@pytest.mark.slow
+def test_localize_maps_every_word_of_a_caption_in_context_and_dsve_refuses(tiny_world, tmp_path, monkeypatch,
+                                                                            capsys):
+    image = tmp_path / "photo.png"
+    Image.new("RGB", (40, 30), "red").save(image)
+    matchmap = random_checkpoint(tiny_world, tmp_path / "m.pth.tar", arch="matchmap", trunk_cut="layer3",
+                                 region_dim=16, lstm_hidden=16)
+    common = ["-i", image, "--size", "64", "--device", "cpu"]
+    caption = ["--caption", "a red circle , and a blue square"]
+    assert run_in_process("localize.py", ["-p", matchmap, *common, *caption, "--per-word", "-o", tmp_path / "w.png"],
+                          tiny_world, monkeypatch) == 0
+    printed = capsys.readouterr().out
+    assert (tmp_path / "w.png").is_file() and "7 heatmap(s)" in printed  # the comma has no map
+    assert [line.split("'")[1] for line in printed.splitlines()[1:]] == ["a", "red", "circle", "and", "a", "blue",
+                                                                          "square"]
+    assert run_in_process("localize.py", ["-p", matchmap, *common, *caption, "-t", "a blue square", "-o",
+                                          tmp_path / "p.png"], tiny_world, monkeypatch) == 0
+    assert "1 heatmap(s)" in capsys.readouterr().out
+    dsve = random_checkpoint(tiny_world, tmp_path / "d.pth.tar", maps_dim=16, embed_dim=16, sru_layers=1)
+    for args in (["-p", dsve, *common, *caption, "--per-word"], ["-p", matchmap, *common, "--per-word"]):
+        assert run_in_process("localize.py", [*args, "-o", tmp_path / "x.png"], tiny_world, monkeypatch) != 0
+        error = capsys.readouterr().err.strip()
+        assert error and "\n" not in error and "Traceback" not in error and not (tmp_path / "x.png").exists()

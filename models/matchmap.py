@@ -9,7 +9,9 @@ The caption-image score pools the matchmap (:func:`match_scores`): ``avg_both`` 
 over regions, ``max_img`` the mean over words of the max over regions, ``max_text`` the mean over regions of the
 max over words. Localization: a word's heatmap is M[t], a phrase's the mean of its words' maps; as M is linear in
 w, that is the map of the phrase's mean word vector, a "filter" applied at every position as DSVE's eq. 9 filter
-is (models/heatmaps.py), so both systems share the interface of models/system.py.
+is (models/heatmaps.py), so both systems share the interface of models/system.py. Das et al. read a phrase in its
+caption: the LSTM runs over the whole caption and the phrase's filter is the mean of w[t] over its tokens
+(:meth:`Matchmap.phrase_filters`); ``text_filters`` reads the phrase's words alone.
 """
 from __future__ import annotations
 

@@ -41,6 +41,7 @@ demo: $(STAMP)
 	$(PY) eval_retrieval.py -p $(MM)/best.pth.tar --json $(MM)/retrieval.json $(MATCHMAP)retrieval --no-progress
 	$(PY) pointing_game.py -p $(MM)/best.pth.tar --split test --size 96 --json $(MM)/pointing_game.json $(MATCHMAP)pointing_game --no-progress
 	$(PY) pointing_game.py -p $(MM)/best.pth.tar --dataset demo_entities --split test --size 96 --json $(MM)/pointing_game_entities.json $(MATCHMAP)pointing_game_entities --no-progress
+	$(PY) pointing_game.py -p $(MM)/best.pth.tar --dataset demo_entities --split test --protocol das2019 --json $(MM)/pointing_game_entities_das2019.json $(MATCHMAP)pointing_entities_das2019 --no-progress
 	@echo "results: $(RESULTS)"
 
 test: $(STAMP) browser

@@ -4,6 +4,7 @@
     python pointing_game.py -p model.pth.tar --split test --json runs/pg.json --per-phrase --results results.json
     python pointing_game.py -p model.pth.tar --tolerance 15        # also count peaks within 15 px of the box
     python pointing_game.py -p runs/das2019/best.pth.tar --dataset flickr30k_entities   # Das et al. 2019's benchmark
+    python pointing_game.py -p runs/das2019/best.pth.tar --dataset flickr30k_entities --protocol das2019  # their rule
 
 --dataset coco (or demo, the demo world in the same formats): phrases are the Visual Genome region descriptions
 (config key vg_dir) of images that are also COCO val2014 images (or, with --split, images of that Karpathy split, to
@@ -24,6 +25,15 @@ every position (DSVE: eq. 9 with k; matchmap: the mean of its words' matchmaps, 
   original (default)  the original release's rule: the cell's top-left pixel (col W/w, row H/h), a hit only
                       strictly inside the box (bx < x < bx + w, by < y < by + h); arg-max ties in column-major order
   centre              the cell's centre ((col + .5) W/w, (row + .5) H/h), a hit inside the box, edges included
+  das2019             Das et al. 2019's code (Flickr30K Entities only): the map bilinearly resized to SIZE x SIZE
+                      (default: the checkpoint's train.test_size, their 224), the arg-max pixel's centre,
+                      every box of the phrase its own trial (edges included), the fraction of hits per caption,
+                      then the mean over captions; the any-box accuracy at the same point is reported beside it.
+                      --swap-xy reproduces their code's comparison of the arg-max's row with the box's x range and
+                      its column with the y range (theirs; the default compares x with x)
+--context says how a phrase is read: phrase (the phrase's words alone) or caption (the whole caption through the
+matchmap's LSTM, the phrase's filter the mean of its words' in-context outputs, as Das et al. do; Flickr30K Entities
+and matchmap checkpoints only). Default: caption for a matchmap on Flickr30K Entities, phrase otherwise.
 The centre baseline is a map that always peaks at the cell holding the image centre (h // 2, w // 2), put through
 the same rule (the original code has no baseline; at 416 px it points at (192, 192) under original, (208, 208)
 under centre). Skipped phrases (no words, shorter than --min-words, no word in the vocabulary, an empty box, the
@@ -65,7 +75,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="maps summed per phrase (default 180, the paper's for d = 2400; round(0.075 d) for "
                              "smaller d); DSVE only")
     parser.add_argument("--protocol", default="original",
-                        help="where a peak cell points and what a hit is: original (default) or centre; see above")
+                        help="where a peak points and what a hit is: original (default), centre or das2019; see "
+                             "above")
+    parser.add_argument("--swap-xy", action="store_true",
+                        help="das2019 only: compare the arg-max's row with x and its column with y, as their code "
+                             "does")
+    parser.add_argument("--context", help="phrase | caption: read a phrase alone or in its caption (see above)")
     parser.add_argument("--tolerance", type=float, default=0.0, metavar="PX",
                         help="also count a peak within PX pixels (SIZE x SIZE frame) of the box as a hit")
     parser.add_argument("--min-words", type=positive_int, default=1, help="skip phrases with fewer words (default 1)")
@@ -91,36 +106,49 @@ def main(argv: list[str] | None = None) -> None:
     if args.tolerance < 0:
         raise UserError(f"--tolerance {args.tolerance:g}: pixels, at least 0")
     from misc.eval import pointing
-    from misc.eval.localization import PAPER_SIZE, POINTING_K, POINTING_PROTOCOLS
+    from misc.eval.localization import DAS2019, PAPER_SIZE, POINTING_K, POINTING_PROTOCOLS
     from misc.inference import Inference
 
-    check_choice("--protocol", args.protocol, POINTING_PROTOCOLS)
-    size = args.size or PAPER_SIZE
+    check_choice("--protocol", args.protocol, (*POINTING_PROTOCOLS, DAS2019))
+    if args.swap_xy and args.protocol != DAS2019:
+        raise UserError("--swap-xy reproduces Das et al.'s code: it needs --protocol das2019")
+    if args.context is not None:
+        check_choice("--context", args.context, ("phrase", "caption"))
     model = Inference.load(args.checkpoint, args.words, args.device, args.amp)
+    size = args.size or (model.test_size if args.protocol == DAS2019 else PAPER_SIZE)
     items, skipped, source = pointing.load_items(model, args.dataset, args.split, args.limit, args.min_words,
                                                  args.scene_as_image)
+    entities = source["images_from"].startswith("Flickr30K Entities")
+    if args.protocol == DAS2019 and not entities:
+        raise UserError("--protocol das2019 scores captions: it needs --dataset flickr30k_entities or demo_entities")
+    context = args.context or ("caption" if entities and model.model.config.arch == "matchmap" else "phrase")
     reasons = pointing.skip_counts(skipped)
     if not items:
         raise UserError(f"no phrase to evaluate in {source['images_from']} (skipped: {reasons or 'none'})")
     k = model.choose_k(args.k, POINTING_K)
-    log.info("pointing game: %d phrases of %d images, %dx%d, k=%s on %s", sum(len(i.phrases) for i in items),
-             len(items), size, size, k, model.device)
+    log.info("pointing game: %d phrases of %d images, %dx%d, k=%s, context %s on %s",
+             sum(len(i.phrases) for i in items), len(items), size, size, k, context, model.device)
     per_phrase = pointing.point(model, items, size, k, args.protocol, args.tolerance, args.batch_size,
-                                args.workers if args.workers is not None else 2, not args.no_progress)
+                                args.workers if args.workers is not None else 2, not args.no_progress, context,
+                                args.swap_xy)
 
-    metrics = pointing.accuracies(per_phrase, len(items), len(skipped))
+    metrics = pointing.accuracies(per_phrase, len(items), len(skipped), args.protocol)
     # The paper's Table 3 is DSVE on Visual Genome phrases: no reference for the matchmap or Flickr30K Entities.
     paper = pointing.PAPER if model.model.config.arch == "dsve" and not metrics["per_type"] else None
     entry = results.record("pointing_game", checkpoint=args.checkpoint, dataset=source["dataset"],
                            split=source["split"], size=size, protocol=args.protocol, metrics=metrics,
                            settings={"k": k, "tolerance": args.tolerance, "min_words": args.min_words,
-                                     "grid": per_phrase[0]["grid"]},
+                                     "grid": per_phrase[0]["grid"], "context": context, "swap_xy": args.swap_xy},
                            images_from=source["images_from"], skipped_reasons=reasons,
                            **({"paper": paper} if paper else {}))
     print(f"pointing game: {len(per_phrase)} phrases of {len(items)} images ({source['images_from']}), "
-          f"{size}x{size}, k={k if k is not None else 'n/a'}, protocol {args.protocol}: "
+          f"{size}x{size}, k={k if k is not None else 'n/a'}, context {context}, protocol {args.protocol}"
+          f"{' (x/y swapped as in their code)' if args.swap_xy else ''}: "
           f"hit = {pointing.hit_rule(args.protocol, args.tolerance)}")
-    for key, name in (("accuracy", "accuracy       "), ("center_baseline", "centre baseline")):
+    for key, name in (("accuracy", "accuracy       "), ("center_baseline", "centre baseline"),
+                      ("any_box_accuracy", "any-box        ")):
+        if key not in metrics:
+            continue
         reference = f"   (paper {paper[key]} %)" if paper else ""
         print(f"  {name} {metrics[key]:6.2f} %{reference}")
     for kind, row in metrics["per_type"].items():
@@ -132,7 +160,7 @@ def main(argv: list[str] | None = None) -> None:
     results.save(entry, args.json, args.results, args.results_key, rows)
     if args.overlays:
         written = pointing.write_overlays(model, items[:args.overlay_images], per_phrase, size, k, args.protocol,
-                                          args.overlays)
+                                          args.overlays, context)
         print(f"  overlays: {', '.join(str(path) for path in written)}")
 
 

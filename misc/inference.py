@@ -6,6 +6,7 @@ Every CLI, the web app and torch.hub (hubconf.py) use a trained model through :c
     images = model.embed_images(["photo.jpg", pil_image])      # (N, d) unit rows, eq. 1-3
     texts = model.embed_texts(["a red circle"])                # (T, d) unit rows, eq. 4
     found = model.heatmaps("photo.jpg", ["a red circle"])      # eq. 9 maps, peaks, scores, unknown words
+    found = model.heatmaps("photo.jpg", ["dog"], caption="a dog on grass")  # matchmap: the phrase in context
     model.plot("photo.jpg", ["a red circle"], out="map.png")   # the figure (paper Fig. 1)
 """
 from __future__ import annotations
@@ -28,6 +29,7 @@ from misc.eval.localization import PAPER_SIZE, POINTING_K, choose_k, peak_locati
 from misc.devices import autocast, resolve_device
 from misc.eval.encode import encode_captions
 from misc.visualize import DEFAULT_COLORMAP, overlays, panel_size, panel_title, save_png
+from misc.data.spans import find_tokens
 from misc.data.words import WordVectors
 from models.heatmaps import apply_filters
 from models.joint import Model
@@ -142,6 +144,31 @@ class Inference:
             return self.model.text_filters(encoded.words.to(self.device), encoded.lengths, k).float()
 
     @torch.no_grad()
+    def filters_in_context(self, captions: list[str], spans: list[tuple[int, int, int]]) -> torch.Tensor:
+        """One filter per phrase read in its caption's context (T, C) on the device: ``spans`` are (caption index,
+        first token, end token) into the tokens of ``captions`` (``words.tokens``); the matchmap's mean of the
+        in-context word vectors over the span (``model.phrase_filters``). DSVE refuses in one line."""
+        encoded = self.words.encode(captions)
+        rows = torch.tensor(spans, dtype=torch.long).reshape(-1, 3)
+        try:
+            with autocast(self.device, self.amp):
+                return self.model.phrase_filters(encoded.words.to(self.device), encoded.lengths, rows).float()
+        except NotImplementedError as refusal:
+            raise UserError(str(refusal)) from None
+
+    def spans_in(self, caption: str, phrases: list[str]) -> list[tuple[int, int, int]]:
+        """(0, first token, end token) of each phrase's first occurrence among ``caption``'s tokens; a phrase
+        that is not in the caption is a one-line error."""
+        tokens = self.words.tokens(caption)
+        spans = []
+        for phrase in phrases:
+            found = find_tokens(tokens, self.words.tokens(phrase))
+            if found is None:
+                raise UserError(f"phrase {phrase!r} is not in the caption {caption!r}: give words of the caption")
+            spans.append((0, *found))
+        return spans
+
+    @torch.no_grad()
     def embed_maps(self, maps: torch.Tensor) -> torch.Tensor:
         """One vector per image (B, :attr:`dim`) from its :meth:`maps`: DSVE's unit embedding (eq. 1-3), the
         matchmap's mean region vector."""
@@ -196,10 +223,18 @@ class Inference:
         return self.model.score(self.model.image_output(maps), text_out, lengths)[0].float().cpu()
 
     def heatmaps(self, image: ImageSource, texts: str | list[str], size: int = PAPER_SIZE,
-                 k: int | None = None) -> Heatmaps:
+                 k: int | None = None, caption: str | None = None, per_word: bool = False) -> Heatmaps:
         """Each text's heatmap on the image (eq. 9) with its peak in the image's pixels, its score and its
         unknown words. The image (path or PIL) is resized to ``size`` x ``size``; ``k`` of eq. 9 defaults to the
-        paper's 180 for d = 2400, scaled to this model's d (:meth:`choose_k`)."""
+        paper's 180 for d = 2400, scaled to this model's d (:meth:`choose_k`). With ``caption`` (matchmap only)
+        each text is a phrase of the caption read in its context (:meth:`filters_in_context`) and scored as the
+        caption; with ``per_word`` too, ``texts`` is ignored and every word token of the caption has its map."""
+        if per_word:
+            if caption is None:
+                raise UserError("one map per word needs the caption (--caption)")
+            tokens = self.words.tokens(caption)
+            positions = [t for t, token in enumerate(tokens) if any(c.isalnum() for c in token)]
+            texts, spans = [tokens[t] for t in positions], [(0, t, t + 1) for t in positions]
         texts = [texts] if isinstance(texts, str) else list(texts)
         if not texts:
             raise UserError("no text to localize: give at least one")
@@ -208,9 +243,14 @@ class Inference:
                 raise UserError(f"query {text!r} has no words")
         picture = as_image(image)
         k = self.choose_k(k, POINTING_K)
+        if caption is None:
+            filters, scores = self.filters(texts, k), self.scores(picture, texts)
+        else:
+            filters = self.filters_in_context([caption], spans if per_word else self.spans_in(caption, texts))
+            scores = self.scores(picture, [caption]).expand(len(texts))
         maps = self.maps(self.transform(size)(picture)[None])  # (1, C, h, w)
-        heat = apply_filters(maps, self.filters(texts, k))[0].cpu()  # (T, h, w)
-        return Heatmaps(texts, heat, peak_location(heat, *picture.size), self.scores(picture, texts),
+        heat = apply_filters(maps, filters)[0].cpu()  # (T, h, w)
+        return Heatmaps(texts, heat, peak_location(heat, *picture.size), scores,
                         [self.unknown_words(text) for text in texts], picture, size, k)
 
     def plot(self, image: ImageSource, texts: str | list[str], out: Path | str | None = None, size: int = PAPER_SIZE,

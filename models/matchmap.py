@@ -9,7 +9,9 @@ The caption-image score pools the matchmap (:func:`match_scores`): ``avg_both`` 
 over regions, ``max_img`` the mean over words of the max over regions, ``max_text`` the mean over regions of the
 max over words. Localization: a word's heatmap is M[t], a phrase's the mean of its words' maps; as M is linear in
 w, that is the map of the phrase's mean word vector, a "filter" applied at every position as DSVE's eq. 9 filter
-is (models/heatmaps.py), so both systems share the interface of models/system.py.
+is (models/heatmaps.py), so both systems share the interface of models/system.py. Das et al. read a phrase in its
+caption: the LSTM runs over the whole caption and the phrase's filter is the mean of w[t] over its tokens
+(:meth:`Matchmap.phrase_filters`); ``text_filters`` reads the phrase's words alone.
 """
 from __future__ import annotations
 
@@ -148,6 +150,19 @@ class Matchmap(System):
         """One filter per text (Q, D): the mean of its word vectors, whose map is the mean of its words' maps
         M[t]. ``k`` (DSVE's eq. 9) has no meaning here."""
         return masked_mean(self.text(words, lengths), lengths)
+
+    def phrase_filters(self, words: torch.Tensor, lengths: torch.Tensor, spans: torch.Tensor) -> torch.Tensor:
+        """A phrase's filter in its caption's context (Das et al.'s maps): the LSTM runs over the whole caption
+        and the phrase's filter is the mean of the outputs w[t] at its tokens, so its map is the mean of those
+        words' maps M[t]. ``spans`` (Q, 3) long: caption row, first token, end token (exclusive) -> (Q, D)."""
+        spans = spans.to(words.device)
+        rows, first, end = spans.unbind(dim=1)
+        if bool((first < 0).any() | (end <= first).any() | (end > lengths.to(words.device)[rows]).any()):
+            raise ValueError("every span needs 0 <= first < end <= its caption's length")
+        outputs = self.text(words, lengths)[rows]  # (Q, T, D): each phrase's caption, read whole
+        steps = torch.arange(outputs.shape[1], device=words.device)[None, :]
+        inside = (steps >= first[:, None]) & (steps < end[:, None])  # (Q, T)
+        return (outputs * inside[..., None]).sum(dim=1) / (end - first)[:, None].to(outputs.dtype)
 
     def parts(self) -> dict[str, nn.Module]:
         return {"3x3 conv": self.image.head, "LSTM": self.text, "trunk": self.image.trunk}

@@ -9,6 +9,7 @@ retrieval and localization never ask which system they hold.
     model.maps(images) -> (B, C, h, w)                              the maps heatmaps are read from
     model.embed_maps(maps) -> (B, d); model.image_output(maps)      an image's vector / score input from its maps
     model.text_filters(words, lengths, k) -> (Q, C)                 one filter per text
+    model.phrase_filters(words, lengths, spans) -> (Q, C)           one per token span of a caption read whole
     model.heatmaps(images, words, lengths, k) -> (B, Q, h, w)       filters applied at every position
     model.parts() -> {name: module}                                 the trainable parts, in :attr:`PARTS` order
     System.config_dims(config) -> [(field, tensor, axis, size)]     where the config's sizes show in the weights
@@ -75,6 +76,13 @@ class System(nn.Module):
 
     def text_filters(self, words: torch.Tensor, lengths: torch.Tensor, k: int | None = None) -> torch.Tensor:
         raise NotImplementedError
+
+    def phrase_filters(self, words: torch.Tensor, lengths: torch.Tensor, spans: torch.Tensor) -> torch.Tensor:
+        """One filter per phrase read in its caption's context: ``spans`` (Q, 3) long rows (caption, first token,
+        end token) into the captions ``words`` (B, T, word_dim) -> (Q, C). Only a system with a vector per word
+        has one; the refusal is one line."""
+        raise NotImplementedError(f"{type(self).__name__} has one text vector per sentence, not one per word: "
+                                  f"phrase maps in a caption's context need a matchmap checkpoint")
 
     def heatmaps(self, images: torch.Tensor, words: torch.Tensor, lengths: torch.Tensor,
                  k: int | None = None) -> torch.Tensor:

@@ -10,7 +10,10 @@ centre of its largest cell (:func:`peak_location`), whatever the upsampling reso
 Pointing protocols. ``centre`` points at that cell centre and counts a hit when the point is in the box, edges
 included. ``original`` follows the original release's pointing game: the cell's top-left corner (col W/w, row H/h),
 ties of the arg-max broken in column-major order, and a hit only strictly inside the box (:func:`cell_points`,
-:func:`pointing_hits`).
+:func:`pointing_hits`). ``das2019`` follows Das et al.'s code (Flickr30K Entities only): the map bilinearly
+resized to the input size, the arg-max pixel's centre, every ground-truth box its own trial, the fraction of hits
+per caption, then the mean over captions (:func:`pixel_points`, :func:`caption_accuracy`). Their code compares the
+arg-max's row with the box's x range and its column with the y range; ``swap_xy`` reproduces that swap.
 """
 from __future__ import annotations
 
@@ -28,6 +31,7 @@ POINTING_K = 180  # eq. 9's k for the pointing game and single heatmaps in the p
 SEGMENTATION_K = 10  # eq. 9's k for semantic segmentation in the paper (d = 2400)
 PAPER_SIZE = 416  # the image side of the paper's localization (a 13 x 13 map from ResNet-152)
 POINTING_PROTOCOLS = ("original", "centre")  # where a grid cell points, see cell_points
+DAS2019 = "das2019"  # Das et al.'s pixel rule and per-caption score, see pixel_points and caption_accuracy
 
 
 def default_k(dim: int, paper_k: int) -> int:
@@ -118,3 +122,20 @@ def phrase_hit(point: torch.Tensor, boxes: torch.Tensor, tolerance: float = 0.0,
     """Whether a point (2,) as (x, y) hits ANY of a phrase's boxes (N, 4) as (x, y, width, height), under the
     rule of :func:`pointing_hits` (Flickr30K Entities: any box of the phrase's coreference chain)."""
     return bool(pointing_hits(point.reshape(1, 2).expand(len(boxes), 2), boxes, tolerance, strict).any())
+
+
+def pixel_points(maps: torch.Tensor, size: int, swap_xy: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Das et al.'s point of maps (..., h, w): each map bilinearly resized to size x size (:func:`upsample`),
+    its arg-max pixel (row, col) (first in row-major order on ties) and that pixel's centre (col + .5, row + .5)
+    as (x, y) -> (pixels (..., 2) long, points (..., 2)). ``swap_xy`` gives (row + .5, col + .5) instead: their
+    code reads numpy's (row, col) arg-max as (x, y)."""
+    pixels = peak_cells(upsample(maps, size, size))
+    centres = pixels.double() + 0.5
+    return pixels, (centres if swap_xy else centres.flip(-1))
+
+
+def caption_accuracy(box_hits: dict[object, list[bool]]) -> float:
+    """Das et al.'s score in percent: per caption, the fraction of its phrases' boxes hit (each box its own
+    trial), then the mean over captions; ``box_hits`` maps each caption to the hits of all its boxes."""
+    fractions = [sum(hits) / len(hits) for hits in box_hits.values() if hits]
+    return 100.0 * sum(fractions) / len(fractions)

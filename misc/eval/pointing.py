@@ -24,7 +24,9 @@ from misc.data.flickr_entities import ENTITY_TYPES, EntitiesImage
 from misc.data.images import decode_image, unreadable
 from misc.data.jsonl import Entry, image_size, split_entries
 from misc.errors import UserError, check_choice, did_you_mean
-from misc.eval.localization import cell_points, peak_cells, phrase_hit, scale_boxes
+from misc.data.spans import word_span_tokens
+from misc.eval.localization import (DAS2019, caption_accuracy, cell_points, peak_cells, phrase_hit, pixel_points,
+                                    pointing_hits, scale_boxes)
 from misc.visualize import overlays, save_png
 from models.heatmaps import apply_filters
 
@@ -41,6 +43,7 @@ class Phrase:
     boxes: list[tuple[float, float, float, float]]  # x, y, width, height in the item's frame
     info: dict[str, Any]  # what names the phrase in the per-phrase rows
     types: tuple[str, ...] = ()  # Flickr30K Entities types
+    words: tuple[str, int, int] | None = None  # Flickr30K Entities: its caption, first word, number of words
 
 
 @dataclass
@@ -105,7 +108,8 @@ def select_entities(images: list[EntitiesImage], model: Inference, min_words: in
                 boxes, reason = flickr_entities.entity_boxes(image.annotation, phrase.entity, scene_as_image)
                 info = {"sentence": number, "first_word": phrase.first_word, "entity": phrase.entity,
                         "types": list(phrase.types)}
-                keep(item, Phrase(phrase.text, boxes, info, phrase.types), reason, model, min_words, skipped)
+                words = (sentence.text, phrase.first_word, len(phrase.text.split()))
+                keep(item, Phrase(phrase.text, boxes, info, phrase.types, words), reason, model, min_words, skipped)
         if item.phrases:
             items.append(item)
     return items, skipped
@@ -166,10 +170,32 @@ def skip_counts(skipped: list[dict]) -> dict[str, int]:
 
 # --------------------------------------------------------------------------- pointing and scoring
 
+def phrase_filters(model: Inference, phrases: list[Phrase], k: int | None, context: str) -> torch.Tensor:
+    """One filter per phrase (M, C): the phrase alone (``phrase``), or read in its caption (``caption``, the
+    matchmap's in-context words, :meth:`Inference.filters_in_context`), each caption encoded once."""
+    if context == "phrase":
+        return model.filters([p.text for p in phrases], k)
+    captions: dict[str, int] = {}
+    spans = []
+    for p in phrases:
+        if p.words is None:
+            raise UserError("--context caption needs Flickr30K Entities phrases (a caption to read them in); "
+                            "use --context phrase")
+        caption, first, length = p.words
+        try:
+            span = word_span_tokens(caption, model.words.tokens(caption), first, length)
+        except ValueError as error:
+            raise UserError(f"phrase {p.text!r}: {error}") from None
+        spans.append((captions.setdefault(caption, len(captions)), *span))
+    return model.filters_in_context(list(captions), spans)
+
+
 def point(model: Inference, items: list[Item], size: int, k: int | None, protocol: str, tolerance: float,
-          batch_size: int, workers: int, progress: bool) -> list[dict]:
-    """Peak cell of every phrase's heatmap, the point the protocol makes of it in the size x size frame, and whether
-    it and the centre baseline hit one of the phrase's boxes."""
+          batch_size: int, workers: int, progress: bool, context: str = "phrase",
+          swap_xy: bool = False) -> list[dict]:
+    """Peak of every phrase's heatmap, the point the protocol makes of it in the size x size frame, and whether
+    it and the centre baseline hit one of the phrase's boxes; under ``das2019`` also each box's own hit
+    (``box_hits``, ``center_box_hits``) at the arg-max pixel of the resized map (``pixel``)."""
     loader = DataLoader(ImageDataset([item.path for item in items], model.transform(size)), batch_size=batch_size,
                         num_workers=workers, pin_memory=model.device.type == "cuda")
     strict = protocol == "original"
@@ -180,25 +206,51 @@ def point(model: Inference, items: list[Item], size: int, k: int | None, protoco
             start += len(images)
             maps = model.maps(images)  # (B, C, h, w)
             grid = tuple(maps.shape[-2:])
-            filters = model.filters([p.text for item in batch for p in item.phrases], k)  # (M, C)
+            filters = phrase_filters(model, [p for item in batch for p in item.phrases], k, context)  # (M, C)
             padded = filters.new_zeros(len(batch), max(len(item.phrases) for item in batch), filters.shape[1])
             row = 0
             for b, item in enumerate(batch):
                 padded[b, :len(item.phrases)] = filters[row:row + len(item.phrases)]
                 row += len(item.phrases)
-            cells = peak_cells(apply_filters(maps, padded), column_major=strict).cpu()  # (B, P, 2)
-            points = cell_points(cells, grid, size, size, protocol)
-            centre = cell_points(torch.tensor([grid[0] // 2, grid[1] // 2]), grid, size, size, protocol)
+            heat = apply_filters(maps, padded)  # (B, P, h, w)
+            cells = peak_cells(heat, column_major=strict).cpu()  # (B, P, 2)
+            if protocol == DAS2019:
+                middle = torch.tensor([size // 2, size // 2])
+                centre = middle.double() + 0.5
+            else:
+                points = cell_points(cells, grid, size, size, protocol)
+                centre = cell_points(torch.tensor([grid[0] // 2, grid[1] // 2]), grid, size, size, protocol)
             for b, item in enumerate(batch):
-                for p, cell, xy in zip(item.phrases, cells[b], points[b]):
+                if protocol == DAS2019:  # one image's maps at a time: P x size x size floats
+                    pixels, points_b = pixel_points(heat[b, :len(item.phrases)].cpu(), size, swap_xy)
+                else:
+                    pixels, points_b = None, points[b]
+                for p_index, (p, cell, xy) in enumerate(zip(item.phrases, cells[b], points_b)):
                     boxes = scale_boxes(torch.tensor(p.boxes), item.frame, (size, size))
-                    scored.append({**p.info, "image_id": item.image_id, "phrase": p.text, "grid": list(grid),
-                                    "peak_cell": cell.tolist(), "point": xy.tolist(),
-                                    **({"box": boxes[0].tolist()} if len(boxes) == 1 else {}),
-                                    "boxes": boxes.tolist(),
-                                    "hit": phrase_hit(xy, boxes, tolerance, strict),
-                                    "center_hit": phrase_hit(centre, boxes, tolerance, strict)})
+                    record = {**p.info, "image_id": item.image_id, "phrase": p.text, "grid": list(grid),
+                           "peak_cell": cell.tolist(), "point": xy.tolist(),
+                           **({"box": boxes[0].tolist()} if len(boxes) == 1 else {}), "boxes": boxes.tolist(),
+                           "hit": phrase_hit(xy, boxes, tolerance, strict),
+                           "center_hit": phrase_hit(centre, boxes, tolerance, strict)}
+                    if pixels is not None:
+                        record.update(pixel=pixels[p_index].tolist(), center_pixel=middle.tolist(),
+                                   box_hits=box_hits(xy, boxes, tolerance),
+                                   center_box_hits=box_hits(centre, boxes, tolerance))
+                    scored.append(record)
     return scored
+
+
+def box_hits(point: torch.Tensor, boxes: torch.Tensor, tolerance: float) -> list[bool]:
+    """Whether a point (2,) hits each box (N, 4) on its own (edges included): Das et al.'s trials."""
+    return pointing_hits(point.reshape(1, 2).expand(len(boxes), 2), boxes, tolerance).tolist()
+
+
+def caption_hits(per_phrase: list[dict], key: str) -> dict[tuple, list[bool]]:
+    """Every caption's box trials (``key``: box_hits or center_box_hits), a caption named by image and sentence."""
+    captions: dict[tuple, list[bool]] = {}
+    for r in per_phrase:
+        captions.setdefault((r["image_id"], r["sentence"]), []).extend(r[key])
+    return captions
 
 
 def per_type(per_phrase: list[dict]) -> dict[str, dict[str, float]]:
@@ -213,24 +265,34 @@ def per_type(per_phrase: list[dict]) -> dict[str, dict[str, float]]:
     return table
 
 
-def accuracies(per_phrase: list[dict], images: int, skipped: int) -> dict[str, Any]:
+def accuracies(per_phrase: list[dict], images: int, skipped: int, protocol: str = "original") -> dict[str, Any]:
     """The metrics of the results record: accuracy and centre baseline in percent over the scored phrases, the
-    counts, and :func:`per_type`."""
+    counts, and :func:`per_type` (any-box, per phrase). Under ``das2019`` accuracy and centre baseline are Das et
+    al.'s mean over captions of the fraction of boxes hit; the any-box rule at the same point stays beside them
+    (``any_box_accuracy``, ``any_box_center_baseline``)."""
     n = len(per_phrase)
-    return {"accuracy": 100.0 * sum(r["hit"] for r in per_phrase) / n,
-            "center_baseline": 100.0 * sum(r["center_hit"] for r in per_phrase) / n,
-            "phrases": n, "images": images, "skipped": skipped, "per_type": per_type(per_phrase)}
+    metrics = {"accuracy": 100.0 * sum(r["hit"] for r in per_phrase) / n,
+               "center_baseline": 100.0 * sum(r["center_hit"] for r in per_phrase) / n}
+    if protocol == DAS2019:
+        hits = caption_hits(per_phrase, "box_hits")
+        metrics = {"accuracy": caption_accuracy(hits),
+                   "center_baseline": caption_accuracy(caption_hits(per_phrase, "center_box_hits")),
+                   "any_box_accuracy": metrics["accuracy"], "any_box_center_baseline": metrics["center_baseline"],
+                   "captions": len(hits), "boxes": sum(len(h) for h in hits.values())}
+    return {**metrics, "phrases": n, "images": images, "skipped": skipped, "per_type": per_type(per_phrase)}
 
 
 def hit_rule(protocol: str, tolerance: float) -> str:
     """What a hit is under ``protocol`` (and ``tolerance`` px), in words."""
     rule = {"original": "cell's top-left corner strictly inside the box",
-            "centre": "cell's centre inside the box"}[protocol]
+            "centre": "cell's centre inside the box",
+            DAS2019: "arg-max pixel of the bilinearly resized map inside each box, per caption, mean over "
+                     "captions"}[protocol]
     return rule + (f", or within {tolerance:g} px of it (TorchRay convention)" if tolerance else "")
 
 
 def write_overlays(model: Inference, items: list[Item], per_phrase: list[dict], size: int, k: int | None,
-                   protocol: str, folder: Path) -> list[Path]:
+                   protocol: str, folder: Path, context: str = "phrase") -> list[Path]:
     """One figure per image (misc.visualize): each phrase's heatmap over the image with its ground-truth boxes and
     the point the protocol made of its peak (both read from the phrase's row, so the figure shows what was
     scored), the title saying whether that point hit one of the boxes."""
@@ -238,7 +300,7 @@ def write_overlays(model: Inference, items: list[Item], per_phrase: list[dict], 
     for item in items:
         image = decode_image(item.path, exif=False)
         maps = model.maps(model.transform(size)(image)[None])
-        heat = apply_filters(maps, model.filters([p.text for p in item.phrases], k))[0].cpu()  # (P, h, w)
+        heat = apply_filters(maps, phrase_filters(model, item.phrases, k, context))[0].cpu()  # (P, h, w)
         scored = [next(rows) for _ in item.phrases]  # rows are in the items' phrase order
         frame = (float(size), float(size))  # the frame of each row's boxes and point
         points = torch.tensor([row["point"] for row in scored]) * torch.tensor(image.size) / size  # (P, 2) x, y

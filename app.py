@@ -34,6 +34,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add_size_arg(parser, default_text="416, the paper's")
     parser.add_argument("--k", type=positive_int,
                         help="maps summed per phrase (eq. 9; default: the paper's 180 for d = 2400, scaled to d)")
+    parser.add_argument("--concurrency", type=positive_int, default=1,
+                        help="requests computed at once; more browsers wait in gradio's queue (default 1)")
     add_device_args(parser, workers=False)
     return parser.parse_args(argv)
 
@@ -49,7 +51,7 @@ def main(argv: list[str] | None = None) -> None:
     examples = webapp.example_images()
     log.info("serving %s on http://%s:%d (%d example images, %s)", args.checkpoint, args.host, args.port,
              len(examples), f"{len(searchable.collections)} collection(s)" if searchable else "no collection")
-    page = webapp.build_ui(model, searchable, args.size or PAPER_SIZE, args.k, examples)
+    page = webapp.build_ui(model, searchable, args.size or PAPER_SIZE, args.k, examples, args.concurrency)
     webapp.serve(page, args.host, args.port, examples)
 
 

@@ -22,13 +22,14 @@ from PIL import Image
 from misc import config
 from misc.store.source import model_sha256
 from misc.errors import UserError
-from misc.data.images import list_images, read_image
+from misc.data.images import list_images, read_image, shown_size
 from misc.eval.localization import PAPER_SIZE
 from misc.inference import Inference
 from misc.collections.search import Collection, exact_search, load_collection
 from misc.visualize import figure_image, overlays
 
 MAX_PHRASES = 12
+DISPLAY_SIDE = 1024  # an uploaded photo is decoded (JPEG: at a reduced scale) and shown at most this large
 THUMBNAIL = 192  # longer side of a search hit's thumbnail, in pixels
 EXAMPLES = 6  # example images offered from the demo world
 # gradio and huggingface_hub read these when imported or launched: no analytics, no version check, no hub calls.
@@ -78,14 +79,25 @@ def localize(model: Inference, image_path: str | Path | None, text: str | None, 
     (default: the paper's, scaled to the model's d)."""
     if not image_path:
         raise UserError("upload an image or pick an example first")
-    found = model.heatmaps(image_path, parse_phrases(text), size=size, k=k)
+    picture, scale = display_image(image_path)
+    found = model.heatmaps(picture, parse_phrases(text), size=size, k=k)
     panels, rows = [], []
     for index, (phrase, title) in enumerate(zip(found.texts, found.titles())):
-        score, peak, unknown = float(found.scores[index]), found.peaks[index].tolist(), found.unknown[index]
+        score, peak, unknown = float(found.scores[index]), (found.peaks[index] * scale).tolist(), found.unknown[index]
         figure = overlays(found.image, found.maps[index:index + 1], found.peaks[index:index + 1], [title])
         panels.append((figure_image(figure), panel_caption(phrase, score, unknown)))
         rows.append([phrase, round(score, 4), round(peak[0]), round(peak[1]), ", ".join(unknown)])
     return panels, rows
+
+
+def display_image(path: str | Path) -> tuple[Image.Image, float]:
+    """An uploaded photo at most :data:`DISPLAY_SIDE` large (a 10000 x 10000 JPEG is decoded at 1/8 scale, not in
+    full), EXIF-oriented and RGB whatever its mode (CMYK, 16-bit, palette, an animation's first frame), and the
+    factor from its pixels to the file's (for peaks in the photo's own pixels); a file that is not an image is
+    one line."""
+    picture = read_image(path, DISPLAY_SIDE)
+    picture.thumbnail((DISPLAY_SIDE, DISPLAY_SIDE))
+    return picture, shown_size(path)[0] / picture.width
 
 
 @dataclass
@@ -174,8 +186,9 @@ def search(searchable: Searchable, name: str, queries: np.ndarray,
 
 
 def build_ui(model: Inference, searchable: Searchable | None = None, size: int = PAPER_SIZE, k: int | None = None,
-             examples: list[Path] | None = None) -> Any:
-    """The page (a ``gr.Blocks``): a Localization tab and a Search tab (a hint when there is nothing to search)."""
+             examples: list[Path] | None = None, concurrency: int = 1) -> Any:
+    """The page (a ``gr.Blocks``): a Localization tab and a Search tab (a hint when there is nothing to search);
+    gradio's queue runs ``concurrency`` requests at once (more browsers wait their turn)."""
     go_offline()
     import gradio as gr
 
@@ -194,7 +207,7 @@ def build_ui(model: Inference, searchable: Searchable | None = None, size: int =
         with gr.Tab("Localization"):
             with gr.Row():
                 with gr.Column():
-                    image = gr.Image(type="filepath", label="image", elem_id="image")
+                    image = gr.Image(type="filepath", image_mode=None, label="image", elem_id="image")
                     if examples:
                         gr.Examples([[str(path)] for path in examples], inputs=[image], label="demo images")
                 with gr.Column():
@@ -222,7 +235,8 @@ def build_ui(model: Inference, searchable: Searchable | None = None, size: int =
                         query = gr.Textbox(label="text query", elem_id="query")
                         by_text = gr.Button("Search by text", variant="primary", elem_id="search-text")
                     with gr.Column():
-                        query_image = gr.Image(type="filepath", label="image query", elem_id="query-image")
+                        query_image = gr.Image(type="filepath", image_mode=None, label="image query",
+                                               elem_id="query-image")
                         by_image = gr.Button("Search by image", elem_id="search-image")
                 note = gr.Markdown(elem_id="search-note")
                 hits = gr.Gallery(label="hits", columns=6, elem_id="hits")
@@ -232,6 +246,7 @@ def build_ui(model: Inference, searchable: Searchable | None = None, size: int =
                 by_image.click(shown(lambda name, path, count: search(
                     searchable, name, image_query(model, pick(searchable, name), path), count)),
                     [collection, query_image, top], [hits, table, note])
+    page.queue(default_concurrency_limit=concurrency)
     return page
 
 

@@ -22,6 +22,7 @@ log = logging.getLogger(__name__)
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp"})
 SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I"})
 ALPHA_MODES = frozenset({"RGBA", "RGBa", "LA", "La", "PA"})
+EXIF_ORIENTATION = 274  # the EXIF tag that says how a photo is turned
 BACKGROUND = (255, 255, 255)  # transparent pixels are shown on white, as a browser shows them
 
 
@@ -110,6 +111,16 @@ def decode_image(path: Path | str | bytes, size: int | None = None, *, exif: boo
                 image.draft(image.mode, (size, size))
             image.load()
             return to_rgb(ImageOps.exif_transpose(image) if exif else image)
+
+
+def shown_size(path: Path | str) -> tuple[int, int]:
+    """(width, height) of an image file as a photo viewer shows it (its EXIF orientation applied), from its header
+    alone."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # as in decode_image
+        with Image.open(path) as image:
+            turned = image.getexif().get(EXIF_ORIENTATION, 1) in (5, 6, 7, 8)  # a quarter turn swaps the sides
+            return (image.height, image.width) if turned else image.size
 
 
 def to_rgb(image: Image.Image) -> Image.Image:

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+import zlib
 from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
@@ -247,3 +248,41 @@ def test_the_page_searches_the_collection_by_text_with_thumbnails(server, browse
     assert re.search(r"-?\d\.\d{3} COCO_val2014_", page.locator("#hits").inner_text())
     assert page.outside == []
     page.close()
+
+
+def odd_uploads(folder: Path) -> dict[str, Path]:
+    """Files a person may upload: not an image, a decompression bomb (a PNG header of 20000 x 20000), a 6000 x 6000
+    photo, CMYK, 16-bit grey and an animated GIF."""
+    files = {"text": folder / "notes.jpg", "bomb": folder / "bomb.png", "huge": folder / "huge.jpg",
+             "cmyk": folder / "cmyk.jpg", "grey16": folder / "grey16.png", "gif": folder / "blink.gif"}
+    files["text"].write_text("not an image")
+    header = b"\x89PNG\r\n\x1a\n"
+    body = b"IHDR" + (20000).to_bytes(4, "big") * 2 + bytes([8, 2, 0, 0, 0])
+    files["bomb"].write_bytes(header + (13).to_bytes(4, "big") + body + zlib.crc32(body).to_bytes(4, "big"))
+    Image.new("RGB", (6000, 6000), (200, 40, 40)).save(files["huge"], quality=60)
+    Image.new("CMYK", (80, 60), (0, 255, 255, 0)).save(files["cmyk"])
+    Image.fromarray(np.full((60, 80), 51400, dtype=np.uint16)).save(files["grey16"])
+    frames = [Image.new("RGB", (80, 60), colour) for colour in ((0, 0, 255), (0, 255, 0))]
+    frames[0].save(files["gif"], save_all=True, append_images=frames[1:], duration=100, loop=0)
+    return files
+
+
+@pytest.mark.slow
+def test_odd_uploads_get_a_heatmap_or_a_message_and_the_page_keeps_serving(server, browser, tmp_path):
+    files = odd_uploads(tmp_path)
+    for name, path in files.items():
+        page = open_page(browser, server)
+        page.locator("#image input[type=file]").set_input_files(str(path))
+        page.locator("#phrases textarea").fill("a red disc")
+        time.sleep(2)  # the upload reaches the server
+        page.locator("#localize").click()
+        if name in ("text", "bomb"):  # refused: the page says why, in words
+            expect(page.get_by_text(re.compile(r"cannot identify image file|decompression bomb|cannot read it",
+                                               re.I)).first).to_be_visible(timeout=60_000)
+        else:
+            page.locator("#heatmaps img").first.wait_for(timeout=120_000)
+            expect(page.locator("#scores")).to_contain_text("a red disc", timeout=10_000)
+        page.screenshot(path=str(tmp_path / f"{name}.png"))
+        page.close()
+    with urllib.request.build_opener(urllib.request.ProxyHandler({})).open(server, timeout=10) as response:
+        assert response.status == 200  # still serving

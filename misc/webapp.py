@@ -14,10 +14,11 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageDraw
 
 from misc import config
 from misc.store.source import model_sha256
@@ -25,12 +26,14 @@ from misc.errors import UserError
 from misc.data.images import list_images, read_image, shown_size
 from misc.eval.localization import PAPER_SIZE
 from misc.inference import Inference
+from misc.collections.queries import box_around_peak
 from misc.collections.search import Collection, exact_search, load_collection
 from misc.visualize import figure_image, overlays
 
 MAX_PHRASES = 12
 DISPLAY_SIDE = 1024  # an uploaded photo is decoded (JPEG: at a reduced scale) and shown at most this large
 THUMBNAIL = 192  # longer side of a search hit's thumbnail, in pixels
+SPOT_COLOUR = (255, 214, 0)  # where a text query is in a hit: its box and peak on the thumbnail
 EXAMPLES = 6  # example images offered from the demo world
 # gradio and huggingface_hub read these when imported or launched: no analytics, no version check, no hub calls.
 OFFLINE = {"GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1",
@@ -154,20 +157,44 @@ def hit_location(collection: Collection, row: int) -> Path:
     return stored if stored.is_absolute() else Path(collection.config.get("folder", ".")) / stored
 
 
-def thumbnail(path: Path) -> Image.Image:
-    """A small copy of a hit's image; a grey square when the file is gone or unreadable (named in the caption)."""
+def thumbnail(path: Path, spot: Spot | None = None) -> Image.Image:
+    """A small copy of a hit's image, with ``spot`` (where the text query is in it) drawn; a grey square when the
+    file is gone or unreadable (named in the caption)."""
     try:
         image = read_image(path, THUMBNAIL)
     except (UserError, OSError):
         return Image.new("RGB", (THUMBNAIL, THUMBNAIL), (128, 128, 128))
     image.thumbnail((THUMBNAIL, THUMBNAIL))
+    if spot is not None:
+        scale = image.width / shown_size(path)[0]
+        draw = ImageDraw.Draw(image)
+        draw.rectangle([round(value * scale) for value in spot.box], outline=SPOT_COLOUR, width=2)
+        x, y = (value * scale for value in spot.peak)
+        draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=SPOT_COLOUR)
     return image
 
 
-def search(searchable: Searchable, name: str, queries: np.ndarray,
-           k: int) -> tuple[list[tuple[Image.Image, str]], list[list[Any]], str]:
+@dataclass
+class Spot:
+    """Where a text is in an image (eq. 9), in the image's pixels: its heatmap's peak (x, y) and the box of the
+    thresholded map around it (x0, y0, x1, y1; :func:`misc.collections.queries.box_around_peak`)."""
+
+    peak: list[float]
+    box: list[float]
+
+
+def spot(model: Inference, path: Path, text: str) -> Spot:
+    """Where ``text`` is in the image file ``path``."""
+    found = model.heatmaps(path, text)
+    width, height = found.image.size
+    return Spot(found.peaks[0].tolist(), box_around_peak(found.maps[0].numpy(), width, height))
+
+
+def search(searchable: Searchable, name: str, queries: np.ndarray, k: int,
+           where: Callable[[Path], Spot] | None = None) -> tuple[list[tuple[Image.Image, str]], list[list[Any]], str]:
     """The top ``k`` rows of collection ``name`` for a query (1, d): thumbnails with captions (image collections),
-    table rows (rank, score, path or text line) and a note on how the result was made."""
+    each with ``where`` the text query is in it when given (computed for these ``k`` only), table rows (rank, score,
+    path or text line) and a note on how the result was made."""
     collection = pick(searchable, name)
     if queries.shape[1] != collection.features.shape[1]:
         raise UserError(f"{name} holds {collection.features.shape[1]}-d features but the model makes "
@@ -178,7 +205,9 @@ def search(searchable: Searchable, name: str, queries: np.ndarray,
         label = str(collection.labels[row])
         table.append([rank, round(score, 4), label])
         if collection.kind == "image":
-            gallery.append((thumbnail(hit_location(collection, row)), f"{score:.3f} {label}"))
+            path = hit_location(collection, row)
+            found = where(path) if where is not None and path.is_file() else None
+            gallery.append((thumbnail(path, found), f"{score:.3f} {label}"))
     note = f"top {len(table)} of {len(collection.features)} {collection.kind}s in {name} (exact cosine)"
     if collection.config.get("checkpoint_sha256", searchable.checkpoint_sha256) != searchable.checkpoint_sha256:
         note += "; warning: made by another checkpoint, the scores compare different spaces"
@@ -233,6 +262,8 @@ def build_ui(model: Inference, searchable: Searchable | None = None, size: int =
                 with gr.Row():
                     with gr.Column():
                         query = gr.Textbox(label="text query", elem_id="query")
+                        located = gr.Checkbox(label="show where the text is in each image (eq. 9)",
+                                              elem_id="where")
                         by_text = gr.Button("Search by text", variant="primary", elem_id="search-text")
                     with gr.Column():
                         query_image = gr.Image(type="filepath", image_mode=None, label="image query",
@@ -241,8 +272,10 @@ def build_ui(model: Inference, searchable: Searchable | None = None, size: int =
                 note = gr.Markdown(elem_id="search-note")
                 hits = gr.Gallery(label="hits", columns=6, elem_id="hits")
                 table = gr.Dataframe(headers=SEARCH_COLUMNS, label="ranking", elem_id="ranking", interactive=False)
-                by_text.click(shown(lambda name, text, count: search(searchable, name, text_query(model, text), count)),
-                              [collection, query, top], [hits, table, note])
+                by_text.click(shown(lambda name, text, count, show: search(
+                    searchable, name, text_query(model, text), count,
+                    (lambda path: spot(model, path, text.strip())) if show else None)),
+                    [collection, query, top, located], [hits, table, note])
                 by_image.click(shown(lambda name, path, count: search(
                     searchable, name, image_query(model, pick(searchable, name), path), count)),
                     [collection, query_image, top], [hits, table, note])

@@ -2,6 +2,7 @@
 Chromium by Playwright (slow: a server subprocess and a browser)."""
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -129,6 +130,22 @@ def test_a_text_query_ranks_the_whole_collection_by_cosine(model, searchable, co
     assert [row[1] for row in table] == pytest.approx(sorted(expected.tolist(), reverse=True), abs=1e-4)
     with pytest.raises(UserError, match="vocabulary"):
         webapp.text_query(model, "qwxz zzkq")
+
+
+def test_a_text_search_can_show_where_the_text_is_in_each_hit(model, searchable, collection_file):
+    query = webapp.text_query(model, "a red disc")
+    plain, table, _ = webapp.search(searchable, collection_file.name, query, 3)
+    located, _, _ = webapp.search(searchable, collection_file.name, query, 3,
+                                  lambda path: webapp.spot(model, path, "a red disc"))
+    marked = [int((np.asarray(image) == webapp.SPOT_COLOUR).all(axis=2).sum()) for image, _ in located]
+    assert all(count > 0 for count in marked) and all(
+        not (np.asarray(image) == webapp.SPOT_COLOUR).all(axis=2).any() for image, _ in plain)
+    collection = searchable.collections[collection_file.name]
+    for (image, _), row in zip(located, table):
+        path = webapp.hit_location(collection, int(np.flatnonzero(collection.labels == row[2])[0]))
+        found = model.heatmaps(path, "a red disc")  # the peak, independently of the drawing
+        x, y = (found.peaks[0] * image.width / found.image.width).round().int().tolist()
+        assert tuple(np.asarray(image)[min(y, image.height - 1), min(x, image.width - 1)]) == webapp.SPOT_COLOUR
 
 
 def test_a_collection_of_another_model_is_refused_or_flagged(model, searchable, collection_file, tmp_path):
@@ -265,6 +282,20 @@ def odd_uploads(folder: Path) -> dict[str, Path]:
     frames = [Image.new("RGB", (80, 60), colour) for colour in ((0, 0, 255), (0, 255, 0))]
     frames[0].save(files["gif"], save_all=True, append_images=frames[1:], duration=100, loop=0)
     return files
+
+
+@pytest.mark.slow
+def test_the_page_draws_where_a_searched_text_is_on_each_thumbnail(server, browser):
+    page = open_page(browser, server)
+    page.get_by_role("tab", name="Search").click()
+    page.locator("#query input, #query textarea").first.fill("a red disc")
+    page.locator("#where input").check()
+    page.locator("#search-text").click()
+    page.locator("#hits img").first.wait_for(timeout=120_000)
+    shot = page.locator("#hits img").first.screenshot()  # what the page shows: the thumbnail with its spot
+    pixels = np.asarray(Image.open(io.BytesIO(shot)).convert("RGB")).astype(int)
+    assert (np.abs(pixels - np.array(webapp.SPOT_COLOUR)).sum(axis=2) < 60).any()
+    page.close()
 
 
 @pytest.mark.slow

@@ -122,11 +122,11 @@ def configured(key: str) -> bool:
 # --------------------------------------------------------------------------- hyper-parameters
 
 EVAL_PROTOCOLS = ("resize", "crop")  # evaluation preprocessing (misc.data.datasets.eval_transform)
-# The names of misc.train.losses.LOSSES (tests/test_loss.py checks they agree), here without torch: --help and
-# config checks load no deep-learning library.
+# misc.train.losses.LOSSES's names (tests/test_loss.py checks), here without torch: --help loads no torch.
 LOSSES = ("hard", "sum", "npair", "triplet")
 OPTIMIZERS = ("adam", "sgd")
 FROZEN_MODES = ("train", "eval")
+LOSS_REDUCTIONS = ("sum", "mean")
 
 @dataclass
 class TrainConfig:
@@ -158,17 +158,22 @@ class TrainConfig:
     crop_size: int = 256
     crop_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])
     flip: bool = True
+    resize_only: bool = False  # a plain crop_size x crop_size resize, no crop (Das et al.'s code), instead of the crop
     eval_size: int = 350  # validation during training
     test_size: int = 400  # evaluation and extraction: resize to test_size x test_size (original protocol)
     captions_per_image: int = 5  # pairs drawn per image and epoch (5 = every caption)
     group_captions: bool = False  # an image's pairs of the epoch share one crop and one forward pass
     workers: int = 4
     seed: int = 0
+    steps_per_epoch: int = 0  # 0: an epoch is a full pass; N > 0: N batches drawn with replacement (Das et al.'s code)
+    loss_reduction: str = "sum"  # mean: the batch loss divided by the batch size (Das et al.'s code)
+    allow_test_overlap: bool = False  # train on flickr30k although some of its images are Entities test images
 
     def __post_init__(self) -> None:
         for key in ("epochs", "batch_size", "captions_per_image"):
             check_number(f"train.{key}", getattr(self, key), low=1, whole=True)
-        for key in ("text_from_epoch", "trunk_from_epoch", "sum_loss_epochs", "workers", "skip_nonfinite"):
+        for key in ("text_from_epoch", "trunk_from_epoch", "sum_loss_epochs", "workers", "skip_nonfinite",
+                    "steps_per_epoch"):
             check_number(f"train.{key}", getattr(self, key), low=0, whole=True)
         for key in ("crop_size", "eval_size", "test_size"):
             check_number(f"train.{key}", getattr(self, key), low=32, whole=True)
@@ -189,7 +194,11 @@ class TrainConfig:
         check_choice("train.loss", self.loss, LOSSES)
         check_choice("train.optimizer", self.optimizer, OPTIMIZERS)
         check_choice("train.frozen_mode", self.frozen_mode, FROZEN_MODES)
+        check_choice("train.loss_reduction", self.loss_reduction, LOSS_REDUCTIONS)
 
+
+DAS2019_MODEL = {"arch": "matchmap", "trunk": "vgg19", "trunk_cut": "conv5", "region_dim": 1024, "lstm_hidden": 1024,
+                 "word_dim": 300, "score": "avg_both"}
 
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     # The original release's train.py as it ran (the defaults above); the trunk source is chosen per run.
@@ -244,19 +253,24 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
                   "eval_size": 128, "test_size": 128, "captions_per_image": 5, "group_captions": True,
                   "workers": 1},
     },
-    # Das, Ghouse, Verma, Li 2019: the matchmap of VGG-19 conv5_4 regions (3x3 conv to 1024, BN, ReLU) and a
-    # one-layer LSTM (1024) over frozen GloVe-300 words, the N-pair loss, SGD with momentum 0.9, lr 1e-3 divided by
-    # 10 every 10 epochs, batches of 64 pairs of 224 x 224 crops; every part trains from the start. The trunk
-    # source is chosen per run (model.trunk_init), as for the paper preset; the word vectors are config key
-    # glove_vectors. Set model.trunk=resnet50 and model.trunk_cut=layer3 for the ResNet variant.
-    "das2019": {
-        "model": {"arch": "matchmap", "trunk": "vgg19", "trunk_cut": "conv5", "region_dim": 1024,
-                  "lstm_hidden": 1024, "word_dim": 300, "score": "avg_both"},
-        "train": {"epochs": 30, "batch_size": 64, "lr": 1e-3, "optimizer": "sgd", "momentum": 0.9,
-                  "lr_halve_epochs": [], "lr_decay_every": 10, "lr_decay": 0.1, "text_from_epoch": 0,
-                  "trunk_from_epoch": 0, "frozen_trunk": [], "loss": "npair", "margin": 0.1, "crop_size": 224,
-                  "eval_size": 224, "test_size": 224},
-    },
+    # Das, Ghouse, Verma, Li 2019 as the paper states it: VGG-19 conv5_4 regions (3x3 conv to 1024, BN, ReLU), an
+    # LSTM (1024) over frozen GloVe-300 words (config key glove_vectors), N-pair loss, SGD (momentum 0.9), lr 1e-3 / 10
+    # every 10 epochs, 64 pairs of whole images resized to 224 x 224 (no crop or flip, as their code); all parts train
+    # from the start; trunk source per run. ResNet variant: model.trunk=resnet50, model.trunk_cut=layer3.
+    "das2019": {"model": dict(DAS2019_MODEL), "train": {
+        "epochs": 30, "batch_size": 64, "lr": 1e-3, "optimizer": "sgd", "momentum": 0.9, "lr_halve_epochs": [],
+        "lr_decay_every": 10, "lr_decay": 0.1, "text_from_epoch": 0, "trunk_from_epoch": 0, "frozen_trunk": [],
+        "loss": "npair", "margin": 0.1, "crop_size": 224, "resize_only": True, "flip": False, "eval_size": 224,
+        "test_size": 224}},
+    # Das et al.'s code (github deepandas11/LocNet) by default: main.py's flags (triplet, sampler hard, margin
+    # 0.1, SGD lr 1e-3 momentum 0.9, lr / 10 every 10 epochs, 10 epochs, batch 64, flickr, 224 x 224 resize),
+    # steps/utils.py custom_loss (/ batch size), steps/models_train.py's 100 batches an epoch drawn with replacement.
+    "das2019-code": {"model": dict(DAS2019_MODEL), "train": {
+        "dataset": "flickr30k_entities", "split": "train", "val_split": "val", "epochs": 10, "batch_size": 64,
+        "lr": 1e-3, "optimizer": "sgd", "momentum": 0.9, "lr_halve_epochs": [], "lr_decay_every": 10, "lr_decay": 0.1,
+        "text_from_epoch": 0, "trunk_from_epoch": 0, "frozen_trunk": [], "loss": "hard", "margin": 0.1,
+        "loss_reduction": "mean", "steps_per_epoch": 100, "crop_size": 224, "resize_only": True, "flip": False,
+        "eval_size": 224, "test_size": 224}},
 }
 
 

@@ -20,6 +20,7 @@ from misc import config
 from misc.config import TrainConfig
 from misc.data.datasets import (PairCollate, PairDataset, Record, load_records, prepare_dataset,
                                 train_transform)
+from misc.data import flickr_entities
 from misc.data.words import WordVectors, load_word_vectors
 from misc.errors import UserError
 from misc.eval.encode import evaluate_records
@@ -113,16 +114,19 @@ def load_data(model_cfg: ModelConfig, cfg: TrainConfig, run: RunOptions, context
         log.warning("--limit %d: %s %s has only %d images; training on all of them", run.limit, cfg.dataset,
                     cfg.split, len(train_records))
     train_records = train_records[: run.limit]
+    if cfg.dataset == "flickr30k" and not cfg.allow_test_overlap:
+        flickr_entities.check_test_overlap([record.image.stem for record in train_records], cfg.dataset)
     log.info(words.oov_report([caption for record in train_records for caption in record.captions]))
     val_records = load_records(cfg.dataset, cfg.val_split)
     dataset = PairDataset(train_records, train_transform(cfg), cfg.captions_per_image, cfg.seed,
                           cfg.group_captions)
     batch = cfg.batch_size // context.world_size
-    steps_per_epoch = len(dataset) // context.world_size // batch
+    # train.steps_per_epoch > 0: that many batches drawn with replacement, else one pass over the items
+    steps_per_epoch = cfg.steps_per_epoch or len(dataset) // context.world_size // batch
     if not steps_per_epoch:
         raise UserError(f"batch size {cfg.batch_size} is more than the {len(dataset)} items of an epoch "
                         f"({'images' if cfg.group_captions else 'pairs'}): no step would train; lower --batch-size")
-    sampler = distributed.EpochSampler(dataset, context, cfg.seed)
+    sampler = distributed.EpochSampler(dataset, context, cfg.seed, cfg.steps_per_epoch * cfg.batch_size)
     # the loader's own generator: making an epoch's iterator leaves the global one (dropout's) untouched
     loader = DataLoader(dataset, batch_size=batch, sampler=sampler, drop_last=True, num_workers=cfg.workers,
                         collate_fn=PairCollate(words), pin_memory=context.device.type == "cuda",

@@ -88,8 +88,13 @@ def describe(cfg: TrainConfig, arch: str = "dsve") -> str:
 
 
 def epoch_loss(cfg: TrainConfig, epoch: int) -> LossFn:
-    """The loss of ``epoch`` (see :func:`loss_kind`) on a batch's score matrix: ``loss_fn(scores, ids=ids)``."""
-    return build_loss(loss_kind(cfg, epoch), cfg.margin)
+    """The loss of ``epoch`` (see :func:`loss_kind`) on a batch's score matrix: ``loss_fn(scores, ids=ids)``; with
+    ``loss_reduction`` 'mean' divided by the batch size B (the rows of the score matrix), as Das et al.'s code
+    divides its summed hinges."""
+    loss_fn = build_loss(loss_kind(cfg, epoch), cfg.margin)
+    if cfg.loss_reduction == "sum":
+        return loss_fn
+    return lambda scores, ids=None: loss_fn(scores, ids=ids) / scores.shape[0]
 
 
 def build_optimizer(model: Model, cfg: TrainConfig) -> torch.optim.Optimizer:

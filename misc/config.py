@@ -1,11 +1,10 @@
 """Every dataset and weight path, and every hyper-parameter default.
 
 Paths: each key has a default under the data root :data:`DATA` and an environment variable that overrides it
-(``DSVE_<KEY>``). :func:`path` resolves a key and fails with one line naming the key, the expected
-file and where it comes from. The data root is ``DSVE_DATA`` when set; else, in a clone, the clone's ``data/``;
-else (the installed package) the working directory's ``data/``, never the installed package's folder. Training
-runs go to ``runs/`` beside it in the same way. Hyper-parameters are plain dataclasses; :data:`PRESETS` holds the
-paper's settings and the small ``demo`` settings that train on two CPU cores.
+(``DSVE_<KEY>``). :func:`path` resolves a key and fails with one line naming the key, the expected file and where it
+comes from. The data root is ``DSVE_DATA`` when set; else, in a clone, the clone's ``data/``; else (the installed
+package) the working directory's ``data/``, never the installed package's folder. Training runs go to ``runs/``
+beside it in the same way. Hyper-parameters are plain dataclasses; :data:`PRESETS` holds the named settings.
 """
 from __future__ import annotations
 
@@ -155,6 +154,7 @@ class TrainConfig:
     momentum: float = 0.9  # sgd only
     lr_decay_every: int = 0  # > 0: lr x lr_decay every that many epochs, instead of lr_halve_epochs
     lr_decay: float = 0.1
+    lr_decay_first: int = 0  # the first epoch at lr x lr_decay (0: lr_decay_every; Das et al.'s code: 9, see preset)
     crop_size: int = 256
     crop_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])
     flip: bool = True
@@ -173,18 +173,19 @@ class TrainConfig:
         for key in ("epochs", "batch_size", "captions_per_image"):
             check_number(f"train.{key}", getattr(self, key), low=1, whole=True)
         for key in ("text_from_epoch", "trunk_from_epoch", "sum_loss_epochs", "workers", "skip_nonfinite",
-                    "steps_per_epoch"):
+                    "steps_per_epoch", "lr_decay_every", "lr_decay_first"):
             check_number(f"train.{key}", getattr(self, key), low=0, whole=True)
         for key in ("crop_size", "eval_size", "test_size"):
             check_number(f"train.{key}", getattr(self, key), low=32, whole=True)
         check_number("train.lr", self.lr, low=0, low_open=True)
         check_number("train.margin", self.margin, low=0)
         check_number("train.momentum", self.momentum, low=0, high=1, high_open=True)
-        check_number("train.lr_decay_every", self.lr_decay_every, low=0, whole=True)
         check_number("train.lr_decay", self.lr_decay, low=0, high=1, low_open=True)
         if self.lr_decay_every and self.lr_halve_epochs:
             raise UserError(f"train.lr_decay_every = {self.lr_decay_every} and train.lr_halve_epochs = "
                             f"{self.lr_halve_epochs}: choose one schedule, set the other to 0 or []")
+        if self.lr_decay_first and not self.lr_decay_every:
+            raise UserError(f"train.lr_decay_first = {self.lr_decay_first} needs train.lr_decay_every > 0")
         if self.grad_clip is not None:
             check_number("train.grad_clip", self.grad_clip, low=0, low_open=True)
         for epoch in self.lr_halve_epochs:
@@ -262,15 +263,15 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "lr_decay_every": 10, "lr_decay": 0.1, "text_from_epoch": 0, "trunk_from_epoch": 0, "frozen_trunk": [],
         "loss": "npair", "margin": 0.1, "crop_size": 224, "resize_only": True, "flip": False, "eval_size": 224,
         "test_size": 224}},
-    # Das et al.'s code (github deepandas11/LocNet) by default: main.py's flags (triplet, sampler hard, margin
-    # 0.1, SGD lr 1e-3 momentum 0.9, lr / 10 every 10 epochs, 10 epochs, batch 64, flickr, 224 x 224 resize),
-    # steps/utils.py custom_loss (/ batch size), steps/models_train.py's 100 batches an epoch drawn with replacement.
+    # Das et al.'s code (github deepandas11/LocNet) by default: main.py's flags (triplet, sampler hard, margin 0.1, SGD
+    # lr 1e-3 momentum 0.9, 10 epochs, batch 64, flickr, 224 x 224 resize), steps/utils.py (custom_loss / batch size;
+    # lr / 10 at their epoch 10 counting from 1: our 9), steps/models_train.py (100 batches drawn with replacement).
     "das2019-code": {"model": dict(DAS2019_MODEL), "train": {
         "dataset": "flickr30k_entities", "split": "train", "val_split": "val", "epochs": 10, "batch_size": 64,
         "lr": 1e-3, "optimizer": "sgd", "momentum": 0.9, "lr_halve_epochs": [], "lr_decay_every": 10, "lr_decay": 0.1,
-        "text_from_epoch": 0, "trunk_from_epoch": 0, "frozen_trunk": [], "loss": "hard", "margin": 0.1,
-        "loss_reduction": "mean", "steps_per_epoch": 100, "crop_size": 224, "resize_only": True, "flip": False,
-        "eval_size": 224, "test_size": 224}},
+        "lr_decay_first": 9, "text_from_epoch": 0, "trunk_from_epoch": 0, "frozen_trunk": [], "loss": "hard",
+        "margin": 0.1, "loss_reduction": "mean", "steps_per_epoch": 100, "crop_size": 224, "resize_only": True,
+        "flip": False, "eval_size": 224, "test_size": 224}},
 }
 
 

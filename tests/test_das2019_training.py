@@ -19,7 +19,7 @@ from misc.data.flickr_entities import check_test_overlap
 from misc.errors import UserError
 from misc.train import distributed
 from misc.train.run import RunOptions, load_data
-from misc.train.schedule import epoch_loss
+from misc.train.schedule import build_scheduler, epoch_loss, lr_at
 from models.config import ModelConfig
 from tests.conftest import run_in_process
 
@@ -30,16 +30,18 @@ DAS2019_TRAIN = {
     "lr": 1e-3, "lr_halve_epochs": [], "text_from_epoch": 0, "trunk_from_epoch": 0, "frozen_trunk": [],
     "frozen_mode": "train", "margin": 0.1, "loss": "npair", "sum_loss_epochs": 0, "grad_clip": None,
     "skip_nonfinite": 0, "optimizer": "sgd", "momentum": 0.9, "lr_decay_every": 10, "lr_decay": 0.1,
-    "crop_size": 224, "crop_scale": [0.08, 1.0], "flip": False, "resize_only": True, "eval_size": 224,
-    "test_size": 224, "captions_per_image": 5, "group_captions": False, "workers": 4, "seed": 0,
+    "lr_decay_first": 0, "crop_size": 224, "crop_scale": [0.08, 1.0], "flip": False, "resize_only": True,
+    "eval_size": 224, "test_size": 224, "captions_per_image": 5, "group_captions": False, "workers": 4, "seed": 0,
     "steps_per_epoch": 0, "loss_reduction": "sum", "allow_test_overlap": False,
 }
 # Their code's defaults: main.py (--lr 0.001, --lr_decay 10, --n_epochs 10, --margin 0.1, --loss_type triplet,
 # --sampler hard, --optim sgd with momentum 0.9, -b 64, a Resize((224, 224)) transform, --dataset flickr),
-# steps/utils.py custom_loss (hinges on the hardest negatives, divided by the batch size) and
-# steps/models_train.py (100 steps an epoch, each batch drawn with replacement).
+# steps/utils.py custom_loss (hinges on the hardest negatives, divided by the batch size), steps/utils.py
+# adjust_learning_rate (lr x 0.1 ** (epoch // 10), epochs counted from 1) and steps/models_train.py (100 steps an
+# epoch, each batch drawn with replacement).
 DAS2019_CODE_TRAIN = {
     **DAS2019_TRAIN, "dataset": "flickr30k_entities", "split": "train", "val_split": "val", "epochs": 10,
+    "lr_decay_first": 9,
     "loss": "hard", "margin": 0.1, "loss_reduction": "mean", "steps_per_epoch": 100,
 }
 # VGG-19 conv5_4, 3x3 conv to 1024 regions, a 1024 LSTM over 300-d GloVe words, average-both matchmap scores.
@@ -54,10 +56,27 @@ def test_the_das2019_presets_resolve_to_the_paper_and_their_code(name, expected)
     assert {key: asdict(model)[key] for key in DAS2019_MODEL} == DAS2019_MODEL
 
 
+def test_das2019_code_divides_the_lr_when_their_epoch_counter_reaches_10():
+    cfg = config.preset("das2019-code")[1]
+    their = [1e-3 * 0.1 ** (counter // 10) for counter in range(1, 11)]  # their epochs 1..10 are ours 0..9
+    assert [lr_at(cfg, epoch) for epoch in range(10)] == pytest.approx(their, rel=1e-12)
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=cfg.lr)
+    scheduler = build_scheduler(optimizer, cfg)
+    for lr in their:
+        assert optimizer.param_groups[0]["lr"] == pytest.approx(lr, rel=1e-12)
+        optimizer.step()
+        scheduler.step()
+    later = TrainConfig(epochs=25, lr_halve_epochs=[], lr_decay_every=10, lr_decay_first=3)
+    assert [lr_at(later, epoch) for epoch in (2, 3, 12, 13, 23)] == pytest.approx([1e-3, 1e-4, 1e-4, 1e-5, 1e-6])
+    with pytest.raises(UserError, match="train.lr_decay_first = 3 needs train.lr_decay_every > 0"):
+        TrainConfig(lr_halve_epochs=[], lr_decay_first=3)
+
+
 def test_every_other_preset_keeps_the_full_pass_the_sum_and_the_crop():
     for name in set(config.PRESETS) - {"das2019", "das2019-code"}:
         train = config.preset(name)[1]
-        assert (train.steps_per_epoch, train.loss_reduction, train.resize_only) == (0, "sum", False), name
+        assert (train.steps_per_epoch, train.loss_reduction, train.resize_only, train.lr_decay_first) == (
+            0, "sum", False, 0), name
 
 
 class Items(torch.utils.data.Dataset):

@@ -167,7 +167,7 @@ class TrainConfig:
     seed: int = 0
     steps_per_epoch: int = 0  # 0: an epoch is a full pass; N > 0: N batches drawn with replacement (Das et al.'s code)
     loss_reduction: str = "sum"  # mean: the batch loss divided by the batch size (Das et al.'s code)
-    allow_test_overlap: bool = False  # train on flickr30k although some of its images are Entities test images
+    allow_test_overlap: bool = False  # train on images of the validation split or of the Entities test split anyway
 
     def __post_init__(self) -> None:
         for key in ("epochs", "batch_size", "captions_per_image"):

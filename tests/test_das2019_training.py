@@ -227,3 +227,18 @@ def test_training_on_flickr30k_with_entities_test_images_is_refused_unless_allow
     check_test_overlap(["103", "102"], "flickr30k")  # no test image: nothing to refuse
     (entities / "entities" / "test.txt").unlink()
     check_test_overlap(["101"], "flickr30k")  # no test split file configured: nothing to check against
+
+
+def test_training_on_images_of_the_validation_split_is_refused_unless_allowed(entities, tiny_world):
+    (entities / "entities" / "val.txt").write_text("102\n")  # also in train.txt
+    words = RunOptions(out=entities / "run", words=tiny_world / "words" / "demo_word2vec.bin")
+    cfg = TrainConfig(dataset="flickr30k_entities", split="train", val_split="val", batch_size=2, crop_size=32,
+                      workers=0)
+    context = distributed.Context(0, 1, torch.device("cpu"))
+    with pytest.raises(UserError) as refused:
+        load_data(ModelConfig(word_dim=64), cfg, words, context)
+    message = str(refused.value)
+    assert "1 training images of split 'train' are in the validation split 'val'" in message
+    assert str(entities / "images" / "102.jpg") in message and "train.allow_test_overlap=true" in message
+    cfg.allow_test_overlap = True
+    assert len(load_data(ModelConfig(word_dim=64), cfg, words, context).val_records) == 1

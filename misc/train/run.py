@@ -118,6 +118,11 @@ def load_data(model_cfg: ModelConfig, cfg: TrainConfig, run: RunOptions, context
         flickr_entities.check_test_overlap([record.image.stem for record in train_records], cfg.dataset)
     log.info(words.oov_report([caption for record in train_records for caption in record.captions]))
     val_records = load_records(cfg.dataset, cfg.val_split)
+    seen = {record.image for record in val_records}.intersection(record.image for record in train_records)
+    if seen and not cfg.allow_test_overlap:
+        raise UserError(f"{cfg.dataset}: {len(seen)} training images of split {cfg.split!r} are in the validation "
+                        f"split {cfg.val_split!r}, e.g. {min(seen)}; choose disjoint splits (--split, --val-split) "
+                        f"or pass --set train.allow_test_overlap=true")
     dataset = PairDataset(train_records, train_transform(cfg), cfg.captions_per_image, cfg.seed,
                           cfg.group_captions)
     batch = cfg.batch_size // context.world_size
@@ -309,9 +314,11 @@ def train(model_config: ModelConfig, train_config: TrainConfig, run: RunOptions,
                                train_config, context)
             if context.is_main and run.out.resolve() == run.resume.path.parent.resolve():
                 checkpoint.check_best(run.out, run.resume.state)
+        drawn = train_config.steps_per_epoch * train_config.batch_size  # batches drawn with replacement, else a pass
         log.info("training %s on %d %s images (%d pairs/epoch), validating on %d; %d process(es) on %s; run folder %s",
                  model_config.trunk, len(data.train_records), train_config.dataset,
-                 len(data.dataset) * data.dataset.per_item, len(data.val_records), context.world_size, device, run.out)
+                 (drawn or len(data.dataset)) * data.dataset.per_item, len(data.val_records), context.world_size,
+                 device, run.out)
         log.info(describe(train_config, model_config.arch))
         with distributed.StopSignals(context) as signals:
             trainer = Trainer(model_config, train_config, run, data, learner, position, context, amp, signals)

@@ -4,6 +4,7 @@ resize, training on the Flickr30K Entities split files and the refusal to train 
 from __future__ import annotations
 
 import json
+import signal
 from dataclasses import asdict
 from pathlib import Path
 
@@ -242,3 +243,37 @@ def test_training_on_images_of_the_validation_split_is_refused_unless_allowed(en
     assert str(entities / "images" / "102.jpg") in message and "train.allow_test_overlap=true" in message
     cfg.allow_test_overlap = True
     assert len(load_data(ModelConfig(word_dim=64), cfg, words, context).val_records) == 1
+
+
+@pytest.mark.slow
+def test_a_run_of_drawn_batches_stopped_mid_epoch_resumes_exactly(tiny_world, tmp_path, monkeypatch):
+    from misc.store import checkpoint
+    from misc.train import run as training
+    from tests.conftest import TINY_MODEL
+    args = ["--preset", "demo", "--epochs", "1", *TINY_MODEL, "--limit", "16", "--set", "train.steps_per_epoch=3"]
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    calls, epoch_loss_of = [], training.epoch_loss
+
+    def counted(*config_args):
+        loss_fn = epoch_loss_of(*config_args)
+
+        def wrapped(scores, ids=None):
+            calls.append(len(scores))
+            if len(calls) == 5:  # the stopped run's step 2 of 3 (after the straight run's 3): pre-empted
+                signal.raise_signal(signal.SIGTERM)
+            return loss_fn(scores, ids=ids)
+        return wrapped
+
+    monkeypatch.setattr(training, "epoch_loss", counted)
+    assert run_in_process("train.py", [*args, "--out", straight], tiny_world, monkeypatch) == 0
+    assert calls == [40, 40, 40]  # 3 batches of 8 of the 16 images, all 5 captions of each (group_captions)
+    assert run_in_process("train.py", [*args, "--out", stopped], tiny_world, monkeypatch) == 128 + signal.SIGTERM
+    assert checkpoint.load(stopped / checkpoint.LAST)["step"] == 2
+    assert run_in_process("train.py", ["--resume", stopped / checkpoint.LAST, *TINY_MODEL, "--limit", "16"],
+                          tiny_world, monkeypatch) == 0
+    assert len(calls) == 6  # the resumed run trains the last step only
+    resumed, reference = checkpoint.load(stopped / checkpoint.LAST), checkpoint.load(straight / checkpoint.LAST)
+    assert resumed["metrics"]["history"][0]["loss"] == pytest.approx(reference["metrics"]["history"][0]["loss"],
+                                                                     rel=1e-6)
+    for key, value in reference["model"].items():
+        torch.testing.assert_close(resumed["model"][key], value, rtol=0, atol=1e-6, msg=key)

@@ -1,5 +1,5 @@
 """Train DSVE-Loc (paper §4.1): staged Adam training with the hard-negative triplet loss; or the matchmap system
-of Das et al. 2019 (model.arch=matchmap: presets das2019 and demo-matchmap), N-pair loss and SGD.
+of Das et al. 2019 (model.arch=matchmap: presets das2019, das2019-code, demo-matchmap), N-pair loss and SGD.
 
     python train.py                      # COCO when configured in misc/config.py, else the built-in demo world
     python train.py --preset demo        # small model on the demo world, minutes on 2 CPU cores
@@ -37,9 +37,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = parser_for(__doc__)
     parser.add_argument("--preset", choices=list(config.PRESETS), default=None,
                         help="paper (default when COCO is configured; the original code's schedule), paper-text "
-                             "(the paper's text), demo, das2019 (Das et al. 2019's matchmap) or demo-matchmap")
+                             "(the paper's text), demo, das2019 / das2019-code (Das et al.), demo-matchmap")
     add_set_arg(parser)
-    parser.add_argument("--dataset", help="coco | flickr30k | demo | a JSON-lines file (data/README.md)")
+    parser.add_argument("--dataset", help="coco | flickr30k | flickr30k_entities | demo | a JSON-lines file")
     parser.add_argument("--split", help="training split (default: config train.split; any name of a JSON-lines file)")
     parser.add_argument("--val-split", help="validation split (default: config train.val_split)")
     parser.add_argument("--epochs", type=positive_int)

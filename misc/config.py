@@ -1,11 +1,10 @@
 """Every dataset and weight path, and every hyper-parameter default.
 
 Paths: each key has a default under the data root :data:`DATA` and an environment variable that overrides it
-(``DSVE_<KEY>``). :func:`path` resolves a key and fails with one line naming the key, the expected
-file and where it comes from. The data root is ``DSVE_DATA`` when set; else, in a clone, the clone's ``data/``;
-else (the installed package) the working directory's ``data/``, never the installed package's folder. Training
-runs go to ``runs/`` beside it in the same way. Hyper-parameters are plain dataclasses; :data:`PRESETS` holds the
-paper's settings and the small ``demo`` settings that train on two CPU cores.
+(``DSVE_<KEY>``). :func:`path` resolves a key and fails with one line naming the key, the expected file and where it
+comes from. The data root is ``DSVE_DATA`` when set; else, in a clone, the clone's ``data/``; else (the installed
+package) the working directory's ``data/``, never the installed package's folder. Training runs go to ``runs/``
+beside it in the same way. Hyper-parameters are plain dataclasses; :data:`PRESETS` holds the named settings.
 """
 from __future__ import annotations
 
@@ -122,11 +121,11 @@ def configured(key: str) -> bool:
 # --------------------------------------------------------------------------- hyper-parameters
 
 EVAL_PROTOCOLS = ("resize", "crop")  # evaluation preprocessing (misc.data.datasets.eval_transform)
-# The names of misc.train.losses.LOSSES (tests/test_loss.py checks they agree), here without torch: --help and
-# config checks load no deep-learning library.
+# misc.train.losses.LOSSES's names (tests/test_loss.py checks), here without torch: --help loads no torch.
 LOSSES = ("hard", "sum", "npair", "triplet")
 OPTIMIZERS = ("adam", "sgd")
 FROZEN_MODES = ("train", "eval")
+LOSS_REDUCTIONS = ("sum", "mean")
 
 @dataclass
 class TrainConfig:
@@ -155,31 +154,38 @@ class TrainConfig:
     momentum: float = 0.9  # sgd only
     lr_decay_every: int = 0  # > 0: lr x lr_decay every that many epochs, instead of lr_halve_epochs
     lr_decay: float = 0.1
+    lr_decay_first: int = 0  # the first epoch at lr x lr_decay (0: lr_decay_every; Das et al.'s code: 9, see preset)
     crop_size: int = 256
     crop_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])
     flip: bool = True
+    resize_only: bool = False  # a plain crop_size x crop_size resize, no crop (Das et al.'s code), instead of the crop
     eval_size: int = 350  # validation during training
     test_size: int = 400  # evaluation and extraction: resize to test_size x test_size (original protocol)
     captions_per_image: int = 5  # pairs drawn per image and epoch (5 = every caption)
     group_captions: bool = False  # an image's pairs of the epoch share one crop and one forward pass
     workers: int = 4
     seed: int = 0
+    steps_per_epoch: int = 0  # 0: an epoch is a full pass; N > 0: N batches drawn with replacement (Das et al.'s code)
+    loss_reduction: str = "sum"  # mean: the batch loss divided by the batch size (Das et al.'s code)
+    allow_test_overlap: bool = False  # train on images of the validation split or of the Entities test split anyway
 
     def __post_init__(self) -> None:
         for key in ("epochs", "batch_size", "captions_per_image"):
             check_number(f"train.{key}", getattr(self, key), low=1, whole=True)
-        for key in ("text_from_epoch", "trunk_from_epoch", "sum_loss_epochs", "workers", "skip_nonfinite"):
+        for key in ("text_from_epoch", "trunk_from_epoch", "sum_loss_epochs", "workers", "skip_nonfinite",
+                    "steps_per_epoch", "lr_decay_every", "lr_decay_first"):
             check_number(f"train.{key}", getattr(self, key), low=0, whole=True)
         for key in ("crop_size", "eval_size", "test_size"):
             check_number(f"train.{key}", getattr(self, key), low=32, whole=True)
         check_number("train.lr", self.lr, low=0, low_open=True)
         check_number("train.margin", self.margin, low=0)
         check_number("train.momentum", self.momentum, low=0, high=1, high_open=True)
-        check_number("train.lr_decay_every", self.lr_decay_every, low=0, whole=True)
         check_number("train.lr_decay", self.lr_decay, low=0, high=1, low_open=True)
         if self.lr_decay_every and self.lr_halve_epochs:
             raise UserError(f"train.lr_decay_every = {self.lr_decay_every} and train.lr_halve_epochs = "
                             f"{self.lr_halve_epochs}: choose one schedule, set the other to 0 or []")
+        if self.lr_decay_first and not self.lr_decay_every:
+            raise UserError(f"train.lr_decay_first = {self.lr_decay_first} needs train.lr_decay_every > 0")
         if self.grad_clip is not None:
             check_number("train.grad_clip", self.grad_clip, low=0, low_open=True)
         for epoch in self.lr_halve_epochs:
@@ -189,7 +195,11 @@ class TrainConfig:
         check_choice("train.loss", self.loss, LOSSES)
         check_choice("train.optimizer", self.optimizer, OPTIMIZERS)
         check_choice("train.frozen_mode", self.frozen_mode, FROZEN_MODES)
+        check_choice("train.loss_reduction", self.loss_reduction, LOSS_REDUCTIONS)
 
+
+DAS2019_MODEL = {"arch": "matchmap", "trunk": "vgg19", "trunk_cut": "conv5", "region_dim": 1024, "lstm_hidden": 1024,
+                 "word_dim": 300, "score": "avg_both"}
 
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     # The original release's train.py as it ran (the defaults above); the trunk source is chosen per run.
@@ -244,19 +254,24 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
                   "eval_size": 128, "test_size": 128, "captions_per_image": 5, "group_captions": True,
                   "workers": 1},
     },
-    # Das, Ghouse, Verma, Li 2019: the matchmap of VGG-19 conv5_4 regions (3x3 conv to 1024, BN, ReLU) and a
-    # one-layer LSTM (1024) over frozen GloVe-300 words, the N-pair loss, SGD with momentum 0.9, lr 1e-3 divided by
-    # 10 every 10 epochs, batches of 64 pairs of 224 x 224 crops; every part trains from the start. The trunk
-    # source is chosen per run (model.trunk_init), as for the paper preset; the word vectors are config key
-    # glove_vectors. Set model.trunk=resnet50 and model.trunk_cut=layer3 for the ResNet variant.
-    "das2019": {
-        "model": {"arch": "matchmap", "trunk": "vgg19", "trunk_cut": "conv5", "region_dim": 1024,
-                  "lstm_hidden": 1024, "word_dim": 300, "score": "avg_both"},
-        "train": {"epochs": 30, "batch_size": 64, "lr": 1e-3, "optimizer": "sgd", "momentum": 0.9,
-                  "lr_halve_epochs": [], "lr_decay_every": 10, "lr_decay": 0.1, "text_from_epoch": 0,
-                  "trunk_from_epoch": 0, "frozen_trunk": [], "loss": "npair", "margin": 0.1, "crop_size": 224,
-                  "eval_size": 224, "test_size": 224},
-    },
+    # Das, Ghouse, Verma, Li 2019 as the paper states it: VGG-19 conv5_4 regions (3x3 conv to 1024, BN, ReLU), an
+    # LSTM (1024) over frozen GloVe-300 words (config key glove_vectors), N-pair loss, SGD (momentum 0.9), lr 1e-3 / 10
+    # every 10 epochs, 64 pairs of whole images resized to 224 x 224 (no crop or flip, as their code); all parts train
+    # from the start; trunk source per run. ResNet variant: model.trunk=resnet50, model.trunk_cut=layer3.
+    "das2019": {"model": dict(DAS2019_MODEL), "train": {
+        "epochs": 30, "batch_size": 64, "lr": 1e-3, "optimizer": "sgd", "momentum": 0.9, "lr_halve_epochs": [],
+        "lr_decay_every": 10, "lr_decay": 0.1, "text_from_epoch": 0, "trunk_from_epoch": 0, "frozen_trunk": [],
+        "loss": "npair", "margin": 0.1, "crop_size": 224, "resize_only": True, "flip": False, "eval_size": 224,
+        "test_size": 224}},
+    # Das et al.'s code (github deepandas11/LocNet) by default: main.py's flags (triplet, sampler hard, margin 0.1, SGD
+    # lr 1e-3 momentum 0.9, 10 epochs, batch 64, flickr, 224 x 224 resize), steps/utils.py (custom_loss / batch size;
+    # lr / 10 at their epoch 10 counting from 1: our 9), steps/models_train.py (100 batches drawn with replacement).
+    "das2019-code": {"model": dict(DAS2019_MODEL), "train": {
+        "dataset": "flickr30k_entities", "split": "train", "val_split": "val", "epochs": 10, "batch_size": 64,
+        "lr": 1e-3, "optimizer": "sgd", "momentum": 0.9, "lr_halve_epochs": [], "lr_decay_every": 10, "lr_decay": 0.1,
+        "lr_decay_first": 9, "text_from_epoch": 0, "trunk_from_epoch": 0, "frozen_trunk": [], "loss": "hard",
+        "margin": 0.1, "loss_reduction": "mean", "steps_per_epoch": 100, "crop_size": 224, "resize_only": True,
+        "flip": False, "eval_size": 224, "test_size": 224}},
 }
 
 

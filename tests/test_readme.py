@@ -29,7 +29,8 @@ NOT_RUN = {
     "python train.py --preset paper --init pretrained_classif_152_2400.pth.tar":
         "full dataset: COCO and the released initialisation",
     "torchrun --nproc_per_node=4 train.py --preset paper": "several GPUs and COCO",
-    "python train.py --preset das2019 --weights IMAGENET1K_V1 --dataset flickr30k": "full dataset: Flickr30k",
+    "python train.py --preset das2019 --weights IMAGENET1K_V1 --dataset flickr30k_entities --split train":
+        "full dataset: Flickr30K Entities",
     "python eval_retrieval.py -p model.pth.tar --dataset coco --protocols 1k full --words data/words/utable.npy":
         "full dataset: COCO and the released model",
     "python pointing_game.py -p model.pth.tar --size 416 --words data/words/utable.npy":

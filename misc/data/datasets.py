@@ -21,7 +21,7 @@ from visual_genome import local as vg_local
 from visual_genome import utils as vg_utils
 
 from misc import config
-from misc.data import demo
+from misc.data import demo, flickr_entities
 from misc.config import EVAL_PROTOCOLS, TrainConfig
 from misc.data.jsonl import split_entries
 from misc.errors import UserError, did_you_mean
@@ -99,12 +99,17 @@ def is_custom(dataset: str) -> bool:
 
 
 def load_records(dataset: str, split: str) -> list[Record]:
-    """Records of a named dataset (coco, flickr30k, demo) or of a custom JSON-lines file, paths from config."""
+    """Records of a named dataset (coco, flickr30k, flickr30k_entities, demo) or of a custom JSON-lines file, paths
+    from config. flickr30k_entities: the images of a Flickr30K Entities split file with their Sentences/ captions."""
+    if dataset == flickr_entities.DATASET:
+        records = [Record(*entry) for entry in flickr_entities.caption_records(split)]
+        check_images(records, "flickr_images")
+        return records
     if dataset not in DATASET_KEYS:
         if is_custom(dataset):
             return custom_records(Path(dataset), split)
         raise UserError(f"unknown dataset {dataset!r}{did_you_mean(dataset, DATASET_KEYS)}: use coco, flickr30k, "
-                        f"demo or a JSON-lines file (data/README.md)")
+                        f"flickr30k_entities, demo or a JSON-lines file (data/README.md)")
     images_key, split_key = DATASET_KEYS[dataset]
     demo = dataset == "demo"
     records = karpathy_records(config.path(split_key, demo=demo), config.path(images_key, demo=demo), split)
@@ -159,13 +164,15 @@ def uses_demo(dataset: str) -> bool:
 
 
 def train_transform(cfg: TrainConfig) -> Callable:
-    """Random resized crop (+ flip) as in §4.1."""
-    steps = [transforms.RandomResizedCrop(cfg.crop_size, scale=tuple(cfg.crop_scale))]
+    """Random resized crop (+ flip) as in §4.1; with ``resize_only`` the whole image resized to crop_size x
+    crop_size whatever its aspect ratio, as Das et al.'s code trains."""
+    if cfg.resize_only:
+        steps: list[Callable] = [transforms.Resize((cfg.crop_size, cfg.crop_size))]
+    else:
+        steps = [transforms.RandomResizedCrop(cfg.crop_size, scale=tuple(cfg.crop_scale))]
     if cfg.flip:
         steps.append(transforms.RandomHorizontalFlip())
     return transforms.Compose(steps + [transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
-
-
 
 
 def eval_transform(size: int, protocol: str = "resize") -> Callable:

@@ -24,6 +24,7 @@ from misc.errors import UserError
 ENTITY_TYPES = ("people", "clothing", "bodyparts", "animals", "vehicles", "instruments", "scene", "other")
 NOT_VISUAL = "0"  # the chain id of every "notvisual" phrase: never annotated
 SPLITS = ("train", "val", "test")
+DATASET = "flickr30k_entities"  # the training dataset of the split files (misc.data.datasets.load_records)
 PHRASE = re.compile(r"\[/EN#(\d+)((?:/[^\s/\]]+)+)\s+([^\]]*)\]")
 
 Box = tuple[float, float, float, float]
@@ -141,6 +142,30 @@ def load_images(root: Path, images: Path, split: str, limit: int | None = None) 
                                                           f"{image_id}.xml"))
         loaded.append(EntitiesImage(image_id, images / f"{image_id}.jpg", sentences, annotation))
     return loaded
+
+
+def caption_records(split: str) -> list[tuple[Path, list[str], int]]:
+    """(image path, captions, image id) of each image of a split file, its captions those of Sentences/<id>.txt
+    without the bracket markup; for training on the Entities splits (``--dataset flickr30k_entities``)."""
+    root, images = config.path("flickr_entities"), config.path("flickr_images")
+    records = []
+    for image_id in read_split(root, split):
+        sentences = read_sentences(config.required_file("flickr_entities", root / "Sentences", f"{image_id}.txt"))
+        records.append((images / f"{image_id}.jpg", [s.text for s in sentences if s.text], int(image_id)))
+    return records
+
+
+def check_test_overlap(image_ids: list[str], dataset: str) -> None:
+    """Refuse, in one line, training images (ids = file stems) of ``dataset`` that are in the Flickr30K Entities
+    test split file, when that file is configured: Karpathy's flickr30k train split holds some of them."""
+    test_file = config.path("flickr_entities", must_exist=False) / "test.txt"
+    if not test_file.is_file():
+        return
+    shared = sorted(set(read_split(test_file.parent, "test")).intersection(image_ids))
+    if shared:
+        raise UserError(f"training on {dataset}: {len(shared)} of its training images are in the Flickr30K Entities "
+                        f"test split {test_file}, e.g. {shared[0]}; train on --dataset {DATASET} --split train, or "
+                        f"pass --set train.allow_test_overlap=true to train on them anyway")
 
 
 # --------------------------------------------------------------------------- writing (the demo world)

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from collections.abc import Iterator
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed._functional_collectives as collectives
@@ -74,13 +75,15 @@ def gather_objects(value: Any, context: Context) -> list[Any]:
 
 
 class EpochSampler(DistributedSampler):
-    """This process's share of an epoch's shuffled order, drawn from (seed, epoch) as torch's
-    ``DistributedSampler`` draws it, from any position: a run resumed after k batches sees the same later ones."""
+    """This process's share of an epoch's order, from any position: a run resumed after k batches sees the same
+    later ones. With ``draws`` = 0, a shuffle of every item drawn from (seed, epoch) as torch's
+    ``DistributedSampler`` draws it; with ``draws`` > 0, that many items drawn uniformly with replacement from a
+    generator seeded by the pair (seed, epoch) (Das et al.'s code draws each batch so), dealt out over processes."""
 
-    def __init__(self, dataset: Dataset, context: Context, seed: int) -> None:
+    def __init__(self, dataset: Dataset, context: Context, seed: int, draws: int = 0) -> None:
         super().__init__(dataset, num_replicas=context.world_size, rank=context.rank, shuffle=True, seed=seed,
                          drop_last=True)
-        self.start = 0
+        self.start, self.draws = 0, draws
 
     def set_epoch(self, epoch: int, start: int = 0) -> None:
         """Epoch ``epoch`` from its ``start``-th item of this process on."""
@@ -88,10 +91,16 @@ class EpochSampler(DistributedSampler):
         self.start = start
 
     def __iter__(self) -> Iterator[int]:
-        return itertools.islice(super().__iter__(), self.start, None)
+        if self.draws:
+            # the pair itself seeds the generator (seed + epoch would give seed 1's epoch 0 seed 0's epoch 1)
+            rng = np.random.default_rng([self.seed % 2**64, self.epoch])
+            order = rng.integers(0, len(self.dataset), self.draws)[self.rank::self.num_replicas].tolist()
+        else:
+            order = super().__iter__()
+        return itertools.islice(order, self.start, None)
 
     def __len__(self) -> int:
-        return super().__len__() - self.start
+        return (self.draws // self.num_replicas if self.draws else super().__len__()) - self.start
 
 
 class StopSignals:

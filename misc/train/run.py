@@ -20,6 +20,7 @@ from misc import config
 from misc.config import TrainConfig
 from misc.data.datasets import (PairCollate, PairDataset, Record, load_records, prepare_dataset,
                                 train_transform)
+from misc.data import flickr_entities
 from misc.data.words import WordVectors, load_word_vectors
 from misc.errors import UserError
 from misc.eval.encode import evaluate_records
@@ -113,16 +114,24 @@ def load_data(model_cfg: ModelConfig, cfg: TrainConfig, run: RunOptions, context
         log.warning("--limit %d: %s %s has only %d images; training on all of them", run.limit, cfg.dataset,
                     cfg.split, len(train_records))
     train_records = train_records[: run.limit]
+    if cfg.dataset == "flickr30k" and not cfg.allow_test_overlap:
+        flickr_entities.check_test_overlap([record.image.stem for record in train_records], cfg.dataset)
     log.info(words.oov_report([caption for record in train_records for caption in record.captions]))
     val_records = load_records(cfg.dataset, cfg.val_split)
+    seen = {record.image for record in val_records}.intersection(record.image for record in train_records)
+    if seen and not cfg.allow_test_overlap:
+        raise UserError(f"{cfg.dataset}: {len(seen)} training images of split {cfg.split!r} are in the validation "
+                        f"split {cfg.val_split!r}, e.g. {min(seen)}; choose disjoint splits (--split, --val-split) "
+                        f"or pass --set train.allow_test_overlap=true")
     dataset = PairDataset(train_records, train_transform(cfg), cfg.captions_per_image, cfg.seed,
                           cfg.group_captions)
     batch = cfg.batch_size // context.world_size
-    steps_per_epoch = len(dataset) // context.world_size // batch
+    # train.steps_per_epoch > 0: that many batches drawn with replacement, else one pass over the items
+    steps_per_epoch = cfg.steps_per_epoch or len(dataset) // context.world_size // batch
     if not steps_per_epoch:
         raise UserError(f"batch size {cfg.batch_size} is more than the {len(dataset)} items of an epoch "
                         f"({'images' if cfg.group_captions else 'pairs'}): no step would train; lower --batch-size")
-    sampler = distributed.EpochSampler(dataset, context, cfg.seed)
+    sampler = distributed.EpochSampler(dataset, context, cfg.seed, cfg.steps_per_epoch * cfg.batch_size)
     # the loader's own generator: making an epoch's iterator leaves the global one (dropout's) untouched
     loader = DataLoader(dataset, batch_size=batch, sampler=sampler, drop_last=True, num_workers=cfg.workers,
                         collate_fn=PairCollate(words), pin_memory=context.device.type == "cuda",
@@ -305,9 +314,11 @@ def train(model_config: ModelConfig, train_config: TrainConfig, run: RunOptions,
                                train_config, context)
             if context.is_main and run.out.resolve() == run.resume.path.parent.resolve():
                 checkpoint.check_best(run.out, run.resume.state)
+        drawn = train_config.steps_per_epoch * train_config.batch_size  # batches drawn with replacement, else a pass
         log.info("training %s on %d %s images (%d pairs/epoch), validating on %d; %d process(es) on %s; run folder %s",
                  model_config.trunk, len(data.train_records), train_config.dataset,
-                 len(data.dataset) * data.dataset.per_item, len(data.val_records), context.world_size, device, run.out)
+                 (drawn or len(data.dataset)) * data.dataset.per_item, len(data.val_records), context.world_size,
+                 device, run.out)
         log.info(describe(train_config, model_config.arch))
         with distributed.StopSignals(context) as signals:
             trainer = Trainer(model_config, train_config, run, data, learner, position, context, amp, signals)

@@ -9,7 +9,8 @@ but is computed from e: epoch 3 is the first at 5e-4 and epoch 7 the first at 3.
 added to the optimizer after epoch 1 (it trains from epoch 2) and the trunk after epoch ``fepoch`` = 8 (it trains
 from epoch 9), with conv1, bn1, layer1 and layer2 left frozen. Every part stays in train mode throughout
 (``model.train()``), frozen or not: ``TrainConfig.frozen_mode``. The matchmap preset (Das et al. 2019) trains
-every part from the start with SGD and momentum, its lr divided by 10 every 10 epochs (``lr_decay_every``).
+every part from the start with SGD and momentum, its lr divided by 10 every 10 epochs (``lr_decay_every``; their
+code's first division comes one epoch earlier, ``lr_decay_first``).
 """
 from __future__ import annotations
 
@@ -35,10 +36,12 @@ class Epoch:
 
 
 def lr_at(cfg: TrainConfig, epoch: int) -> float:
-    """``cfg.lr`` times ``lr_decay`` once every ``lr_decay_every`` epochs when that is set, else halved once for
-    every epoch of ``cfg.lr_halve_epochs`` up to ``epoch`` included."""
+    """``cfg.lr`` times ``lr_decay`` once every ``lr_decay_every`` epochs from ``lr_decay_first`` (by default
+    ``lr_decay_every``) when that is set, else halved once for every epoch of ``cfg.lr_halve_epochs`` up to
+    ``epoch`` included."""
     if cfg.lr_decay_every:
-        return cfg.lr * cfg.lr_decay ** (epoch // cfg.lr_decay_every)
+        first = cfg.lr_decay_first or cfg.lr_decay_every
+        return cfg.lr * cfg.lr_decay ** (0 if epoch < first else 1 + (epoch - first) // cfg.lr_decay_every)
     return cfg.lr * 0.5 ** sum(milestone <= epoch for milestone in cfg.lr_halve_epochs)
 
 
@@ -88,8 +91,13 @@ def describe(cfg: TrainConfig, arch: str = "dsve") -> str:
 
 
 def epoch_loss(cfg: TrainConfig, epoch: int) -> LossFn:
-    """The loss of ``epoch`` (see :func:`loss_kind`) on a batch's score matrix: ``loss_fn(scores, ids=ids)``."""
-    return build_loss(loss_kind(cfg, epoch), cfg.margin)
+    """The loss of ``epoch`` (see :func:`loss_kind`) on a batch's score matrix: ``loss_fn(scores, ids=ids)``; with
+    ``loss_reduction`` 'mean' divided by the batch size B (the rows of the score matrix), as Das et al.'s code
+    divides its summed hinges."""
+    loss_fn = build_loss(loss_kind(cfg, epoch), cfg.margin)
+    if cfg.loss_reduction == "sum":
+        return loss_fn
+    return lambda scores, ids=None: loss_fn(scores, ids=ids) / scores.shape[0]
 
 
 def build_optimizer(model: Model, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -103,7 +111,12 @@ def build_optimizer(model: Model, cfg: TrainConfig) -> torch.optim.Optimizer:
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> torch.optim.lr_scheduler.LRScheduler:
     """Stepped once after every epoch, it gives :func:`lr_at` for every epoch: lr x ``lr_decay`` every
-    ``lr_decay_every`` epochs (StepLR) when that is set, else halved at each epoch of ``cfg.lr_halve_epochs``."""
+    ``lr_decay_every`` epochs (StepLR; from ``lr_decay_first`` when set, MultiStepLR) when that is set, else halved
+    at each epoch of ``cfg.lr_halve_epochs``."""
+    first = cfg.lr_decay_first or cfg.lr_decay_every
+    if cfg.lr_decay_every and first != cfg.lr_decay_every:
+        milestones = list(range(first, max(cfg.epochs, first + 1), cfg.lr_decay_every))
+        return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=cfg.lr_decay)
     if cfg.lr_decay_every:
         return torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg.lr_decay_every, gamma=cfg.lr_decay)
     return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=cfg.lr_halve_epochs, gamma=0.5)

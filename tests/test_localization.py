@@ -571,3 +571,84 @@ def test_missing_visual_genome_file_is_a_one_line_error_naming_the_key(tiny_worl
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and "'vg_dir'" in lines[0]
     assert "region_descriptions.json" in lines[0]
+
+
+def recomputed_heatmap(model, image: Path, size: int, text: str, k: int | None) -> torch.Tensor:
+    """A text's heatmap worked out in the test: the image resized to size x size, the maps G and the text's filter
+    from the model, and eq. 9's sum over channels written out here (h, w)."""
+    with Image.open(image) as picture, torch.no_grad():
+        maps = model.maps(model.transform(size)(picture.convert("RGB"))[None])[0]  # (C, h, w)
+    weights = model.filters([text], k)[0]  # (C,)
+    return (weights[:, None, None] * maps).sum(dim=0)
+
+
+def test_pointing_rows_match_a_peak_and_box_test_recomputed_here(tiny_world, tiny_checkpoint, tmp_path, monkeypatch):
+    """A sample of --per-phrase rows against the arg-max of a heatmap recomputed in the test, and a hit worked out
+    from the Visual Genome box numbers (original protocol: the cell's top-left pixel, strictly inside the box)."""
+    from misc.inference import Inference
+
+    out, size = tmp_path / "pg.json", 128
+    status = run_in_process("pointing_game.py", ["-p", tiny_checkpoint, "--size", size, "--limit", "6", "--json", out,
+                                                 "--per-phrase", *CLI_FLAGS], tiny_world, monkeypatch)
+    report = json.loads(out.read_text())
+    assert status == 0 and report["protocol"] == "original"
+    images = {i["image_id"]: i for i in json.loads((tiny_world / "vg" / "image_data.json").read_text())}
+    regions = {region["region_id"]: region for entry in
+               json.loads((tiny_world / "vg" / "region_descriptions.json").read_text()) for region in entry["regions"]}
+    model = Inference.load(tiny_checkpoint, device="cpu")
+    rows = report["per_phrase"][:8]
+    assert len(rows) >= 4
+    for row in rows:
+        image = images[row["vg_image_id"]]
+        file = tiny_world / "images" / "val2014" / f"COCO_val2014_{image['coco_id']:012d}.jpg"
+        heat = recomputed_heatmap(model, file, size, regions[row["region_id"]]["phrase"], report["settings"]["k"])
+        h, w = heat.shape
+        # the arg-max, ties broken column-major as the original does: the smallest column, then the smallest row
+        top = heat.max()
+        peak = min(((r, c) for r in range(h) for c in range(w) if heat[r, c] == top), key=lambda rc: (rc[1], rc[0]))
+        assert row["peak_cell"] == list(peak)
+        x, y = peak[1] * size / w, peak[0] * size / h  # the cell's top-left pixel in the size x size frame
+        region = regions[row["region_id"]]
+        sx, sy = size / image["width"], size / image["height"]
+        left, right = region["x"] * sx, (region["x"] + region["width"]) * sx
+        upper, lower = region["y"] * sy, (region["y"] + region["height"]) * sy
+        assert row["hit"] == (left < x < right and upper < y < lower)
+
+
+def test_ranked_segmentation_ious_match_pycocotools_on_masks_made_here(tiny_world, tiny_checkpoint, tmp_path,
+                                                                        monkeypatch):
+    """A sample of --per-image IoUs (ranked protocol) against pycocotools' IoU of RLE masks: the prediction is the
+    heatmap recomputed in the test, upsampled bilinearly to the image and kept where it reaches
+    min + t (max - min); the truth the union of the category's annotation masks."""
+    import torch.nn.functional as F
+    from pycocotools import mask as mask_utils
+    from pycocotools.coco import COCO
+
+    from misc.inference import Inference
+
+    out = tmp_path / "seg.json"
+    status = run_in_process("semantic_seg.py", ["-p", tiny_checkpoint, "--protocol", "ranked", "--limit", "3", "--json",
+                                                out, "--per-image", *CLI_FLAGS], tiny_world, monkeypatch)
+    report = json.loads(out.read_text())
+    assert status == 0 and report["protocol"] == "ranked"
+    coco = COCO(str(tiny_world / "annotations" / "instances_val2014.json"))
+    ids = {c["name"]: c["id"] for c in coco.loadCats(coco.getCatIds())}
+    model = Inference.load(tiny_checkpoint, device="cpu")
+    threshold, k = report["settings"]["threshold"], report["settings"]["k"]
+    rows = [row for row in report["per_image"] if row["present"]][:4]
+    assert len(rows) == 4 and len({row["iou"] for row in rows}) > 1
+    for row in rows:
+        info = coco.imgs[row["image_id"]]
+        query = report["per_category"][row["category"]]["query"]
+        file = tiny_world / "images" / "val2014" / info["file_name"]
+        heat = recomputed_heatmap(model, file, report["size"], query, k)
+        resized = F.interpolate(heat[None, None], size=(info["height"], info["width"]), mode="bilinear",
+                                align_corners=False)[0, 0]
+        predicted = (resized >= resized.min() + threshold * (resized.max() - resized.min())).numpy()
+        truth = np.zeros((info["height"], info["width"]), dtype=bool)
+        for ann in coco.loadAnns(coco.getAnnIds(imgIds=[row["image_id"]], catIds=[ids[row["category"]]],
+                                                iscrowd=None)):
+            truth |= coco.annToMask(ann).astype(bool)
+        encoded = mask_utils.encode(np.asfortranarray(np.stack([predicted, truth], axis=2).astype(np.uint8)))
+        expected = mask_utils.iou([encoded[0]], [encoded[1]], [0])[0, 0]
+        assert row["iou"] == pytest.approx(expected, abs=1e-9)

@@ -397,7 +397,7 @@ def test_pointing_game_cli_counts_skips_and_matches_the_boxes(tiny_world, tiny_c
     assert len(report["per_phrase"]) == metrics["phrases"] and len(report["skipped_phrases"]) == metrics["skipped"]
     kept_images = {vg_id for vg_id, r in regions[3:] if vg_id != gone}
     assert metrics["images"] == len({r["vg_image_id"] for r in report["per_phrase"]}) == len(kept_images)
-    assert 0 <= metrics["accuracy"] <= 100 and report["settings"]["k"] == 2 and report["size"] == 128
+    assert report["settings"]["k"] == 2 and report["size"] == 128  # accuracy: re-derived from the rows below
     assert metrics["accuracy"] == pytest.approx(100 * sum(r["hit"] for r in report["per_phrase"]) / metrics["phrases"])
 
     # the centre baseline from the VG boxes alone: at 128 px the central cell (2, 2) of the 4 x 4 map has its
@@ -536,8 +536,9 @@ def test_semantic_segmentation_cli_ranked_protocol(tiny_world, tiny_checkpoint, 
             expected = average_precision([r["score"] for r in rows],
                                          [r["present"] and r["iou"] >= t for r in rows], entry["positives"])
             assert entry[f"AP@{t}"] == (None if expected is None else pytest.approx(100 * expected))
-    metrics = report["metrics"]
-    assert metrics["mAP@0.3"] >= metrics["mAP@0.4"] >= metrics["mAP@0.5"]  # a stricter IoU keeps fewer positives
+    for t in (0.3, 0.4, 0.5):  # the mean over the categories with positives of the APs re-derived above
+        aps = [entry[f"AP@{t}"] for entry in report["per_category"].values() if entry["positives"]]
+        assert report["metrics"][f"mAP@{t}"] == pytest.approx(sum(aps) / len(aps))
     assert set(json.loads(results.read_text())) == {"semantic_segmentation_ranked"}
 
 

@@ -155,13 +155,13 @@ def test_the_paper_preset_resolves_to_the_papers_and_the_original_codes_values()
         "maps_dim": 2400,  # §3: D' = 2400 channels of the 1x1 conv's maps G
         "embed_dim": 2400,  # §3: d = 2400, the joint space and the SRU's hidden size
         "pooling": "weldon",  # §3: WELDON spatial pooling
-        "weldon_k": 15,  # original train.py: WELDON with k = 15 (kmax = kmin = 15)
-        "image_dropout": 0.5,  # original code: dropout 0.5 on the pooled image vector
+        "weldon_k": 15,  # original train.py: WELDON pooling with k = 15
+        "image_dropout": 0.5,  # original code: image-pipeline dropout 0.5
         "word_dim": 620,  # §3: 620-d skip-thought word embeddings
         "sru_layers": 4,  # §3: 4 stacked SRU layers
         "text_dropout": 0.25,  # original code: SRU dropout 0.25
         "rnn_dropout": 0.25,  # original code: SRU rnn_dropout 0.25
-        "forget_bias": 0.0,  # original code: sru's default forget-gate bias
+        "forget_bias": 0.0,  # §3: no forget-gate bias added (models/config.py: "paper: 0")
         "trunk_init": "",  # this project: the trunk's weights are chosen per run (ImageNet in §4.1)
         "trunk_cut": "",  # matchmap only (unused by dsve)
         "region_dim": 1024,  # matchmap only: Das et al. 2019's D
@@ -173,7 +173,7 @@ def test_the_paper_preset_resolves_to_the_papers_and_the_original_codes_values()
         "split": "trainrv",  # §4.1: Karpathy's train + restval (113k images)
         "val_split": "val",  # Karpathy's 5k validation images
         "words": "",  # this project: the configured key's vectors (skip-thought's in the paper)
-        "epochs": 20,  # original train.py
+        "epochs": 20,  # this project's run length (not in the sources above); the schedule ends changing at 9
         "batch_size": 160,  # §4.1: batches of 160 pairs
         "lr": 1e-3,  # §4.1: Adam, learning rate 0.001
         "lr_halve_epochs": [3, 4, 5, 6, 7],  # original train.py (epochs from 0; §4.1 states 2 to 6)
@@ -190,7 +190,7 @@ def test_the_paper_preset_resolves_to_the_papers_and_the_original_codes_values()
         "momentum": 0.9,  # sgd only (unused by Adam)
         "lr_decay_every": 0,  # the halving schedule, not a step decay
         "lr_decay": 0.1,  # step decay only (unused)
-        "crop_size": 256,  # §4.1 / original code: random crops of 256 x 256
+        "crop_size": 256,  # original code: random crops of 256 x 256
         "crop_scale": [0.08, 1.0],  # original code: RandomResizedCrop's scale range
         "flip": True,  # original code: random horizontal flips
         "eval_size": 350,  # original train.py: validation images at 350 x 350

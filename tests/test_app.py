@@ -105,7 +105,8 @@ def test_localizing_needs_an_image(model):
 
 def test_examples_come_from_the_demo_world_when_it_exists(tiny_world, tmp_path):
     examples = webapp.example_images(tiny_world / "images" / "val2014", count=4)
-    assert 0 < len(examples) <= 4 and all(path.is_file() for path in examples)
+    files = {path for path in (tiny_world / "images" / "val2014").iterdir() if path.suffix == ".jpg"}
+    assert len(files) >= 4 and len(examples) == 4 and set(examples) <= files  # 24 images: 4 of them
     assert len(set(examples)) == len(examples)
     assert webapp.example_images(tmp_path / "absent") == []
 

@@ -97,6 +97,40 @@ def test_sigterm_mid_epoch_writes_the_position_and_resume_in_its_own_folder_is_e
 
 
 @pytest.mark.slow
+def test_save_every_writes_every_n_steps_and_sigusr1_stops_at_the_next_step(straight: Path, tiny_world: Path,
+                                                                             tmp_path: Path, monkeypatch):
+    """--save-every 2 over epochs of 4 steps: last.pth.tar holds step 2 of an epoch after its steps 2 and 3 (never a
+    step 1 or 3 of its own, and the epoch's last step is the epoch's checkpoint); SIGUSR1 during step 3 writes step 3
+    and exits 128 + SIGUSR1; resuming from it ends where the straight run ends."""
+    run = tmp_path / "run"
+    seen = []  # (epoch, step) of last.pth.tar when each step starts
+    epoch_loss = train.epoch_loss
+
+    def watched_loss(*args, **kwargs):
+        loss_fn = epoch_loss(*args, **kwargs)
+
+        def wrapped(*tensors, **options):
+            state = checkpoint.load(run / checkpoint.LAST) if (run / checkpoint.LAST).exists() else None
+            seen.append(None if state is None else (state["epoch"], state.get("step")))
+            if len(seen) == 7:  # epoch 1, step 3
+                signal.raise_signal(signal.SIGUSR1)
+            return loss_fn(*tensors, **options)
+        return wrapped
+
+    with monkeypatch.context() as patched:
+        patched.setattr(train, "epoch_loss", watched_loss)
+        status = run_in_process("train.py", ["--preset", "demo", "--epochs", "2", "--out", run, "--save-every", "2",
+                                             *SMALL], tiny_world, monkeypatch)
+    assert status == 128 + signal.SIGUSR1
+    assert seen == [None, None, (0, 2), (0, 2), (1, None), (1, None), (1, 2)]
+    stopped = checkpoint.load(run / checkpoint.LAST)
+    assert (stopped["epoch"], stopped["step"], stopped["partial"]["steps"]) == (1, 3, 3)
+    assert signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL
+    assert run_in_process("train.py", ["--resume", run / checkpoint.LAST, *SMALL], tiny_world, monkeypatch) == 0
+    assert_same_run(checkpoint.load(run / checkpoint.LAST), checkpoint.load(straight / checkpoint.LAST))
+
+
+@pytest.mark.slow
 def test_a_kill_while_writing_epoch_1_resumes_to_the_same_last_and_best(straight: Path, tiny_world: Path,
                                                                         tmp_path: Path, monkeypatch):
     """The third save is epoch 1's best (if it improved) or its last: killed half-way either way."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torchvision
@@ -79,10 +80,21 @@ def test_eval_retrieval_json_matches_features_path(two_epochs: Path, tiny_world:
     results = json.loads((tmp_path / "r.json").read_text())
     assert json.loads((tmp_path / "results.json").read_text())["retrieval"] == results
     assert set(results["metrics"]) == {"images", "captions", "full"}  # 12 test images: the 1k protocol is left out
-    for direction in ("caption_retrieval", "image_retrieval"):
+    # the full protocol re-derived from the saved features by sorting cosine similarities (the project counts)
+    with np.load(tmp_path / "f.npz") as saved:
+        images, captions, owner = saved["images"], saved["captions"], saved["owner"]
+    images = images / np.linalg.norm(images, axis=1, keepdims=True)
+    captions = captions / np.linalg.norm(captions, axis=1, keepdims=True)
+    scores = images @ captions.T  # (N, M)
+    caption_ranks = np.array([1 + np.flatnonzero(owner[np.argsort(-row, kind="stable")] == i)[0]
+                              for i, row in enumerate(scores)])  # each image's first own caption
+    image_ranks = np.array([1 + np.flatnonzero(np.argsort(-column, kind="stable") == owner[j])[0]
+                            for j, column in enumerate(scores.T)])  # each caption's image
+    for direction, ranks in (("caption_retrieval", caption_ranks), ("image_retrieval", image_ranks)):
         metrics = results["metrics"]["full"][direction]
-        assert 0 <= metrics["R@1"] <= metrics["R@5"] <= metrics["R@10"] <= 100
-        assert metrics["medr"] >= 1
+        for k in (1, 5, 10):
+            assert metrics[f"R@{k}"] == pytest.approx(100 * np.mean(ranks <= k)), (direction, k)
+        assert metrics["medr"] == pytest.approx(float(np.median(ranks)))
     again = run_cli("eval_retrieval.py", "--features", tmp_path / "f.npz", "--json", tmp_path / "r2.json")
     assert json.loads((tmp_path / "r2.json").read_text())["metrics"] == results["metrics"]
     assert "caption retrieval" in again.stdout

@@ -85,7 +85,10 @@ def test_a_tiny_matchmap_trains_through_train_py(tiny_world: Path, monkeypatch: 
     assert history[1]["loss"] < history[0]["loss"]
     assert state["config"]["model"]["arch"] == "matchmap" and state["config"]["train"]["optimizer"] == "adam"
     assert state["config"]["word_vectors"].endswith("demo_word2vec.bin")
-    assert set(state["metrics"]["val"]) == {"full"} and state["metrics"]["val"]["full"]["rsum"] > 0
+    val = state["metrics"]["val"]
+    assert set(val) == {"full"}
+    assert val["full"]["rsum"] == pytest.approx(sum(val["full"][direction][f"R@{k}"] for k in (1, 5, 10)
+                                                    for direction in ("caption_retrieval", "image_retrieval")))
     model = load_model(tmp_path / "best.pth.tar")
     assert model.config.arch == "matchmap" and model.config.trunk_cut == "layer2"
 

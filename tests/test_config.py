@@ -199,6 +199,11 @@ def test_the_paper_preset_resolves_to_the_papers_and_the_original_codes_values()
         "group_captions": False,  # original code: independent pairs
         "workers": 4,  # this project's loader default
         "seed": 0,  # this project's default seed
+        "resize_only": False,  # original code: random resized crops, not a plain resize (Das et al.'s option)
+        "steps_per_epoch": 0,  # original code: an epoch is a full pass over the pairs
+        "loss_reduction": "sum",  # eq. 7 summed over the batch, as the original code sums it
+        "lr_decay_first": 0,  # step decay only (unused by the halving schedule)
+        "allow_test_overlap": False,  # this project: a run never trains on its evaluation images unasked
     }
     assert {f.name for f in fields(ModelConfig)} == set(expected_model)  # a new field must be pinned here too
     assert {f.name for f in fields(TrainConfig)} == set(expected_train)

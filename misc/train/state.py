@@ -18,8 +18,9 @@ from models.config import ModelConfig
 from models.joint import Model
 
 log = logging.getLogger("train")
-# What a resumed run may change: how long it goes on and how it loads data, not what a step computes.
-HARMLESS = ("train.epochs", "train.workers")
+# What a resumed run may change: how long it goes on, how it loads data and what it is allowed to read, not what a
+# step computes.
+HARMLESS = ("train.epochs", "train.workers", "train.allow_test_overlap")
 
 
 @dataclass(frozen=True)

@@ -167,3 +167,13 @@ def test_training_rows_are_a_seeded_random_sample_and_the_queries_are_held_out()
     assert len(sample_rows(20_000, "HNSW32")[0]) == 0 and len(sample_rows(500, "Flat")[1]) == 500
     train, queries = sample_rows(1500, "IVF16,Flat")  # too few rows to hold 1000 out: queries may be trained on
     assert len(train) == 1024 and len(queries) == 1000
+
+
+def test_a_collection_smaller_than_the_report_k_is_measured_on_the_neighbours_it_has(tmp_path):
+    """Six images (the README's photos/ example): each query has five true neighbours, and a flat index finds all
+    of them, so its recall is 1, not 5/10."""
+    collection = saved(tmp_path, clustered(6, 8, 1, clusters=2))
+    load_or_build_index(collection)
+    report = json.loads((tmp_path / "images.npz.index_report.json").read_text())
+    assert report["sweep"][0]["recall_10_at_10"] == 1.0 and report["sweep"][0]["recall_1_at_1"] == 1.0
+    assert report["target_reached"] and report["note"] is None

@@ -195,8 +195,9 @@ def without_self(rows: np.ndarray, own: np.ndarray, k: int) -> np.ndarray:
 
 def recalls(found: np.ndarray, truth: np.ndarray) -> tuple[float, float]:
     """10-recall@10 (share of the true top 10 among the found top 10) and 1-recall@1 (the true nearest found
-    first), averaged over queries; ``found`` and ``truth`` are (Q, 10) rows."""
-    at10 = np.mean([len(set(a[a >= 0]) & set(b)) / truth.shape[1] for a, b in zip(found, truth)])
+    first), averaged over queries; ``found`` and ``truth`` are (Q, 10) rows, -1 where a collection of fewer rows
+    has none (its true top 10 is then shorter)."""
+    at10 = np.mean([len(set(a[a >= 0]) & set(b[b >= 0])) / max(int((b >= 0).sum()), 1) for a, b in zip(found, truth)])
     return float(at10), float(np.mean(found[:, 0] == truth[:, 0]))
 
 
@@ -210,10 +211,11 @@ def measure(index: Any, features: np.ndarray, query_rows: np.ndarray, rerank: in
     truth = without_self(exact_search(queries, features, k + 1)[1], query_rows, k)
     name, rows = search_parameter(index), []
     for value in sweep_values(index):
-        found, seconds = np.empty((len(queries), k + 1), dtype=np.int64), []
+        found, seconds = np.full((len(queries), k + 1), -1, dtype=np.int64), []  # -1: fewer rows than k + 1
         for i, query in enumerate(queries):
             started = time.perf_counter()
-            found[i] = index_search(index, query[None], k + 1, value, rerank, features)[1][0]
+            rows_found = index_search(index, query[None], k + 1, value, rerank, features)[1][0]
+            found[i, :len(rows_found)] = rows_found
             seconds.append(time.perf_counter() - started)
         at10, at1 = recalls(without_self(found, query_rows, k), truth)
         rows.append({name or "exact": value, "recall_10_at_10": round(at10, 4), "recall_1_at_1": round(at1, 4),

@@ -59,6 +59,11 @@ def batch_scores(model: Model, image_out: torch.Tensor, text_out: torch.Tensor, 
     return model.score(image_out, text_out, lengths), ids
 
 
+def floating_buffers(model: torch.nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Each floating-point buffer of ``model`` (batch-norm statistics) with a copy of its value."""
+    return [(buffer, buffer.clone()) for buffer in model.buffers() if buffer.is_floating_point()]
+
+
 def gradient_norm(model: torch.nn.Module, clip: float | None) -> float:
     """The global norm of the step's gradients, after capping it at ``clip`` when given."""
     if clip:
@@ -95,6 +100,8 @@ def train_one_epoch(model: torch.nn.Module, loader: DataLoader, optimizer: torch
     bar = tqdm(loader, desc=description, disable=not progress, leave=False, dynamic_ncols=True)
     for images, captions, ids in bar:
         waited += time.perf_counter() - tick
+        # a skipped step must leave nothing behind, and its forward pass moves batch-norm statistics
+        kept = floating_buffers(model) if health.allowed > health.skipped else []
         images = images.to(device, memory_format=memory_format, non_blocking=True)
         words, lengths = captions.words.to(device, non_blocking=True), captions.lengths.to(device)
         with autocast(device, amp):
@@ -117,6 +124,9 @@ def train_one_epoch(model: torch.nn.Module, loader: DataLoader, optimizer: torch
             scaler.update()
         elif finite:
             optimizer.step()
+        else:
+            for buffer, before in kept:
+                buffer.copy_(before)
         for key, step_value in (("loss", value if finite else 0.0), ("steps", 1), ("skipped", not finite),
                                 ("pairs", len(ids)), ("oov", captions.oov), ("tokens", captions.tokens)):
             totals[key] += step_value

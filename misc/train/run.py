@@ -208,8 +208,13 @@ class Trainer:
         self.changes = [*resumed, *changes]  # settings changed on purpose at a resume (--allow-changes)
 
     def snapshot(self, epoch: int, **within: Any) -> dict:
-        """The training checkpoint after ``epoch`` epochs (and ``within`` the next one)."""
+        """The training checkpoint after ``epoch`` epochs (and ``within`` the next one); never one holding a
+        non-finite value (the run's earlier checkpoints are kept instead)."""
         learner, position = self.learner, self.position
+        for name, tensor in learner.model.state_dict().items():
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                raise UserError(f"epoch {epoch}: the model's {name} is not finite, so no checkpoint is written and "
+                                f"the run's last ones are kept; lower train.lr or set train.grad_clip")
         return {"format": checkpoint.FORMAT, "version": checkpoint.VERSION, "config": self.saved_config,
                 "model": learner.model.state_dict(), "optimizer": learner.optimizer.state_dict(),
                 "scheduler": learner.scheduler.state_dict(),

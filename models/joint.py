@@ -24,7 +24,6 @@ class JointEmbedding(System):
 
     PARTS = ("projection", "SRU", "1x1 conv", "trunk")
     uses_k = True
-    localization_size = 416  # the paper's: a 13 x 13 map from ResNet-152
     starts_from_original_release = True
 
     def __init__(self, config: ModelConfig) -> None:

@@ -104,7 +104,6 @@ class Matchmap(System):
     """The whole second system: ``image`` and ``text`` parts, the batch score matrix and the heatmaps."""
 
     PARTS = ("3x3 conv", "LSTM", "trunk")
-    localization_size = 224  # Das et al.'s input size: a 14 x 14 grid from VGG-19 conv5_4
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()

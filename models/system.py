@@ -32,8 +32,6 @@ class System(nn.Module):
     PARTS: tuple[str, ...] = ()
     #: whether a text's filter keeps only the k largest entries of its vector (DSVE's eq. 9)
     uses_k: bool = False
-    #: the image side its paper localizes at
-    localization_size: int = 416
     #: whether the original release's networks (their trunk) can start this system
     starts_from_original_release: bool = False
 

@@ -31,7 +31,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--host", default="127.0.0.1",
                         help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0: every interface)")
     parser.add_argument("--port", type=positive_int, default=7860, help="port to listen on (default 7860)")
-    add_size_arg(parser, default_text="416, the paper's")
+    add_size_arg(parser, default_text="the checkpoint's test size rounded up to whole grid cells: 416 for the paper's")
     parser.add_argument("--k", type=positive_int,
                         help="maps summed per phrase (eq. 9; default: the paper's 180 for d = 2400, scaled to d)")
     parser.add_argument("--concurrency", type=positive_int, default=1,
@@ -43,7 +43,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     from misc import webapp  # torch and gradio load only once the arguments are known to be right
-    from misc.eval.localization import PAPER_SIZE
     from misc.inference import Inference
 
     model = Inference.load(args.checkpoint, args.words, args.device, args.amp)
@@ -51,7 +50,7 @@ def main(argv: list[str] | None = None) -> None:
     examples = webapp.example_images()
     log.info("serving %s on http://%s:%d (%d example images, %s)", args.checkpoint, args.host, args.port,
              len(examples), f"{len(searchable.collections)} collection(s)" if searchable else "no collection")
-    page = webapp.build_ui(model, searchable, args.size or PAPER_SIZE, args.k, examples, args.concurrency)
+    page = webapp.build_ui(model, searchable, args.size or model.localization_size, args.k, examples, args.concurrency)
     webapp.serve(page, args.host, args.port, examples)
 
 

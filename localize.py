@@ -39,7 +39,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--caption", help="matchmap: read each query in this caption's context")
     parser.add_argument("--per-word", action="store_true", help="with --caption: one map per word of the caption")
     parser.add_argument("-o", "--out", type=Path, default=Path("localize.png"), help="PNG to write")
-    add_size_arg(parser, default_text="416, the paper's")  # misc.eval.localization.PAPER_SIZE: no torch here
+    add_size_arg(parser, default_text="the checkpoint's test size rounded up to whole grid cells: 416 for the paper's")
     parser.add_argument("--k", type=positive_int,
                         help="maps summed per query (default 180, the paper's for d = 2400; round(0.075 d) for "
                              "smaller d)")
@@ -58,7 +58,6 @@ def main(argv: list[str] | None = None) -> None:
     # torch and matplotlib are imported once the arguments are known: --help and argument errors stay instant
     from misc.errors import UserError, check_number
     from misc.data.images import read_image
-    from misc.eval.localization import PAPER_SIZE
     from misc.inference import Inference
     from misc.visualize import figure_size, save_png
 
@@ -69,7 +68,7 @@ def main(argv: list[str] | None = None) -> None:
         raise UserError("give a query with -t (or --caption with --per-word)")
     image = read_image(args.image)
     model = Inference.load(args.checkpoint, args.words, args.device, args.amp)
-    size = args.size or PAPER_SIZE
+    size = args.size or model.localization_size
     found = model.heatmaps(image, args.text, size, args.k, args.caption, args.per_word)
     for text in found.texts:
         if model.known_words(text) == 0:

@@ -15,8 +15,9 @@ boxes in the image's own pixels.
 (--split, default test; config keys flickr_entities and flickr_images); a hit is a point in ANY box of the phrase's
 coreference chain. Phrases of chains without a box (not visual, no box, scene) are skipped and counted; with
 --scene-as-image a scene chain's box is the whole image. Accuracy is also given per entity type (a phrase counts
-under each of its types). Each image is resized to SIZE x SIZE (default 416, a 13 x 13 map); the boxes are rescaled
-from the annotation's image frame to the same frame as the peak.
+under each of its types). Each image is resized to SIZE x SIZE (default: the checkpoint's test size rounded up to
+whole grid cells, the paper's 416, a 13 x 13 map); the boxes are rescaled from the annotation's image frame to the
+same frame as the peak.
 
 Both systems (model.arch dsve and matchmap) point: the heatmap of a phrase is the model's text filter applied at
 every position (DSVE: eq. 9 with k; matchmap: the mean of its words' matchmaps, k unused).
@@ -57,7 +58,7 @@ log = logging.getLogger("pointing_game")
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     # The defaults named in the help are misc.eval.pointing.DATASETS, misc.eval.localization.PAPER_SIZE and
-    # POINTING_K, written out so that --help imports no torch (tests/test_help.py checks they agree).
+    # POINTING_K (the paper's), written out so that --help imports no torch (tests/test_help.py checks they agree).
     parser = parser_for(__doc__)
     add_checkpoint_args(parser)
     parser.add_argument("--dataset",
@@ -70,7 +71,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--scene-as-image", action="store_true",
                         help="Flickr30K Entities: a scene chain without a box points at the whole image (default: "
                              "skipped)")
-    add_size_arg(parser, default_text="416, the paper's")
+    add_size_arg(parser, default_text="the checkpoint's test size rounded up to whole grid cells: 416 for the paper's")
     parser.add_argument("--k", type=positive_int,
                         help="maps summed per phrase (default 180, the paper's for d = 2400; round(0.075 d) for "
                              "smaller d); DSVE only")
@@ -106,7 +107,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.tolerance < 0:
         raise UserError(f"--tolerance {args.tolerance:g}: pixels, at least 0")
     from misc.eval import pointing
-    from misc.eval.localization import DAS2019, PAPER_SIZE, POINTING_K, POINTING_PROTOCOLS
+    from misc.eval.localization import DAS2019, POINTING_K, POINTING_PROTOCOLS
     from misc.inference import Inference
 
     check_choice("--protocol", args.protocol, (*POINTING_PROTOCOLS, DAS2019))
@@ -115,7 +116,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.context is not None:
         check_choice("--context", args.context, ("phrase", "caption"))
     model = Inference.load(args.checkpoint, args.words, args.device, args.amp)
-    size = args.size or (model.test_size if args.protocol == DAS2019 else PAPER_SIZE)
+    size = args.size or (model.test_size if args.protocol == DAS2019 else model.localization_size)
     items, skipped, source = pointing.load_items(model, args.dataset, args.split, args.limit, args.min_words,
                                                  args.scene_as_image)
     entities = source["images_from"].startswith("Flickr30K Entities")

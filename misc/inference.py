@@ -25,7 +25,7 @@ from misc.store import checkpoint
 from misc.data.datasets import eval_transform
 from misc.errors import UserError
 from misc.data.images import oriented, read_image
-from misc.eval.localization import PAPER_SIZE, POINTING_K, choose_k, peak_location
+from misc.eval.localization import POINTING_K, choose_k, localization_side, peak_location
 from misc.devices import autocast, resolve_device
 from misc.eval.encode import encode_captions
 from misc.visualize import DEFAULT_COLORMAP, overlays, panel_size, panel_title, save_png
@@ -117,6 +117,11 @@ class Inference:
     def test_size(self) -> int:
         """The image side the checkpoint evaluates at (SIZE x SIZE)."""
         return int(self.config["train"]["test_size"])
+
+    @property
+    def localization_size(self) -> int:
+        """The image side heatmaps are made at unless told (:func:`misc.eval.localization.localization_side`)."""
+        return localization_side(self.test_size, self.model.image.grid.stride)
 
     def transform(self, size: int | None = None, protocol: str = "resize") -> Callable:
         """The evaluation preprocessing of a PIL image (default size: :attr:`test_size`)."""
@@ -222,10 +227,11 @@ class Inference:
             text_out = self.model.text(encoded.words.to(self.device), lengths).float()
         return self.model.score(self.model.image_output(maps), text_out, lengths)[0].float().cpu()
 
-    def heatmaps(self, image: ImageSource, texts: str | list[str], size: int = PAPER_SIZE,
+    def heatmaps(self, image: ImageSource, texts: str | list[str], size: int | None = None,
                  k: int | None = None, caption: str | None = None, per_word: bool = False) -> Heatmaps:
         """Each text's heatmap on the image (eq. 9) with its peak in the image's pixels, its score and its
-        unknown words. The image (path or PIL) is resized to ``size`` x ``size``; ``k`` of eq. 9 defaults to the
+        unknown words. The image (path or PIL) is resized to ``size`` x ``size`` (default
+        :attr:`localization_size`: the paper's 416 for its model); ``k`` of eq. 9 defaults to the
         paper's 180 for d = 2400, scaled to this model's d (:meth:`choose_k`). With ``caption`` (matchmap only)
         each text is a phrase of the caption read in its context (:meth:`filters_in_context`) and scored as the
         caption; with ``per_word`` too, ``texts`` is ignored and every word token of the caption has its map."""
@@ -241,7 +247,7 @@ class Inference:
         for text in texts:
             if not any(any(c.isalnum() for c in token) for token in self.words.tokens(text)):
                 raise UserError(f"query {text!r} has no words")
-        picture = as_image(image)
+        picture, size = as_image(image), size or self.localization_size
         k = self.choose_k(k, POINTING_K)
         if caption is None:
             filters, scores = self.filters(texts, k), self.scores(picture, texts)
@@ -253,7 +259,7 @@ class Inference:
         return Heatmaps(texts, heat, peak_location(heat, *picture.size), scores,
                         [self.unknown_words(text) for text in texts], picture, size, k)
 
-    def plot(self, image: ImageSource, texts: str | list[str], out: Path | str | None = None, size: int = PAPER_SIZE,
+    def plot(self, image: ImageSource, texts: str | list[str], out: Path | str | None = None, size: int | None = None,
              shared_scale: bool = False, boxes: Sequence[Sequence[Sequence[float]]] | None = None,
              k: int | None = None) -> Figure:
         """The figure of :meth:`heatmaps` (paper Fig. 1): one panel per text with a colour bar, its score and

@@ -24,7 +24,6 @@ from misc import config
 from misc.store.source import model_sha256
 from misc.errors import UserError
 from misc.data.images import list_images, read_image, shown_size
-from misc.eval.localization import PAPER_SIZE
 from misc.inference import Inference
 from misc.collections.queries import box_around_peak
 from misc.collections.search import Collection, exact_search, load_collection
@@ -74,7 +73,7 @@ def panel_caption(phrase: str, score: float, unknown: list[str]) -> str:
     return f"{phrase}: {score:.3f}{missing}"
 
 
-def localize(model: Inference, image_path: str | Path | None, text: str | None, size: int = PAPER_SIZE,
+def localize(model: Inference, image_path: str | Path | None, text: str | None, size: int | None = None,
              k: int | None = None) -> tuple[list[tuple[Image.Image, str]], list[list[Any]]]:
     """Heatmaps of every phrase of ``text`` on the image file: one panel per phrase (its eq. 9 map over the image,
     the peak dotted, a colour bar, the score and unknown words in the title) with a caption, and one table row
@@ -214,7 +213,7 @@ def search(searchable: Searchable, name: str, queries: np.ndarray, k: int,
     return gallery, table, note
 
 
-def build_ui(model: Inference, searchable: Searchable | None = None, size: int = PAPER_SIZE, k: int | None = None,
+def build_ui(model: Inference, searchable: Searchable | None = None, size: int | None = None, k: int | None = None,
              examples: list[Path] | None = None, concurrency: int = 1) -> Any:
     """The page (a ``gr.Blocks``): a Localization tab and a Search tab (a hint when there is nothing to search);
     gradio's queue runs ``concurrency`` requests at once (more browsers wait their turn)."""
@@ -242,7 +241,8 @@ def build_ui(model: Inference, searchable: Searchable | None = None, size: int =
                 with gr.Column():
                     phrases = gr.Textbox(lines=4, label="phrases, one a line", elem_id="phrases",
                                          placeholder="a big red disc\na small blue square")
-                    side_input = gr.Slider(32, 1024, value=size, step=32, label="network input side (px)")
+                    side_input = gr.Slider(32, 1024, value=size or model.localization_size, step=32,
+                                           label="network input side (px)")
                     run = gr.Button("Localize", variant="primary", elem_id="localize")
             heatmaps = gr.Gallery(label="heatmaps (eq. 9), peak dotted", columns=3, height="auto", object_fit="contain",
                                   elem_id="heatmaps")

@@ -43,8 +43,9 @@ def test_help_names_the_library_defaults(capsys):
     from misc.eval import pointing, segment
     from misc.eval.localization import PAPER_SIZE, POINTING_K, SEGMENTATION_K
 
-    expected = {pointing_game: [f"(default: {PAPER_SIZE},", f"(default {POINTING_K},", " | ".join(pointing.DATASETS)],
-                localize: [f"(default: {PAPER_SIZE},", f"(default {POINTING_K},"],
+    expected = {pointing_game: [f"{PAPER_SIZE} for the paper's", f"(default {POINTING_K},",
+                                " | ".join(pointing.DATASETS)],
+                localize: [f"{PAPER_SIZE} for the paper's", f"(default {POINTING_K},"],
                 semantic_seg: [f"(default {SEGMENTATION_K},", "{" + ",".join(segment.PROTOCOLS) + "}"]}
     for module, phrases in expected.items():
         with pytest.raises(SystemExit):

@@ -83,8 +83,8 @@ def test_heatmaps_peaks_are_in_the_image_pixels(model, photos):
     expected = torch.stack([(cols + 0.5) * 120 / 3, (rows + 0.5) * 48 / 3], dim=1).float()
     torch.testing.assert_close(found.peaks, expected)
     assert found.k == model.choose_k(None, 180)
-    default = model.heatmaps(wide, "a red circle")  # one text, the paper's 416 px: a 13 x 13 map
-    assert default.maps.shape == (1, 13, 13) and default.size == 416 and default.texts == ["a red circle"]
+    default = model.heatmaps(wide, "a red circle")  # one text, at the checkpoint's test size 64: a 2 x 2 map
+    assert default.maps.shape == (1, 2, 2) and default.size == 64 and default.texts == ["a red circle"]
 
 
 def test_heatmap_scores_are_the_retrieval_cosines(model, photos):
@@ -139,7 +139,7 @@ def test_read_image_scales_16_bit_grey_to_8_bits(tmp_path):
     np.testing.assert_array_equal(pixels[..., 0], np.rint(values / 257).astype(np.uint8))
 
 
-def test_localize_cli_defaults_to_416_and_shares_a_scale(tiny_world, tiny_checkpoint, rotated_jpeg,  # noqa: F811
+def test_localize_cli_defaults_to_the_checkpoints_size_and_shares_a_scale(tiny_world, tiny_checkpoint, rotated_jpeg,  # noqa: F811
                                                          tmp_path, monkeypatch, capsys):
     path, _ = rotated_jpeg
     out = tmp_path / "map.png"
@@ -148,7 +148,7 @@ def test_localize_cli_defaults_to_416_and_shares_a_scale(tiny_world, tiny_checkp
                             tiny_world, monkeypatch)
     printed = capsys.readouterr().out
     assert status == 0
-    assert "13x13 (416x416 input" in printed and "one colour scale" in printed
+    assert "2x2 (64x64 input" in printed and "one colour scale" in printed  # the checkpoint's test size 64
     peaks = re.findall(r"at x=(\d+), y=(\d+) of 80x40, score -?\d\.\d{3}", printed)
     assert len(peaks) == 2 and all(int(x) < 80 and int(y) < 40 for x, y in peaks)
     assert "unknown words: qzxv" in printed

@@ -16,8 +16,8 @@ from PIL import Image
 from misc.store import checkpoint
 from misc.config import TrainConfig
 from models.config import ModelConfig
-from misc.eval.localization import (cell_points, default_k, peak_cells, peak_location, pointing_hits, scale_boxes,
-                                     upsample)
+from misc.eval.localization import (cell_points, default_k, localization_side, peak_cells, peak_location,
+                                     pointing_hits, scale_boxes, upsample)
 from misc.eval.segmentation import (average_precision, binarize, bytescale, iou, original_average_precision,
                                     original_iou, original_prediction, original_truth)
 from misc.visualize import MIN_SIDE, figure_size, panel_size
@@ -163,6 +163,13 @@ def test_matchmap_style_filters_are_within_the_float32_bound_of_float64():
         bound = gamma(256) * torch.matmul(f.double().abs(), flat.abs()).reshape(3, 5, 6, 6)
         error = (apply_filters(maps, f).double() - exact).abs()
         assert (error <= bound).all() and error.max() > 0
+
+
+def test_the_default_localization_side_is_the_test_size_in_whole_grid_cells():
+    assert localization_side(400, 32) == 416  # the paper: test images at 400, heatmaps at 416 (13 x 13)
+    assert localization_side(224, 16) == 224  # Das et al.: VGG-19 conv5_4, 14 x 14
+    assert localization_side(96, 32) == 96  # the demo preset: 3 x 3
+    assert localization_side(70, 32) == 96  # a size between cells rounds up
 
 
 def test_default_k_scales_the_papers_ratio():

@@ -29,7 +29,14 @@ log = logging.getLogger(__name__)
 PAPER_DIM = 2400  # d of the paper's model; the paper's k values are for it
 POINTING_K = 180  # eq. 9's k for the pointing game and single heatmaps in the paper (d = 2400)
 SEGMENTATION_K = 10  # eq. 9's k for semantic segmentation in the paper (d = 2400)
-PAPER_SIZE = 416  # the image side of the paper's localization (a 13 x 13 map from ResNet-152)
+PAPER_SIZE = 416  # the image side of the paper's localization: its test size 400 made a whole 13 x 13 grid
+
+
+def localization_side(test_size: int, stride: int) -> int:
+    """The image side heatmaps are made at by default: the checkpoint's test size rounded up to a whole number of
+    the trunk's cells (the paper's 400 at stride 32 gives its 416, a 13 x 13 map; Das et al.'s 224 at stride 16 a
+    14 x 14 one; the demo's 96 a 3 x 3 one)."""
+    return -(-test_size // stride) * stride
 POINTING_PROTOCOLS = ("original", "centre")  # where a grid cell points, see cell_points
 DAS2019 = "das2019"  # Das et al.'s pixel rule and per-caption score, see pixel_points and caption_accuracy
 

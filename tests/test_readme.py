@@ -44,6 +44,9 @@ NOT_RUN = {
     "python photo_world.py data/photos --train 1200 --val 50 --test 500":
         "a 4-minute run: tests/test_real_content.py runs the same steps and asserts their results",
     "make app": "serves until stopped; tests/test_app.py drives the page in Chromium",
+    "python image_features_extraction.py -p model.pth.tar -d 'shards/{000000..000099}.tar' -o shards_features/":
+        "a hundred tar shards of one's own: tests/test_shards.py writes small ones and extracts them with one process, "
+        "two ranks and a rank killed and run again",
     "python search.py --images photos.npz -p model.pth.tar --serve --port 8000":
         "serves until stopped; tests/test_server.py queries the same server over HTTP",
     "pip install .": "installs into the environment; tests/test_hub.py checks what the wheel holds and "
@@ -84,6 +87,8 @@ def scratch(tiny_world: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     for index, image in enumerate(images[:6]):
         shutil.copy(image, folder / "photos" / ("cat.jpg" if index == 0 else image.name))
     (folder / "captions.txt").write_text("a red circle\na small blue square\na big green diamond\n", encoding="utf-8")
+    (folder / "sel.jsonl").write_text("".join(json.dumps({"path": image.name, "caption": "a red circle"}) + "\n"
+                                              for image in images[1:4]), encoding="utf-8")
     (folder / "captions.tsv").write_text("".join(f"{image.name if index else 'cat.jpg'}\ta red circle on grass\n"
                                                  for index, image in enumerate(images[:6])), encoding="utf-8")
     lines = photos.generate(folder / "mine", seed=0, counts={"train": 40, "val": 8, "test": 8}, size=96)

@@ -254,13 +254,21 @@ def test_the_page_shows_a_heatmap_and_a_score_for_a_typed_phrase(server, browser
     page.close()
 
 
+def searched(browser, url: str, query: str, where: bool = False):
+    """A page of ``url`` whose Search tab has searched ``query`` (``where``: with the spots drawn), hits shown."""
+    page = open_page(browser, url)
+    page.get_by_role("tab", name="Search").click()
+    page.locator("#query input, #query textarea").first.fill(query)
+    if where:
+        page.locator("#where input").check()
+    page.locator("#search-text").click()
+    page.locator("#hits img").first.wait_for(timeout=120_000)
+    return page
+
+
 @pytest.mark.slow
 def test_the_page_searches_the_collection_by_text_with_thumbnails(server, browser):
-    page = open_page(browser, server)
-    page.get_by_role("tab", name="Search").click()
-    page.locator("#query input, #query textarea").first.fill("a blue square")
-    page.locator("#search-text").click()
-    page.locator("#hits img").first.wait_for(timeout=60_000)
+    page = searched(browser, server, "a blue square")
     expect(page.locator("#search-note")).to_contain_text(re.compile(r"top 12 of \d+ images"), timeout=10_000)
     assert page.locator("#hits img").count() == 12
     assert re.search(r"-?\d\.\d{3} COCO_val2014_", page.locator("#hits").inner_text())
@@ -287,12 +295,7 @@ def odd_uploads(folder: Path) -> dict[str, Path]:
 
 @pytest.mark.slow
 def test_the_page_draws_where_a_searched_text_is_on_each_thumbnail(server, browser):
-    page = open_page(browser, server)
-    page.get_by_role("tab", name="Search").click()
-    page.locator("#query input, #query textarea").first.fill("a red disc")
-    page.locator("#where input").check()
-    page.locator("#search-text").click()
-    page.locator("#hits img").first.wait_for(timeout=120_000)
+    page = searched(browser, server, "a red disc", where=True)
     shot = page.locator("#hits img").first.screenshot()  # what the page shows: the thumbnail with its spot
     pixels = np.asarray(Image.open(io.BytesIO(shot)).convert("RGB")).astype(int)
     assert (np.abs(pixels - np.array(webapp.SPOT_COLOUR)).sum(axis=2) < 60).any()

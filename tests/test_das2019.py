@@ -2,7 +2,6 @@
 ``phrase_filters``), the spans that place a phrase among the caption's tokens, and the das2019 pointing rule."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
@@ -18,7 +17,7 @@ from models.config import ModelConfig
 from models.joint import JointEmbedding, build_model
 from models.matchmap import Matchmap
 from tests.conftest import run_in_process
-from tests.test_flickr_entities import random_checkpoint
+from tests.test_flickr_entities import entities_pointing, random_checkpoint
 
 TINY = {"arch": "matchmap", "trunk": "resnet18", "trunk_cut": "layer3", "region_dim": 8, "lstm_hidden": 8,
         "word_dim": 5}
@@ -136,12 +135,7 @@ def test_swap_xy_reads_the_rows_as_x_as_their_code_does(two_captions):
 def test_das2019_pointing_of_a_matchmap_reads_phrases_in_context(tiny_world, tmp_path, monkeypatch):
     path = random_checkpoint(tiny_world, tmp_path / "model.pth.tar", arch="matchmap", trunk_cut="layer3",
                              region_dim=16, lstm_hidden=16)
-    out = tmp_path / "pg.json"
-    status = run_in_process("pointing_game.py", ["-p", path, "--dataset", "demo_entities", "--size", "64", "--limit",
-                                                 "3", "--protocol", "das2019", "--json", out, "--per-phrase",
-                                                 "--workers", "0", "--no-progress", "--device", "cpu"],
-                            tiny_world, monkeypatch)
-    report = json.loads(out.read_text())
+    status, report = entities_pointing(path, tiny_world, tmp_path / "pg.json", monkeypatch, 3, "das2019")
     assert status == 0 and report["settings"]["context"] == "caption" and report["settings"]["swap_xy"] is False
     rows = report["per_phrase"]
     for row in rows:  # each row carries what both rules need: the pixel, every box and its own hit

@@ -2,19 +2,17 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
 from pathlib import Path
 
 import pytest
 import torch
 
-from misc.store import checkpoint
 from misc.data import flickr_entities as fe
 from misc.config import TrainConfig
 from misc.errors import UserError
 from misc.eval.localization import phrase_hit
 from models.config import ModelConfig
-from models.joint import build_model
+from tests.conftest import random_checkpoint as tiny_checkpoint
 from tests.conftest import run_in_process
 
 SENTENCES = """\
@@ -109,15 +107,21 @@ def test_a_phrase_hits_when_the_point_is_in_any_of_its_boxes() -> None:
 
 
 def random_checkpoint(world: Path, path: Path, **model: object) -> Path:
-    """A random-weight tiny model of either system in the project's checkpoint format, on the world's words."""
+    """A random-weight tiny model of either system (:func:`tests.conftest.random_checkpoint`), on the world's
+    words, evaluating at the default test size."""
     torch.manual_seed(0)
-    model_config = ModelConfig(trunk="resnet18", word_dim=64, **model)
-    checkpoint.atomic_save({"format": "dsve-loc", "version": 1,
-                            "config": {"model": asdict(model_config), "train": asdict(TrainConfig(dataset="demo")),
-                                       "word_vectors": str(world / "words" / "demo_word2vec.bin")},
-                            "model": build_model(model_config).state_dict(), "epoch": 0, "best_rsum": 0.0,
-                            "metrics": {}}, path)
-    return path
+    return tiny_checkpoint(path, ModelConfig(trunk="resnet18", word_dim=64, **model), world, TrainConfig().test_size)
+
+
+def entities_pointing(path: Path, world: Path, out: Path, monkeypatch: pytest.MonkeyPatch, limit: int,
+                      protocol: str) -> tuple[int, dict]:
+    """pointing_game.py on the first ``limit`` images of the demo world's Flickr30K Entities test split at 64 px,
+    per phrase: its exit status and its record."""
+    status = run_in_process("pointing_game.py", ["-p", path, "--dataset", "demo_entities", "--size", "64", "--limit",
+                                                 limit, "--protocol", protocol, "--json", out, "--per-phrase",
+                                                 "--workers", "0", "--no-progress", "--device", "cpu"], world,
+                            monkeypatch)
+    return status, json.loads(out.read_text()) if out.exists() else {}
 
 
 @pytest.mark.slow
@@ -125,12 +129,7 @@ def random_checkpoint(world: Path, path: Path, **model: object) -> Path:
                                    {"arch": "matchmap", "trunk_cut": "layer3", "region_dim": 16, "lstm_hidden": 16}])
 def test_pointing_game_on_the_demo_worlds_entities(tiny_world, tmp_path, monkeypatch, model):
     path = random_checkpoint(tiny_world, tmp_path / "model.pth.tar", **model)
-    out = tmp_path / "pg.json"
-    status = run_in_process("pointing_game.py", ["-p", path, "--dataset", "demo_entities", "--size", "64", "--limit",
-                                                 "4", "--protocol", "centre", "--json", out, "--per-phrase",
-                                                 "--workers", "0", "--no-progress", "--device", "cpu"],
-                            tiny_world, monkeypatch)
-    report = json.loads(out.read_text())
+    status, report = entities_pointing(path, tiny_world, tmp_path / "pg.json", monkeypatch, 4, "centre")
     assert status == 0 and report["images_from"] == "Flickr30K Entities test" and report["metrics"]["images"] == 4
     metrics = report["metrics"]
     assert report["settings"]["k"] == (1 if "arch" not in model else None)  # round(0.075 d), d = 16; matchmap: unused

@@ -29,7 +29,7 @@ from misc.eval.localization import POINTING_K, choose_k, localization_side, peak
 from misc.devices import autocast, resolve_device
 from misc.eval.encode import encode_captions
 from misc.visualize import DEFAULT_COLORMAP, overlays, panel_size, panel_title, save_png
-from misc.data.spans import find_tokens
+from misc.data.spans import find_tokens, step_span
 from misc.data.words import WordVectors
 from models.heatmaps import apply_filters
 from models.joint import Model
@@ -152,9 +152,11 @@ class Inference:
     def filters_in_context(self, captions: list[str], spans: list[tuple[int, int, int]]) -> torch.Tensor:
         """One filter per phrase read in its caption's context (T, C) on the device: ``spans`` are (caption index,
         first token, end token) into the tokens of ``captions`` (``words.tokens``); the matchmap's mean of the
-        in-context word vectors over the span (``model.phrase_filters``). DSVE refuses in one line."""
+        in-context word vectors over the span (``model.phrase_filters``); under ``model.text_units: phrases`` the
+        steps holding those tokens (a caption's annotated phrase is one step). DSVE refuses in one line."""
         encoded = self.words.encode(captions)
-        rows = torch.tensor(spans, dtype=torch.long).reshape(-1, 3)
+        steps = [(row, *step_span(encoded.steps[row], first, end)) for row, first, end in spans]
+        rows = torch.tensor(steps, dtype=torch.long).reshape(-1, 3)
         try:
             with autocast(self.device, self.amp):
                 return self.model.phrase_filters(encoded.words.to(self.device), encoded.lengths, rows).float()

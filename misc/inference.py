@@ -25,6 +25,7 @@ from misc.store import checkpoint
 from misc.data.datasets import eval_transform
 from misc.errors import UserError
 from misc.data.images import oriented, read_image
+from misc.data.jsonl import with_regions
 from misc.eval.localization import POINTING_K, choose_k, localization_side, peak_location
 from misc.devices import autocast, resolve_device
 from misc.eval.encode import encode_captions
@@ -254,6 +255,8 @@ class Inference:
         if caption is None:
             filters, scores = self.filters(texts, k), self.scores(picture, texts)
         else:
+            # a phrase given with its caption is one step under model.text_units: phrases, as in training
+            caption = caption if per_word else with_regions(caption, texts)
             filters = self.filters_in_context([caption], spans if per_word else self.spans_in(caption, texts))
             scores = self.scores(picture, [caption]).expand(len(texts))
         maps = self.maps(self.transform(size)(picture)[None])  # (1, C, h, w)

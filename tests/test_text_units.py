@@ -18,9 +18,10 @@ from misc.data.spans import Caption, phrase_steps, step_span, word_span_tokens
 from misc.data.words import UNK, WordVectors, load_word_vectors
 from misc.errors import UserError
 from misc.eval.encode import caption_batches
-from misc.inference import Inference
+from misc.inference import Inference, as_image
 from misc.store import checkpoint
 from models.config import ModelConfig
+from models.heatmaps import apply_filters
 from models.joint import build_model
 from tests.conftest import run_in_process
 
@@ -164,7 +165,8 @@ def test_a_phrase_model_trains_and_points_in_context_end_to_end(tiny_world: Path
     for word, vector in zip(state["added_words"]["words"], state["added_words"]["vectors"]):
         assert np.array_equal(model.words.vectors[word], vector.numpy())
     # a caption's phrase read in context is the LSTM output at its one step
-    sentence = flickr_entities.read_sentences(next((entities / "Sentences").glob("*.txt")))[0]
+    sentences = next((entities / "Sentences").glob("*.txt"))
+    sentence = flickr_entities.read_sentences(sentences)[0]
     phrase = next(p for p in sentence.phrases if len(p.text.split()) > 1)
     tokens = model.words.tokens(sentence.text)
     span = word_span_tokens(sentence.text, tokens, phrase.first_word, len(phrase.text.split()))
@@ -175,6 +177,11 @@ def test_a_phrase_model_trains_and_points_in_context_end_to_end(tiny_world: Path
         expected = model.model.text(inputs, torch.tensor([len(steps)]))[0, steps.index(span)]
         found = model.filters_in_context([sentence.text], [(0, *span)])[0]
     torch.testing.assert_close(found, expected)
+    # localize.py --caption: the phrase given with a plain caption is one step too
+    image = entities / "images" / f"{sentences.stem}.jpg"
+    given = model.heatmaps(image, [phrase.text], caption=str(sentence.text)).maps[0]
+    maps = model.maps(model.transform(model.localization_size)(as_image(image))[None])
+    torch.testing.assert_close(given, apply_filters(maps, expected[None])[0, 0])
     assert run_in_process("pointing_game.py", ["-p", run / "best.pth.tar", "--dataset", "demo_entities", "--split",
                                                "test", "--limit", "3", "--workers", "0", "--device", "cpu",
                                                "--no-progress"], tiny_world, monkeypatch) == 0

@@ -119,7 +119,10 @@ def load_data(model_cfg: ModelConfig, cfg: TrainConfig, run: RunOptions, context
     log.info(words.oov_report([caption for record in train_records for caption in record.captions]))
     val_records = load_records(cfg.dataset, cfg.val_split)
     words.units = model_cfg.text_units
-    if model_cfg.unknown_words == "random":
+    kept = run.resume.state.get("added_words") if run.resume else None
+    if kept:  # a resumed run reads the vectors its checkpoint drew
+        words.add(kept["words"], kept["vectors"].numpy())
+    elif model_cfg.unknown_words == "random":
         drawn = words.draw_unknown([c for record in train_records + val_records for c in record.captions], cfg.seed)
         log.info("model.unknown_words=random: drew %d word vectors from the table's mean and std (seed %d)", drawn,
                  cfg.seed)

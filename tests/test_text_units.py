@@ -12,6 +12,7 @@ import torch
 from gensim.models import KeyedVectors
 
 from misc import config
+from misc.config import TrainConfig
 from misc.data import flickr_entities
 from misc.data.jsonl import with_regions
 from misc.data.spans import Caption, phrase_steps, step_span, word_span_tokens
@@ -20,6 +21,9 @@ from misc.errors import UserError
 from misc.eval.encode import caption_batches
 from misc.inference import Inference, as_image
 from misc.store import checkpoint
+from misc.train import distributed
+from misc.train.run import RunOptions, load_data
+from misc.train.state import Resume
 from models.config import ModelConfig
 from models.heatmaps import apply_filters
 from models.joint import build_model
@@ -190,3 +194,23 @@ def test_a_phrase_model_trains_and_points_in_context_end_to_end(tiny_world: Path
 
 def test_config_names_glove_6b_300d():
     assert config.PATHS["glove_vectors"].default.name == "glove.6B.300d.txt"
+
+
+def test_a_new_run_draws_unknown_words_and_a_resumed_one_reads_its_checkpoints(tiny_world: Path,
+                                                                              monkeypatch: pytest.MonkeyPatch):
+    for key, path in list(config.DEMO_PATHS.items()):
+        monkeypatch.setitem(config.DEMO_PATHS, key, tiny_world / path.relative_to(config.DEMO_DIR))
+    monkeypatch.setattr(config, "DEMO_DIR", tiny_world)
+    cfg = TrainConfig(dataset="demo", split="train", batch_size=8, workers=0, crop_size=32, seed=4)
+    model_cfg = ModelConfig(**{**TINY, "word_dim": 64}, unknown_words="random")
+    context = distributed.Context(0, 1, torch.device("cpu"))
+    fresh = load_data(model_cfg, cfg, RunOptions(out=Path("unused")), context).words
+    assert UNK in fresh.added  # the demo table has no UNK row: one is drawn
+    kept = {"words": ["zzz", UNK], "vectors": torch.arange(128, dtype=torch.float32).reshape(2, 64)}
+    resumed = load_data(model_cfg, cfg, RunOptions(out=Path("unused"), resume=Resume(Path("last.pth.tar"),
+                                                                                     {"added_words": kept})),
+                        context).words
+    assert resumed.added == ["zzz", UNK]  # nothing drawn anew
+    assert np.array_equal(resumed.vectors["zzz"], np.arange(64)) and np.array_equal(resumed.unk, np.arange(64, 128))
+    assert not load_data(ModelConfig(**{**TINY, "word_dim": 64}), cfg, RunOptions(out=Path("unused")),
+                         context).words.added  # zero: the table as it is

@@ -198,8 +198,8 @@ class WordVectors:
         missing = {self.key(token) for caption in captions for token in self.tokens(caption)
                    if self.index(token) is None}
         keys = sorted(missing | ({UNK} if UNK not in self.vectors.key_to_index else set()))
-        table = self.vectors.vectors.astype(np.float64)
-        mean, std = table.mean(axis=0), table.std(axis=0)
+        table = self.vectors.vectors  # (V, dim): statistics in float64 without a float64 copy of the table
+        mean, std = table.mean(axis=0, dtype=np.float64), table.std(axis=0, dtype=np.float64)
         drawn = np.random.default_rng(seed).normal(size=(len(keys), self.dim)) * std + mean
         self.add(keys, drawn)
         return len(keys)

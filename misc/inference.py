@@ -215,9 +215,11 @@ class Inference:
         return sum(self.words.index(token) is not None for token in self.words.tokens(text))
 
     def unknown_words(self, text: str) -> list[str]:
-        """The words of ``text`` (tokens with a letter or digit) that are not in the vocabulary."""
-        return [token for token in self.words.tokens(text)
-                if any(c.isalnum() for c in token) and self.words.index(token) is None]
+        """The words of ``text`` (tokens with a letter or digit) that are not in the vocabulary, those given a drawn
+        vector (``model.unknown_words: random``) included."""
+        drawn = set(self.words.added)
+        return [token for token in self.words.tokens(text) if any(c.isalnum() for c in token)
+                and (self.words.index(token) is None or self.words.key(token) in drawn)]
 
     @torch.no_grad()
     def scores(self, image: Image.Image, texts: list[str]) -> torch.Tensor:

@@ -166,8 +166,14 @@ def test_a_phrase_model_trains_and_points_in_context_end_to_end(tiny_world: Path
     assert state["config"]["model"]["text_units"] == "phrases"
     model = Inference.load(run / "best.pth.tar", device="cpu")
     assert model.words.units == "phrases" and UNK in state["added_words"]["words"]
+    checkpoint.export_file(run / "best.pth.tar", tmp_path / "export")  # the drawn rows go into its word table
+    exported = Inference.load(tmp_path / "export", device="cpu")
     for word, vector in zip(state["added_words"]["words"], state["added_words"]["vectors"]):
         assert np.array_equal(model.words.vectors[word], vector.numpy())
+        assert np.array_equal(exported.words.vectors[word], vector.numpy())
+    assert exported.words.units == "phrases"
+    with pytest.raises(UserError, match="export it without --words-ref"):
+        checkpoint.export_file(run / "best.pth.tar", tmp_path / "reference", words_ref=True)
     # a caption's phrase read in context is the LSTM output at its one step
     sentences = next((entities / "Sentences").glob("*.txt"))
     sentence = flickr_entities.read_sentences(sentences)[0]

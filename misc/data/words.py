@@ -115,7 +115,7 @@ class WordVectors:
         self.added: list[str] = []  # keys drawn or added after loading (model.unknown_words: random)
         self.dim = int(vectors.vector_size)
         self.unk = vectors[UNK] if UNK in vectors.key_to_index else np.zeros(self.dim, dtype=np.float32)
-        self.uncased = not any(key != key.lower() for key in vectors.key_to_index if key != UNK)
+        self.uncased = not any(key != key.lower() for key in vectors.key_to_index)
 
     def __len__(self) -> int:
         return len(self.vectors.key_to_index)

@@ -284,6 +284,28 @@ def test_the_page_searches_the_collection_by_text_with_thumbnails(server, browse
     page.close()
 
 
+@pytest.mark.slow
+def test_the_page_searches_by_an_uploaded_image_and_refuses_a_non_image_in_one_line(server, browser, tiny_world,
+                                                                                    tmp_path):
+    names = list_images(tiny_world / "images" / "val2014")
+    page = open_page(browser, server)
+    page.get_by_role("tab", name="Search").click()
+    page.locator("#query-image input[type=file]").set_input_files(str(tiny_world / "images" / "val2014" / names[3]))
+    page.locator("#query-image img").first.wait_for(timeout=30_000)
+    page.locator("#search-image").click()
+    page.locator("#hits img").first.wait_for(timeout=120_000)
+    expect(page.locator("#search-note")).to_contain_text(f"top 12 of {len(names)} images", timeout=10_000)
+    ranked = re.findall(r"COCO_val2014_\d+\.jpg", page.locator("#ranking").inner_text())
+    assert ranked[0] == names[3]  # the image itself, first
+    (tmp_path / "notes.jpg").write_text("not an image")
+    page.locator("#query-image input[type=file]").set_input_files(str(tmp_path / "notes.jpg"))
+    time.sleep(2)  # the upload reaches the server
+    page.locator("#search-image").click()
+    message = page.get_by_text(re.compile(r"notes\.jpg: cannot read it as an image \(UnidentifiedImageError: "))
+    expect(message.first).to_be_visible(timeout=60_000)
+    page.close()
+
+
 def odd_uploads(folder: Path) -> dict[str, Path]:
     """Files a person may upload: not an image, a decompression bomb (a PNG of 20000 x 20000), a 6000 x 6000 photo,
     CMYK, 16-bit grey and an animated GIF."""

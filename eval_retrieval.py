@@ -67,14 +67,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def embed_split(args: argparse.Namespace) -> Embedded:
     """Embed the split's images and captions with the checkpoint (the model, image and word libraries are
     imported here, only on this path)."""
-    from misc.data.datasets import load_records, prepare_dataset
+    from misc.data.datasets import load_split, prepare_dataset
     from misc.eval.encode import encode_records
     from misc.inference import Inference
 
     model = Inference.load(args.checkpoint, args.words, args.device, args.amp)
     dataset = args.dataset or model.config["train"]["dataset"]
     prepare_dataset(dataset)
-    records = load_records(dataset, args.split)
+    records, unreadable = load_split(dataset, args.split)
     size = args.size or (256 if args.protocol == "crop" else model.test_size)
     log.info("embedding %d images (%dx%d) and their captions from %s on %s", len(records), size, size, dataset,
              model.device)
@@ -83,7 +83,8 @@ def embed_split(args: argparse.Namespace) -> Embedded:
                               progress=not args.no_progress, protocol=args.protocol)
     images, captions, owner = (np.asarray(x) for x in embedded)
     return Embedded(images, captions, owner, {"checkpoint": args.checkpoint, "dataset": str(dataset),
-                                              "split": args.split, "size": size, "protocol": args.protocol})
+                                              "split": args.split, "size": size, "protocol": args.protocol,
+                                              "unreadable_images": results.unreadable_images(unreadable)})
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -129,40 +129,42 @@ def main(argv: list[str] | None = None) -> None:
     k = model.choose_k(args.k, POINTING_K)
     log.info("pointing game: %d phrases of %d images, %dx%d, k=%s, context %s on %s",
              sum(len(i.phrases) for i in items), len(items), size, size, k, context, model.device)
-    per_phrase = pointing.point(model, items, size, k, args.protocol, args.tolerance, args.batch_size,
-                                args.workers if args.workers is not None else 2, not args.no_progress, context,
-                                args.swap_xy)
-
-    metrics = pointing.accuracies(per_phrase, len(items), len(skipped), args.protocol)
-    # The paper's Table 3 is DSVE on Visual Genome phrases: no reference for the matchmap or Flickr30K Entities.
-    paper = pointing.PAPER if model.model.config.arch == "dsve" and not metrics["per_type"] else None
-    entry = results.record("pointing_game", checkpoint=args.checkpoint, dataset=source["dataset"],
-                           split=source["split"], size=size, protocol=args.protocol, metrics=metrics,
-                           settings={"k": k, "tolerance": args.tolerance, "min_words": args.min_words,
-                                     "grid": per_phrase[0]["grid"], "context": context, "swap_xy": args.swap_xy},
-                           images_from=source["images_from"], skipped_reasons=reasons,
-                           **({"paper": paper} if paper else {}))
-    print(f"pointing game: {len(per_phrase)} phrases of {len(items)} images ({source['images_from']}), "
-          f"{size}x{size}, k={k if k is not None else 'n/a'}, context {context}, protocol {args.protocol}"
-          f"{' (x/y swapped as in their code)' if args.swap_xy else ''}: "
-          f"hit = {pointing.hit_rule(args.protocol, args.tolerance)}")
-    for key, name in (("accuracy", "accuracy       "), ("center_baseline", "centre baseline"),
-                      ("any_box_accuracy", "any-box        ")):
-        if key not in metrics:
-            continue
-        reference = f"   (paper {paper[key]} %)" if paper else ""
-        print(f"  {name} {metrics[key]:6.2f} %{reference}")
-    for kind, row in metrics["per_type"].items():
-        print(f"  {kind:<15} {row['accuracy']:6.2f} %   centre {row['center_baseline']:6.2f} %   "
-              f"({row['phrases']} phrases)")
-    if skipped:
-        print(f"  skipped {len(skipped)} phrases: " + ", ".join(f"{r} {c}" for r, c in reasons.items()))
-    rows = {"per_phrase": per_phrase, "skipped_phrases": skipped} if args.per_phrase else None
-    results.save(entry, args.json, args.results, args.results_key, rows)
-    if args.overlays:
-        written = pointing.write_overlays(model, items[:args.overlay_images], per_phrase, size, k, args.protocol,
-                                          args.overlays, context)
-        print(f"  overlays: {', '.join(str(path) for path in written)}")
+    rows = pointing.point(model, items, size, k, args.protocol, args.tolerance, args.batch_size,
+                          args.workers if args.workers is not None else 2, not args.no_progress, context, args.swap_xy)
+    shown = sum(len(item.phrases) for item in items[:args.overlay_images]) if args.overlays else 1
+    with results.spooled() as spool:  # the rows go to disk as they come (millions of phrases, bounded memory)
+        tally, first = pointing.play(rows, args.protocol, spool if args.json and args.per_phrase else None, shown)
+        metrics = tally.metrics(len(items), len(skipped))
+        # The paper's Table 3 is DSVE on Visual Genome phrases: no reference for the matchmap or Flickr30K Entities.
+        paper = pointing.PAPER if model.model.config.arch == "dsve" and not metrics["per_type"] else None
+        entry = results.record("pointing_game", checkpoint=args.checkpoint, dataset=source["dataset"],
+                               split=source["split"], size=size, protocol=args.protocol, metrics=metrics,
+                               settings={"k": k, "tolerance": args.tolerance, "min_words": args.min_words,
+                                         "grid": first[0]["grid"], "context": context, "swap_xy": args.swap_xy},
+                               images_from=source["images_from"], skipped_reasons=reasons,
+                               unreadable_images=results.unreadable_images(source["unreadable"]),
+                               **({"paper": paper} if paper else {}))
+        print(f"pointing game: {tally.phrases} phrases of {len(items)} images ({source['images_from']}), "
+              f"{size}x{size}, k={k if k is not None else 'n/a'}, context {context}, protocol {args.protocol}"
+              f"{' (x/y swapped as in their code)' if args.swap_xy else ''}: "
+              f"hit = {pointing.hit_rule(args.protocol, args.tolerance)}")
+        for key, name in (("accuracy", "accuracy       "), ("center_baseline", "centre baseline"),
+                          ("any_box_accuracy", "any-box        ")):
+            if key not in metrics:
+                continue
+            reference = f"   (paper {paper[key]} %)" if paper else ""
+            print(f"  {name} {metrics[key]:6.2f} %{reference}")
+        for kind, row in metrics["per_type"].items():
+            print(f"  {kind:<15} {row['accuracy']:6.2f} %   centre {row['center_baseline']:6.2f} %   "
+                  f"({row['phrases']} phrases)")
+        if skipped:
+            print(f"  skipped {len(skipped)} phrases: " + ", ".join(f"{r} {c}" for r, c in reasons.items()))
+        rows = {"per_phrase": spool.rows(), "skipped_phrases": skipped} if args.per_phrase else None
+        results.save(entry, args.json, args.results, args.results_key, rows)
+        if args.overlays:
+            written = pointing.write_overlays(model, items[:args.overlay_images], first, size, k, args.protocol,
+                                              args.overlays, context)
+            print(f"  overlays: {', '.join(str(path) for path in written)}")
 
 
 if __name__ == "__main__":

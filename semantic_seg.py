@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> None:
 
     model = Inference.load(args.checkpoint, args.words, args.device, args.amp)
     dataset = args.dataset or model.config["train"]["dataset"]
-    coco, records, images_from = segment.load_images(dataset, split)
+    coco, records, images_from, unreadable = segment.load_images(dataset, split)
     records = records[:args.limit] if args.limit is not None else records
     categories, names, queries = segment.category_queries(coco, args.protocol, model)
     k = model.choose_k(args.k, SEGMENTATION_K)
@@ -101,6 +101,7 @@ def main(argv: list[str] | None = None) -> None:
                            settings=settings, images_from=images_from,
                            queries={names[c]: queries[c] for c in categories},
                            categories_without_positives=len(categories) - evaluated, per_category=per_category,
+                           unreadable_images=results.unreadable_images(unreadable),
                            paper=segment.PAPER)
 
     print(f"semantic segmentation ({args.protocol}): {len(records)} images of {images_from}, {evaluated} "

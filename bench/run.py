@@ -23,7 +23,7 @@ sys.path.insert(0, str(HERE.parent))
 from misc.store.files import atomic_path  # noqa: E402
 
 BENCHMARKS = ["bench_help.py", "bench_retrieval.py", "bench_heatmaps.py", "bench_amp.py", "bench_train.py",
-              "bench_extraction.py", "bench_search.py", "bench_index.py", "bench_app.py"]
+              "bench_extraction.py", "bench_search.py", "bench_index.py", "bench_app.py", "bench_large.py"]
 HEADER = ("# Benchmark results\n\nWritten by `make bench` (`python bench/run.py`); `python bench/run.py NAME.py ...` "
           "reruns only the named benchmarks and keeps the other sections. Each section is the benchmark's own output, "
           "headed by the command, how long it took and when it ran; the output starts with the machine and its load. "

@@ -8,6 +8,8 @@ match a text or an image.
 
 The functions that compute what the page shows take plain values and raise :class:`UserError`, so they are tested
 without a browser; :func:`build_ui` only wires them to gradio, which is imported there, after :func:`go_offline`.
+An uploaded image reaches them as gradio stored it, unconverted (:func:`upload_path`): the project's decoder reads
+it, so a file that is not an image or a decompression bomb is the project's one-line message on the page.
 """
 from __future__ import annotations
 
@@ -100,6 +102,20 @@ def display_image(path: str | Path) -> tuple[Image.Image, float]:
     picture = read_image(path, DISPLAY_SIDE)
     picture.thumbnail((DISPLAY_SIDE, DISPLAY_SIDE))
     return picture, shown_size(path)[0] / picture.width
+
+
+def upload_path(payload: dict[str, Any] | str | None) -> str | None:
+    """The file of an image upload as gradio hands it over when it converts nothing (``preprocess=False``): the
+    upload's path in gradio's upload folder, None when nothing was uploaded. gradio's own conversion opens the file
+    with PIL before our code runs, so that a text file or a decompression bomb ends in gradio's error, which names
+    its component and repeats the whole payload; :func:`display_image` says it in one line instead."""
+    if not payload:
+        return None
+    if isinstance(payload, str):
+        return payload
+    if not payload.get("path"):
+        raise UserError("the image did not arrive as a file: upload it again")
+    return payload["path"]
 
 
 @dataclass
@@ -248,8 +264,9 @@ def build_ui(model: Inference, searchable: Searchable | None = None, size: int |
                                   elem_id="heatmaps")
             scores = gr.Dataframe(headers=LOCALIZE_COLUMNS, label="cosine scores", elem_id="scores",
                                   interactive=False)
-            run.click(shown(lambda path, text, side: localize(model, path, text, int(side), k)),
-                      [image, phrases, side_input], [heatmaps, scores])
+            # preprocess=False: the upload reaches localize unconverted (upload_path), the other inputs as sent
+            run.click(shown(lambda upload, text, side: localize(model, upload_path(upload), text, int(side), k)),
+                      [image, phrases, side_input], [heatmaps, scores], preprocess=False)
         with gr.Tab("Search"):
             if searchable is None:
                 gr.Markdown("Nothing to search: start the app with `--features FILE_OR_FOLDER`, the `.npz` of "
@@ -276,9 +293,9 @@ def build_ui(model: Inference, searchable: Searchable | None = None, size: int |
                     searchable, name, text_query(model, text), count,
                     (lambda path: spot(model, path, text.strip())) if show else None)),
                     [collection, query, top, located], [hits, table, note])
-                by_image.click(shown(lambda name, path, count: search(
-                    searchable, name, image_query(model, pick(searchable, name), path), count)),
-                    [collection, query_image, top], [hits, table, note])
+                by_image.click(shown(lambda name, upload, count: search(
+                    searchable, name, image_query(model, pick(searchable, name), upload_path(upload)), int(count))),
+                    [collection, query_image, top], [hits, table, note], preprocess=False)
     page.queue(default_concurrency_limit=concurrency)
     return page
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import resource
 import subprocess
 import sys
+import zlib
 
 import numpy as np
 import pytest
@@ -15,6 +16,16 @@ from misc.errors import UserError
 from misc.webapp import DISPLAY_SIDE, display_image
 
 HUGE = "from PIL import Image; Image.new('RGB', (10000, 10000), (200, 40, 40)).save({!r}, quality=60)"
+
+
+def png_bomb(side: int = 20000) -> bytes:
+    """A PNG that says it is side x side RGB pixels (1.2 GB decoded at 20000): a header, a little data and its end,
+    which PIL opens, then refuses as a decompression bomb before decoding anything."""
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return len(body).to_bytes(4, "big") + kind + body + zlib.crc32(kind + body).to_bytes(4, "big")
+    header = side.to_bytes(4, "big") * 2 + bytes([8, 2, 0, 0, 0])  # 8 bits, RGB, no interlace
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(bytes(64)))
+            + chunk(b"IEND", b""))
 
 
 def test_a_huge_jpeg_is_decoded_small_and_its_peaks_scale_back(tmp_path):
@@ -51,4 +62,14 @@ def test_a_file_that_is_not_an_image_is_one_line(tmp_path):
     with pytest.raises(UserError) as error:
         display_image(tmp_path / "notes.jpg")
     assert str(error.value).startswith(f"{tmp_path / 'notes.jpg'}: cannot read it as an image (")
+    assert "\n" not in str(error.value)
+
+
+def test_a_decompression_bomb_is_one_line_before_anything_is_decoded(tmp_path):
+    (tmp_path / "bomb.png").write_bytes(png_bomb())
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # kilobytes
+    with pytest.raises(UserError) as error:
+        display_image(tmp_path / "bomb.png")
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 100_000  # never the 1.2 GB of pixels
+    assert str(error.value).startswith(f"{tmp_path / 'bomb.png'}: cannot read it as an image (DecompressionBombError: ")
     assert "\n" not in str(error.value)

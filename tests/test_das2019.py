@@ -13,6 +13,7 @@ from misc.data.words import tokenize
 from misc.errors import UserError
 from misc.eval import pointing
 from misc.eval.localization import DAS2019
+from misc.eval.tally import accuracies
 from models.config import ModelConfig
 from models.joint import JointEmbedding, build_model
 from models.matchmap import Matchmap
@@ -107,7 +108,7 @@ def two_captions(tmp_path: Path) -> list[pointing.Item]:
 
 
 def test_das2019_scores_each_box_per_caption_then_the_mean_over_captions(two_captions):
-    rows = pointing.point(Painted(), two_captions, 8, None, DAS2019, 0.0, 1, 0, False)
+    rows = list(pointing.point(Painted(), two_captions, 8, None, DAS2019, 0.0, 1, 0, False))
     # By hand, at 8 x 8 (half-pixel bilinear from the 2 x 4 grid, ties to the first pixel in row-major order):
     # p0's map is 1 at pixels (row 0-1, col 7): arg-max pixel (0, 7), point (7.5, 0.5);
     # p1's map is 1 at pixels (row 6-7, col 0): arg-max pixel (6, 0), point (0.5, 6.5).
@@ -115,7 +116,7 @@ def test_das2019_scores_each_box_per_caption_then_the_mean_over_captions(two_cap
     assert [r["pixel"] for r in rows] == [[0, 7], [6, 0]]
     assert [r["point"] for r in rows] == [[7.5, 0.5], [0.5, 6.5]]
     assert [r["box_hits"] for r in rows] == [[True, False], [True]]
-    metrics = pointing.accuracies(rows, 1, 0, DAS2019)
+    metrics = accuracies(rows, 1, 0, DAS2019)
     assert metrics["accuracy"] == pytest.approx(100 * (1 / 2 + 1 / 1) / 2)  # 75 %, not the pooled 2 of 3 boxes
     assert metrics["any_box_accuracy"] == 100.0 and metrics["captions"] == 2 and metrics["boxes"] == 3
     assert metrics["center_baseline"] == 0.0  # pixel (4, 4), point (4.5, 4.5): in neither box
@@ -123,12 +124,12 @@ def test_das2019_scores_each_box_per_caption_then_the_mean_over_captions(two_cap
 
 
 def test_swap_xy_reads_the_rows_as_x_as_their_code_does(two_captions):
-    rows = pointing.point(Painted(), two_captions, 8, None, DAS2019, 0.0, 1, 0, False, swap_xy=True)
+    rows = list(pointing.point(Painted(), two_captions, 8, None, DAS2019, 0.0, 1, 0, False, swap_xy=True))
     # the same arg-max pixels; the points swapped: p0 (0.5, 7.5) is in B not A, p1 (6.5, 0.5) is not in B
     assert [r["pixel"] for r in rows] == [[0, 7], [6, 0]]
     assert [r["point"] for r in rows] == [[0.5, 7.5], [6.5, 0.5]]
     assert [r["box_hits"] for r in rows] == [[False, True], [False]]
-    assert pointing.accuracies(rows, 1, 0, DAS2019)["accuracy"] == pytest.approx(100 * (1 / 2 + 0) / 2)
+    assert accuracies(rows, 1, 0, DAS2019)["accuracy"] == pytest.approx(100 * (1 / 2 + 0) / 2)
 
 
 @pytest.mark.slow

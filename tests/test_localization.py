@@ -666,3 +666,45 @@ def test_ranked_segmentation_ious_match_pycocotools_on_masks_made_here(tiny_worl
         encoded = mask_utils.encode(np.asfortranarray(np.stack([predicted, truth], axis=2).astype(np.uint8)))
         expected = mask_utils.iou([encoded[0]], [encoded[1]], [0])[0, 0]
         assert row["iou"] == pytest.approx(expected, abs=1e-9)
+
+
+def test_original_segmentation_ious_match_pycocotools_on_masks_made_here(tiny_world, tiny_checkpoint, tmp_path,
+                                                                         monkeypatch):
+    """A sample of --per-image IoUs (original protocol) worked out apart from misc/eval/segmentation.py: the heatmap
+    from Inference.heatmaps, rescaled to uint8 ((v - min) 255 / (max - min) + 0.5, truncated), resized to 200 x 200
+    by Pillow (bilinear) and kept strictly above t (max - min); the truth the union of the category's annotation
+    masks (annToMask), resized to 200 x 200 (nearest); the IoU pycocotools' on the two RLE masks."""
+    from pycocotools import mask as mask_utils
+    from pycocotools.coco import COCO
+
+    from misc.inference import Inference
+
+    out, side = tmp_path / "seg.json", 200  # the original's mask side
+    status = run_in_process("semantic_seg.py", ["-p", tiny_checkpoint, "--limit", "3", "--json", out, "--per-image",
+                                                *CLI_FLAGS], tiny_world, monkeypatch)
+    report = json.loads(out.read_text())
+    assert status == 0 and report["protocol"] == "original"
+    coco = COCO(str(tiny_world / "annotations" / "instances_val2014.json"))
+    ids = {c["name"]: c["id"] for c in coco.loadCats(coco.getCatIds())}
+    model = Inference.load(tiny_checkpoint, device="cpu")
+    threshold, k = report["settings"]["threshold"], report["settings"]["k"]
+    rows = [row for row in report["per_image"] if row["present"]][:5]
+    assert len(rows) == 5 and len({row["iou"] for row in rows}) > 1
+    for row in rows:
+        info = coco.imgs[row["image_id"]]
+        file, query = tiny_world / "images" / "val2014" / info["file_name"], report["queries"][row["category"]]
+        found = model.heatmaps(file, query, size=report["size"], k=k)
+        heat = found.maps[0].numpy().astype(np.float32)  # (h, w)
+        scaled = ((heat - heat.min()) * np.float32(255.0 / float(heat.max() - heat.min())) + np.float32(0.5))
+        small = np.asarray(Image.fromarray(np.clip(scaled, 0, 255).astype(np.uint8), mode="L").resize(
+            (side, side), resample=Image.Resampling.BILINEAR)).astype(int)
+        predicted = small > threshold * (small.max() - small.min())
+        truth = np.zeros((info["height"], info["width"]), dtype=bool)
+        for ann in coco.loadAnns(coco.getAnnIds(imgIds=[row["image_id"]], catIds=[ids[row["category"]]],
+                                                iscrowd=None)):
+            truth |= coco.annToMask(ann).astype(bool)
+        assert 0 < truth.sum() < truth.size  # else the original's uint8 rescale would empty it
+        truth = np.asarray(Image.fromarray(truth.astype(np.uint8) * 255, mode="L").resize(
+            (side, side), resample=Image.Resampling.NEAREST)) > 0
+        encoded = mask_utils.encode(np.asfortranarray(np.stack([predicted, truth], axis=2).astype(np.uint8)))
+        assert row["iou"] == pytest.approx(mask_utils.iou([encoded[0]], [encoded[1]], [0])[0, 0], abs=1e-9)

@@ -39,6 +39,7 @@ DATASET_KEYS = {"coco": ("coco_images", "coco_karpathy"), "demo": ("coco_images"
 # The datasets the demo world holds: "demo" (its Karpathy, COCO and Visual Genome files) and "demo_entities" (its
 # Flickr30K Entities files, for the pointing game).
 DEMO_DATASETS = ("demo", "demo_entities")
+Unreadable = list[tuple[str, str]]  # images left out because they do not decode: (path, reason)
 
 
 @dataclass
@@ -78,9 +79,9 @@ def karpathy_records(json_path: Path, images_root: Path, split: str) -> list[Rec
     return records
 
 
-def custom_records(path: Path, split: str) -> list[Record]:
-    """The images of ``split`` of a custom JSON-lines file (misc/data/jsonl.py) whose image opens; captions with no
-    words are skipped and counted."""
+def custom_records(path: Path, split: str) -> tuple[list[Record], Unreadable]:
+    """The images of ``split`` of a custom JSON-lines file (misc/data/jsonl.py) whose image decodes, and those
+    left out; captions with no words are skipped and counted."""
     records = []
     for entry in split_entries(path, split):
         kept = [c for c in entry.captions if tokenize(c)]
@@ -99,12 +100,17 @@ def is_custom(dataset: str) -> bool:
 
 
 def load_records(dataset: str, split: str) -> list[Record]:
-    """Records of a named dataset (coco, flickr30k, flickr30k_entities, demo) or of a custom JSON-lines file, paths
-    from config. flickr30k_entities: the images of a Flickr30K Entities split file with their Sentences/ captions."""
+    """The usable records of :func:`load_split`."""
+    return load_split(dataset, split)[0]
+
+
+def load_split(dataset: str, split: str) -> tuple[list[Record], Unreadable]:
+    """Records of a named dataset (coco, flickr30k, demo, flickr30k_entities: a split file with its Sentences/) or a
+    JSON-lines file, and the images left out as undecodable (one's own are decoded ahead, named ones only found)."""
     if dataset == flickr_entities.DATASET:
         records = [Record(*entry) for entry in flickr_entities.caption_records(split)]
         check_images(records, "flickr_images")
-        return records
+        return records, []
     if dataset not in DATASET_KEYS:
         if is_custom(dataset):
             return custom_records(Path(dataset), split)
@@ -114,7 +120,7 @@ def load_records(dataset: str, split: str) -> list[Record]:
     demo = dataset == "demo"
     records = karpathy_records(config.path(split_key, demo=demo), config.path(images_key, demo=demo), split)
     check_images(records, images_key)
-    return records
+    return records, []
 
 
 def check_images(records: list[Record], key: str = "") -> None:
@@ -124,23 +130,22 @@ def check_images(records: list[Record], key: str = "") -> None:
         raise UserError(f"{len(missing)} of {len(records)} images are missing, e.g. {missing[0]}{where}")
 
 
-def readable_records(records: list[Record], source: Path) -> list[Record]:
-    """The records whose image decodes (:func:`misc.data.images.unreadable`). The others (missing, not an image,
-    truncated) are skipped and counted in the log before anything trains or is evaluated; :class:`PairDataset`
-    still replaces any that fails later during training."""
+def readable_records(records: list[Record], source: Path) -> tuple[list[Record], Unreadable]:
+    """The records whose image decodes (:func:`misc.data.images.unreadable`) and the others, logged before anything
+    runs (missing, not an image, truncated); :class:`PairDataset` still replaces any that fails later in training."""
     kept, skipped = [], []
     for record in records:
         reason = unreadable(record.image)
         if reason is None:
             kept.append(record)
         else:
-            skipped.append(f"{record.image} ({reason})")
+            skipped.append((str(record.image), reason))
     if skipped:
-        log.warning("%s: skipped %d of %d images that cannot be read, e.g. %s", source, len(skipped),
-                    len(records), skipped[0])
+        log.warning("%s: skipped %d of %d images that cannot be read, e.g. %s (%s)", source, len(skipped),
+                    len(records), *skipped[0])
     if not kept:
-        raise UserError(f"{source}: none of its {len(records)} images can be read, e.g. {skipped[0]}")
-    return kept
+        raise UserError(f"{source}: none of its {len(records)} images can be read, e.g. {': '.join(skipped[0])}")
+    return kept, skipped
 
 
 def prepare_dataset(dataset: str) -> None:

@@ -1,13 +1,16 @@
 """The pointing game (paper §4.3) as a loop over images: which phrases to ask about (Visual Genome regions of COCO
 images, Flickr30K Entities phrases, or the regions of a JSON-lines file), why others are skipped, where each
-phrase's heatmap peaks and whether that point hits one of its boxes, the accuracies, and one figure per image.
+phrase's heatmap peaks and whether that point hits one of its boxes (rows yielded as they are made, scored as they
+pass: memory holds counts, not rows), and one figure per image.
 
-The rules themselves (where a peak cell points, what a hit is) are in misc/eval/localization.py; pointing_game.py
-parses the command line and prints the summary.
+The rules themselves (where a peak cell points, what a hit is) are in misc/eval/localization.py, the accuracies in
+misc/eval/tally.py; pointing_game.py parses the command line and prints the summary.
 """
 from __future__ import annotations
 
+import logging
 from collections import Counter
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -20,18 +23,22 @@ from misc import config
 from misc.data import flickr_entities
 from misc.data.datasets import (SPLITS, ImageDataset, coco_files, is_custom, prepare_dataset, read_regions,
                                 uses_demo)
-from misc.data.flickr_entities import ENTITY_TYPES, EntitiesImage
+from misc.data.flickr_entities import EntitiesImage
 from misc.data.images import decode_image, unreadable
 from misc.data.jsonl import Entry, image_size, split_entries
 from misc.errors import UserError, check_choice, did_you_mean
 from misc.data.spans import whole_phrase, word_span_tokens
-from misc.eval.localization import (DAS2019, caption_accuracy, cell_points, peak_cells, phrase_hit, pixel_points,
+from misc.eval.localization import (DAS2019, cell_points, peak_cells, phrase_hit, pixel_points,
                                     pointing_hits, scale_boxes)
+from misc.eval.tally import Tally
+from misc.store.results import Spool
 from misc.visualize import overlays, save_png
 from models.heatmaps import apply_filters
 
 if TYPE_CHECKING:
     from misc.inference import Inference
+
+log = logging.getLogger(__name__)
 
 PAPER = {"accuracy": 33.8, "center_baseline": 19.5}  # Table 3: DSVE, d = 2400, k = 180, Visual Genome phrases
 DATASETS = ("coco", "demo", "flickr30k_entities", "demo_entities")  # the last two: Flickr30K Entities files
@@ -115,31 +122,40 @@ def select_entities(images: list[EntitiesImage], model: Inference, min_words: in
     return items, skipped
 
 
-def select_custom(entries: list[Entry], model: Inference, min_words: int) -> tuple[list[Item], list[dict]]:
-    """The regions of a JSON-lines file's images (boxes in the stored image's pixels), and the skipped ones (an
-    image that does not decode, e.g. a JPEG cut short, skips its phrases with the decoder's reason)."""
-    items, skipped = [], []
+def select_custom(entries: list[Entry], model: Inference,
+                  min_words: int) -> tuple[list[Item], list[dict], list[tuple[str, str]]]:
+    """The regions of a JSON-lines file's images (boxes in the stored image's pixels), the skipped ones, and the
+    images that do not decode as (path, reason): e.g. a JPEG cut short skips its phrases with the decoder's
+    reason."""
+    items, skipped, broken_images = [], [], []
     for entry in entries:
         item = Item(entry.line, entry.image, tuple(float(side) for side in image_size(entry.image)))
         broken = unreadable(entry.image) if entry.image.is_file() else None  # a missing file: keep says so
+        if broken:
+            broken_images.append((str(entry.image), broken))
         for number, (phrase, box) in enumerate(entry.regions):
             keep(item, Phrase(phrase, [box], {"region": number}), broken, model, min_words, skipped)
         if item.phrases:
             items.append(item)
-    return items, skipped
+    if broken_images:
+        log.warning("%d images cannot be decoded, their phrases skipped, e.g. %s (%s)", len(broken_images),
+                    *broken_images[0])
+    return items, skipped, broken_images
 
 
 def load_items(model: Inference, dataset: str | None, split: str | None, limit: int | None, min_words: int,
-               scene_as_image: bool) -> tuple[list[Item], list[dict], dict[str, str | None]]:
+               scene_as_image: bool) -> tuple[list[Item], list[dict], dict[str, Any]]:
     """The images and phrases of ``dataset`` (default: the one the model was trained on; Flickr30K Entities for
-    flickr30k), the skipped phrases, and where they come from: dataset, split and images_from (in words)."""
+    flickr30k), the skipped phrases, and where they come from: dataset, split, images_from (in words) and
+    unreadable (the images that do not decode, as (path, reason); only one's own images are decoded ahead, a named
+    dataset's are checked for presence)."""
     trained_on = model.config["train"]["dataset"]
     dataset = dataset or ("flickr30k_entities" if trained_on == "flickr30k" else trained_on)
     if is_custom(dataset):
         split = split or "test"
         entries = split_entries(Path(dataset), split)
-        items, skipped = select_custom(entries[:limit], model, min_words)
-        return items, skipped, {"dataset": dataset, "split": split,
+        items, skipped, broken = select_custom(entries[:limit], model, min_words)
+        return items, skipped, {"dataset": dataset, "split": split, "unreadable": broken,
                                 "images_from": f"{Path(dataset).name} split {split}"}
     if dataset not in DATASETS:
         raise UserError(f"--dataset {dataset}: unknown{did_you_mean(dataset, DATASETS)}; choose one of "
@@ -153,13 +169,14 @@ def load_items(model: Inference, dataset: str | None, split: str | None, limit: 
         root = config.path("flickr_entities", demo=demo)
         images = flickr_entities.load_images(root, config.path("flickr_images", demo=demo), split, limit)
         items, skipped = select_entities(images, model, min_words, scene_as_image)
-        return items, skipped, {"dataset": dataset, "split": split, "images_from": f"Flickr30K Entities {split}"}
+        return items, skipped, {"dataset": dataset, "split": split, "unreadable": [],
+                                "images_from": f"Flickr30K Entities {split}"}
     if split is not None:
         check_choice("--split", split, SPLITS)
     vg_dir = config.path("vg_dir", demo=demo)
     files = coco_files(config.path("coco_karpathy", demo=demo), config.path("coco_images", demo=demo), split)
     items, skipped = select_regions(read_regions(vg_dir, files, limit), files, model, min_words)
-    return items, skipped, {"dataset": dataset, "split": split,
+    return items, skipped, {"dataset": dataset, "split": split, "unreadable": [],
                             "images_from": f"Karpathy split {split}" if split else "COCO val2014"}
 
 
@@ -192,94 +209,78 @@ def phrase_filters(model: Inference, phrases: list[Phrase], k: int | None, conte
 
 def point(model: Inference, items: list[Item], size: int, k: int | None, protocol: str, tolerance: float,
           batch_size: int, workers: int, progress: bool, context: str = "phrase",
-          swap_xy: bool = False) -> list[dict]:
+          swap_xy: bool = False) -> Iterator[dict]:
     """Peak of every phrase's heatmap, the point the protocol makes of it in the size x size frame, and whether
     it and the centre baseline hit one of the phrase's boxes; under ``das2019`` also each box's own hit
-    (``box_hits``, ``center_box_hits``) at the arg-max pixel of the resized map (``pixel``)."""
+    (``box_hits``, ``center_box_hits``) at the arg-max pixel of the resized map (``pixel``). One row per phrase,
+    in the items' phrase order, yielded batch by batch: a caller keeps what it needs (:class:`Tally`, a file)."""
     loader = DataLoader(ImageDataset([item.path for item in items], model.transform(size)), batch_size=batch_size,
                         num_workers=workers, pin_memory=model.device.type == "cuda")
+    start = 0
+    for images in tqdm(loader, desc="images", disable=not progress, leave=False, dynamic_ncols=True):
+        batch = items[start:start + len(images)]
+        start += len(images)
+        yield from batch_rows(model, batch, images, size, k, protocol, tolerance, context, swap_xy)
+
+
+@torch.no_grad()
+def batch_rows(model: Inference, batch: list[Item], images: torch.Tensor, size: int, k: int | None, protocol: str,
+               tolerance: float, context: str, swap_xy: bool) -> list[dict]:
+    """The rows of :func:`point` for one batch of items and their images (B, 3, size, size)."""
     strict = protocol == "original"
-    with torch.no_grad():
-        scored, start = [], 0
-        for images in tqdm(loader, desc="images", disable=not progress, leave=False, dynamic_ncols=True):
-            batch = items[start:start + len(images)]
-            start += len(images)
-            maps = model.maps(images)  # (B, C, h, w)
-            grid = tuple(maps.shape[-2:])
-            filters = phrase_filters(model, [p for item in batch for p in item.phrases], k, context)  # (M, C)
-            padded = filters.new_zeros(len(batch), max(len(item.phrases) for item in batch), filters.shape[1])
-            row = 0
-            for b, item in enumerate(batch):
-                padded[b, :len(item.phrases)] = filters[row:row + len(item.phrases)]
-                row += len(item.phrases)
-            heat = apply_filters(maps, padded)  # (B, P, h, w)
-            cells = peak_cells(heat, column_major=strict).cpu()  # (B, P, 2)
-            if protocol == DAS2019:
-                middle = torch.tensor([size // 2, size // 2])
-                centre = middle.double() + 0.5
-            else:
-                points = cell_points(cells, grid, size, size, protocol)
-                centre = cell_points(torch.tensor([grid[0] // 2, grid[1] // 2]), grid, size, size, protocol)
-            for b, item in enumerate(batch):
-                if protocol == DAS2019:  # one image's maps at a time: P x size x size floats
-                    pixels, points_b = pixel_points(heat[b, :len(item.phrases)].cpu(), size, swap_xy)
-                else:
-                    pixels, points_b = None, points[b]
-                for p_index, (p, cell, xy) in enumerate(zip(item.phrases, cells[b], points_b)):
-                    boxes = scale_boxes(torch.tensor(p.boxes), item.frame, (size, size))
-                    record = {**p.info, "image_id": item.image_id, "phrase": p.text, "grid": list(grid),
-                           "peak_cell": cell.tolist(), "point": xy.tolist(),
-                           **({"box": boxes[0].tolist()} if len(boxes) == 1 else {}), "boxes": boxes.tolist(),
-                           "hit": phrase_hit(xy, boxes, tolerance, strict),
-                           "center_hit": phrase_hit(centre, boxes, tolerance, strict)}
-                    if pixels is not None:
-                        record.update(pixel=pixels[p_index].tolist(), center_pixel=middle.tolist(),
-                                   box_hits=box_hits(xy, boxes, tolerance),
-                                   center_box_hits=box_hits(centre, boxes, tolerance))
-                    scored.append(record)
+    scored = []
+    maps = model.maps(images)  # (B, C, h, w)
+    grid = tuple(maps.shape[-2:])
+    filters = phrase_filters(model, [p for item in batch for p in item.phrases], k, context)  # (M, C)
+    padded = filters.new_zeros(len(batch), max(len(item.phrases) for item in batch), filters.shape[1])
+    row = 0
+    for b, item in enumerate(batch):
+        padded[b, :len(item.phrases)] = filters[row:row + len(item.phrases)]
+        row += len(item.phrases)
+    heat = apply_filters(maps, padded)  # (B, P, h, w)
+    cells = peak_cells(heat, column_major=strict).cpu()  # (B, P, 2)
+    if protocol == DAS2019:
+        middle = torch.tensor([size // 2, size // 2])
+        centre = middle.double() + 0.5
+    else:
+        points = cell_points(cells, grid, size, size, protocol)
+        centre = cell_points(torch.tensor([grid[0] // 2, grid[1] // 2]), grid, size, size, protocol)
+    for b, item in enumerate(batch):
+        if protocol == DAS2019:  # one image's maps at a time: P x size x size floats
+            pixels, points_b = pixel_points(heat[b, :len(item.phrases)].cpu(), size, swap_xy)
+        else:
+            pixels, points_b = None, points[b]
+        for p_index, (p, cell, xy) in enumerate(zip(item.phrases, cells[b], points_b)):
+            boxes = scale_boxes(torch.tensor(p.boxes), item.frame, (size, size))
+            record = {**p.info, "image_id": item.image_id, "phrase": p.text, "grid": list(grid),
+                      "peak_cell": cell.tolist(), "point": xy.tolist(),
+                      **({"box": boxes[0].tolist()} if len(boxes) == 1 else {}), "boxes": boxes.tolist(),
+                      "hit": phrase_hit(xy, boxes, tolerance, strict),
+                      "center_hit": phrase_hit(centre, boxes, tolerance, strict)}
+            if pixels is not None:
+                record.update(pixel=pixels[p_index].tolist(), center_pixel=middle.tolist(),
+                              box_hits=box_hits(xy, boxes, tolerance),
+                              center_box_hits=box_hits(centre, boxes, tolerance))
+            scored.append(record)
     return scored
+
+
+def play(rows: Iterable[dict], protocol: str, spool: Spool | None = None, keep: int = 1) -> tuple[Tally, list[dict]]:
+    """Score ``rows`` as they come (:class:`Tally`), handing each to ``spool`` (the --json file's rows) and
+    keeping only the first ``keep`` (the overlays' images, and the grid): memory holds counts, not rows."""
+    tally, kept = Tally(protocol), []
+    for row in rows:
+        tally.add(row)
+        if spool is not None:
+            spool.add(row)
+        if len(kept) < keep:
+            kept.append(row)
+    return tally, kept
 
 
 def box_hits(point: torch.Tensor, boxes: torch.Tensor, tolerance: float) -> list[bool]:
     """Whether a point (2,) hits each box (N, 4) on its own (edges included): Das et al.'s trials."""
     return pointing_hits(point.reshape(1, 2).expand(len(boxes), 2), boxes, tolerance).tolist()
-
-
-def caption_hits(per_phrase: list[dict], key: str) -> dict[tuple, list[bool]]:
-    """Every caption's box trials (``key``: box_hits or center_box_hits), a caption named by image and sentence."""
-    captions: dict[tuple, list[bool]] = {}
-    for r in per_phrase:
-        captions.setdefault((r["image_id"], r["sentence"]), []).extend(r[key])
-    return captions
-
-
-def per_type(per_phrase: list[dict]) -> dict[str, dict[str, float]]:
-    """Accuracy and centre baseline (percent) per Flickr30K Entities type, a phrase counting under each of its
-    types."""
-    table = {}
-    for kind in ENTITY_TYPES:
-        rows = [r for r in per_phrase if kind in r.get("types", ())]
-        if rows:
-            table[kind] = {"phrases": len(rows), "accuracy": 100.0 * sum(r["hit"] for r in rows) / len(rows),
-                           "center_baseline": 100.0 * sum(r["center_hit"] for r in rows) / len(rows)}
-    return table
-
-
-def accuracies(per_phrase: list[dict], images: int, skipped: int, protocol: str = "original") -> dict[str, Any]:
-    """The metrics of the results record: accuracy and centre baseline in percent over the scored phrases, the
-    counts, and :func:`per_type` (any-box, per phrase). Under ``das2019`` accuracy and centre baseline are Das et
-    al.'s mean over captions of the fraction of boxes hit; the any-box rule at the same point stays beside them
-    (``any_box_accuracy``, ``any_box_center_baseline``)."""
-    n = len(per_phrase)
-    metrics = {"accuracy": 100.0 * sum(r["hit"] for r in per_phrase) / n,
-               "center_baseline": 100.0 * sum(r["center_hit"] for r in per_phrase) / n}
-    if protocol == DAS2019:
-        hits = caption_hits(per_phrase, "box_hits")
-        metrics = {"accuracy": caption_accuracy(hits),
-                   "center_baseline": caption_accuracy(caption_hits(per_phrase, "center_box_hits")),
-                   "any_box_accuracy": metrics["accuracy"], "any_box_center_baseline": metrics["center_baseline"],
-                   "captions": len(hits), "boxes": sum(len(h) for h in hits.values())}
-    return {**metrics, "phrases": n, "images": images, "skipped": skipped, "per_type": per_type(per_phrase)}
 
 
 def hit_rule(protocol: str, tolerance: float) -> str:

@@ -94,22 +94,26 @@ def select_images(coco: COCO, annotations: Path, images_root: Path, karpathy: Pa
     return [r for r in records if r.image.is_file()]
 
 
-def load_images(dataset: str, split: str | None) -> tuple[COCO, list[Record], str]:
-    """The instances index, the images to evaluate and where they come from: COCO's instances_val2014.json (or the
-    demo world's), or the segments of a JSON-lines file's split (default test) as an in-memory COCO index."""
+def load_images(dataset: str, split: str | None) -> tuple[COCO, list[Record], str, list[tuple[str, str]]]:
+    """The instances index, the images to evaluate, where they come from, and the images left out because they do
+    not decode, as (path, reason): COCO's instances_val2014.json (or the demo world's), or the segments of a
+    JSON-lines file's split (default test) as an in-memory COCO index (only one's own images are decoded ahead)."""
     if is_custom(dataset):
         split = split or "test"
         entries = split_entries(Path(dataset), split)
         coco = as_coco(entries, Path(dataset))
-        records = [Record(entry.image, [], entry.line) for entry in entries
-                   if entry.image.is_file() and unreadable(entry.image) is None]  # e.g. a JPEG cut short
+        on_disk = [entry for entry in entries if entry.image.is_file()]
+        reasons = {entry.line: unreadable(entry.image) for entry in on_disk}  # e.g. a JPEG cut short
+        records = [Record(entry.image, [], entry.line) for entry in on_disk if reasons[entry.line] is None]
+        broken = [(str(entry.image), reasons[entry.line]) for entry in on_disk if reasons[entry.line] is not None]
         if len(records) < len(entries):
-            log.warning("%d images of %s are missing on disk or cannot be decoded: left out",
-                        len(entries) - len(records), dataset)
+            log.warning("%s: left out %d images missing on disk and %d that cannot be decoded%s", dataset,
+                        len(entries) - len(on_disk), len(broken), f", e.g. {broken[0][0]} ({broken[0][1]})"
+                        if broken else "")
         if not coco.cats or not records:
             raise UserError(f"{dataset}: no {'segment' if records else 'image on disk'} in split {split!r}; "
                             f"segmentation needs images with \"segments\" (data/README.md)")
-        return coco, records, f"{Path(dataset).name} split {split}"
+        return coco, records, f"{Path(dataset).name} split {split}", broken
     demo = uses_demo(dataset)
     prepare_dataset(dataset)
     if split is not None:
@@ -122,7 +126,7 @@ def load_images(dataset: str, split: str | None) -> tuple[COCO, list[Record], st
     images_from = f"Karpathy split {split}" if split else annotations.name
     if not records:
         raise UserError(f"no image of {images_from} is both in {annotations} and on disk")
-    return coco, records, images_from
+    return coco, records, images_from, []
 
 
 # --------------------------------------------------------------------------- masks and scores

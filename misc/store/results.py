@@ -1,18 +1,23 @@
 """The one results record every evaluator writes (docs/results.md, docs/results.schema.json): which tool and
 version, which checkpoint (path and SHA-256), which data at which size under which protocol, and the metrics, every
 rate in percent. ``--json`` gets the record plus the evaluator's rows; ``--results FILE --results-key KEY`` stores
-the same record (without the rows) in a shared results file.
+the same record (without the rows) in a shared results file. Rows may come from a :class:`Spool` (kept on disk as
+they are made) and are written one at a time, so that millions of them never sit in memory.
 
 Light to import (standard library only): ``eval_retrieval.py --features`` builds its record without torch.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
+import json
 import subprocess
+import tempfile
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
-from misc.store.files import update_results, write_json
+from misc.store.files import atomic_path, update_results
 from misc.store.source import model_sha256
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -53,11 +58,56 @@ def record(tool: str, *, checkpoint: Path | str | None, dataset: str | None, spl
             "protocol": protocol, "metrics": metrics, **extra}
 
 
+def unreadable_images(skipped: Sequence[tuple[str, str]]) -> dict[str, Any]:
+    """The record's ``unreadable_images``: how many of the evaluated data's images could not be decoded and were
+    left out (e.g. a JPEG cut short), and which, each with the decoder's reason."""
+    return {"count": len(skipped), "images": [{"image": str(path), "reason": reason} for path, reason in skipped]}
+
+
+class Spool:
+    """Rows kept on disk, not in memory: each appended as a JSON line to ``file``, read back one at a time by
+    :meth:`rows`; :func:`spooled` makes one."""
+
+    def __init__(self, file: IO[str]) -> None:
+        self.file = file
+
+    def add(self, row: dict[str, Any]) -> None:
+        self.file.write(json.dumps(row) + "\n")
+
+    def rows(self) -> Iterator[dict[str, Any]]:
+        """Every row added, in order."""
+        self.file.seek(0)
+        for line in self.file:
+            yield json.loads(line)
+
+
+@contextlib.contextmanager
+def spooled() -> Iterator[Spool]:
+    """A :class:`Spool` on an anonymous temporary file, gone when the block ends or the process dies."""
+    with tempfile.TemporaryFile("w+", encoding="utf-8") as file:
+        yield Spool(file)
+
+
+def write_record(path: Path | str, entry: dict[str, Any], rows: dict[str, Iterable[Any]]) -> None:
+    """``entry`` then each list of ``rows`` (a list or any iterable, e.g. :meth:`Spool.rows`) as one JSON object,
+    written atomically: the record's fields indented, each row on a line of its own, one row in memory at a time."""
+    head = json.dumps(entry, indent=2)
+    with atomic_path(path) as temporary, open(temporary, "w", encoding="utf-8") as out:
+        out.write(head[:-2])  # without the closing "\n}": the rows follow the record's fields
+        for key, values in rows.items():
+            out.write(f",\n  {json.dumps(key)}: [")
+            for number, value in enumerate(values):
+                out.write(f"{',' if number else ''}\n    {json.dumps(value)}")
+            out.write("\n  ]")
+        out.write("\n}\n")
+
+
 def save(entry: dict[str, Any], json_path: Path | None, results_path: Path | None, results_key: str,
-         rows: dict[str, Any] | None = None) -> None:
-    """Write ``entry`` to ``json_path`` (with ``rows``, the per-item results, when given) and set it under
-    ``results_key`` (dotted keys nest) of the shared ``results_path``; either may be None."""
+         rows: dict[str, Iterable[Any]] | None = None) -> None:
+    """Write ``entry`` to ``json_path`` (with ``rows``, the per-item results, when given: lists or iterables,
+    :func:`write_record`) and set it under ``results_key`` (dotted keys nest) of the shared ``results_path``;
+    either may be None."""
     if json_path:
-        write_json(json_path, {**entry, **(rows or {})})
+        write_record(json_path, entry, rows or {})
     if results_path:
         update_results(results_path, results_key, entry)

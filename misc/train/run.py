@@ -18,14 +18,14 @@ from torch.utils.data import DataLoader
 
 from misc import config
 from misc.config import TrainConfig
-from misc.data.datasets import (PairCollate, PairDataset, Record, load_records, prepare_dataset,
+from misc.data.datasets import (PairCollate, PairDataset, Record, load_split, prepare_dataset,
                                 train_transform)
 from misc.data import flickr_entities
 from misc.data.words import WordVectors, load_word_vectors
 from misc.errors import UserError
 from misc.eval.encode import evaluate_records
 from misc.eval.retrieval import format_table
-from misc.store import checkpoint, word_refs
+from misc.store import checkpoint, results, word_refs
 from misc.train import distributed
 from misc.train.loop import Health, train_one_epoch
 from misc.store.locks import FolderLock
@@ -66,6 +66,7 @@ class Data:
     loader: DataLoader
     batch: int  # per process
     steps_per_epoch: int
+    unreadable: dict[str, dict]  # per split (train, val): the images left out as undecodable, as results records say
 
     @property
     def val_protocol(self) -> str:
@@ -109,7 +110,7 @@ def load_data(model_cfg: ModelConfig, cfg: TrainConfig, run: RunOptions, context
     if words.dim != model_cfg.word_dim:
         raise UserError(f"word vectors {words.source} are {words.dim}-d but the model expects "
                         f"model.word_dim={model_cfg.word_dim}")
-    train_records = load_records(cfg.dataset, cfg.split)
+    train_records, train_unreadable = load_split(cfg.dataset, cfg.split)
     if run.limit and run.limit > len(train_records):
         log.warning("--limit %d: %s %s has only %d images; training on all of them", run.limit, cfg.dataset,
                     cfg.split, len(train_records))
@@ -117,7 +118,7 @@ def load_data(model_cfg: ModelConfig, cfg: TrainConfig, run: RunOptions, context
     if cfg.dataset == "flickr30k" and not cfg.allow_test_overlap:
         flickr_entities.check_test_overlap([record.image.stem for record in train_records], cfg.dataset)
     log.info(words.oov_report([caption for record in train_records for caption in record.captions]))
-    val_records = load_records(cfg.dataset, cfg.val_split)
+    val_records, val_unreadable = load_split(cfg.dataset, cfg.val_split)
     words.units = model_cfg.text_units
     kept = run.resume.state.get("added_words") if run.resume else None
     if kept:  # a resumed run reads the vectors its checkpoint drew
@@ -144,7 +145,9 @@ def load_data(model_cfg: ModelConfig, cfg: TrainConfig, run: RunOptions, context
     loader = DataLoader(dataset, batch_size=batch, sampler=sampler, drop_last=True, num_workers=cfg.workers,
                         collate_fn=PairCollate(words), pin_memory=context.device.type == "cuda",
                         generator=torch.Generator().manual_seed(cfg.seed))
-    return Data(words, train_records, val_records, dataset, sampler, loader, batch, steps_per_epoch)
+    unreadable = {"train": results.unreadable_images(train_unreadable),
+                  "val": results.unreadable_images(val_unreadable)}
+    return Data(words, train_records, val_records, dataset, sampler, loader, batch, steps_per_epoch, unreadable)
 
 
 def build_learner(model_cfg: ModelConfig, cfg: TrainConfig, run: RunOptions, amp: str | None,
@@ -228,7 +231,8 @@ class Trainer:
                 "scheduler": learner.scheduler.state_dict(),
                 "scaler": learner.scaler.state_dict() if learner.scaler else None, "epoch": epoch,
                 "best_rsum": position.best_rsum, "best_epoch": position.best_epoch,
-                "metrics": {"val": position.val, "history": position.history},
+                "metrics": {"val": position.val, "history": position.history,
+                            "unreadable_images": self.data.unreadable},
                 "skipped_steps": self.health.skipped, "resumed_with_changes": self.changes,
                 **({"added_words": self.data.words.added_rows()} if self.data.words.added else {}), **within}
 

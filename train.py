@@ -20,7 +20,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from misc import config
+from misc import config, presets
 from misc.cli import add_device_args, add_set_arg, parser_for, positive_int, run
 from misc.config import TrainConfig
 from misc.errors import UserError, check_choice
@@ -35,7 +35,7 @@ CONFIGURED = Path("<config key resnet_weights>")  # --resnet-weights without a f
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = parser_for(__doc__)
-    parser.add_argument("--preset", choices=list(config.PRESETS), default=None,
+    parser.add_argument("--preset", choices=list(presets.PRESETS), default=None,
                         help="paper (default when COCO is configured; the original code's schedule), paper-text "
                              "(the paper's text), demo, das2019 / das2019-code (Das et al.), demo-matchmap")
     add_set_arg(parser)
@@ -95,7 +95,7 @@ def configure(args: argparse.Namespace) -> tuple[ModelConfig, TrainConfig, Path 
             model_cfg = config.from_dict(ModelConfig, saved["model"])
             train_cfg = config.from_dict(TrainConfig, saved.get("train", {}))
         if args.preset:  # compared with the run's own settings below, as --set is
-            model_cfg, train_cfg = config.preset(args.preset)
+            model_cfg, train_cfg = presets.preset(args.preset)
         words = word_refs.find_words(saved, args.words, args.resume)
     else:
         name = args.preset
@@ -104,7 +104,7 @@ def configure(args: argparse.Namespace) -> tuple[ModelConfig, TrainConfig, Path 
             if name == "demo":
                 log.info("COCO is not configured (config key 'coco_karpathy', %s): training on the built-in demo "
                          "world with --preset demo", config.env_name("coco_karpathy"))
-        model_cfg, train_cfg = config.preset(name)
+        model_cfg, train_cfg = presets.preset(name)
         words = None
     model_cfg, train_cfg = config.apply_settings(model_cfg, train_cfg, args.set)
     flags = {"dataset": args.dataset, "split": args.split, "val_split": args.val_split, "epochs": args.epochs,

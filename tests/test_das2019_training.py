@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DistributedSampler
 
-from misc import config
+from misc import config, presets
 from misc.config import TrainConfig
 from misc.data.datasets import Record, load_records, train_transform
 from misc.data.flickr_entities import check_test_overlap
@@ -52,13 +52,13 @@ DAS2019_MODEL = {"arch": "matchmap", "trunk": "vgg19", "trunk_cut": "conv5", "re
 
 @pytest.mark.parametrize(("name", "expected"), [("das2019", DAS2019_TRAIN), ("das2019-code", DAS2019_CODE_TRAIN)])
 def test_the_das2019_presets_resolve_to_the_paper_and_their_code(name, expected):
-    model, train = config.preset(name)
+    model, train = presets.preset(name)
     assert asdict(train) == expected
     assert {key: asdict(model)[key] for key in DAS2019_MODEL} == DAS2019_MODEL
 
 
 def test_das2019_code_divides_the_lr_when_their_epoch_counter_reaches_10():
-    cfg = config.preset("das2019-code")[1]
+    cfg = presets.preset("das2019-code")[1]
     their = [1e-3 * 0.1 ** (counter // 10) for counter in range(1, 11)]  # their epochs 1..10 are ours 0..9
     assert [lr_at(cfg, epoch) for epoch in range(10)] == pytest.approx(their, rel=1e-12)
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=cfg.lr)
@@ -74,8 +74,8 @@ def test_das2019_code_divides_the_lr_when_their_epoch_counter_reaches_10():
 
 
 def test_every_other_preset_keeps_the_full_pass_the_sum_and_the_crop():
-    for name in set(config.PRESETS) - {"das2019", "das2019-code"}:
-        train = config.preset(name)[1]
+    for name in set(presets.PRESETS) - {"das2019", "das2019-code"}:
+        train = presets.preset(name)[1]
         assert (train.steps_per_epoch, train.loss_reduction, train.resize_only, train.lr_decay_first) == (
             0, "sum", False, 0), name
 

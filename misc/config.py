@@ -133,7 +133,9 @@ class TrainConfig:
     release's train.py ran (see misc/train/schedule.py), one epoch later than the paper's text (preset
     ``paper-text``)."""
 
-    dataset: str = "coco"  # coco | flickr30k | demo
+    # coco | flickr30k | flickr30k_entities | demo | a JSON-lines file, or a list of them: their split concatenated,
+    # validated on the first one's val_split (misc/data/mix.py); one dataset stays a name, as before lists
+    dataset: str | list[str] = "coco"
     split: str = "trainrv"  # train+restval
     val_split: str = "val"
     words: str = ""  # a new run's word vectors: a file, "glove-6b-50d", or "" for the configured key's (--words wins)
@@ -170,6 +172,10 @@ class TrainConfig:
     allow_test_overlap: bool = False  # train on images of the validation split or of the Entities test split anyway
 
     def __post_init__(self) -> None:
+        if isinstance(self.dataset, list):
+            if not self.dataset or len(set(self.dataset)) < len(self.dataset):
+                raise UserError(f"train.dataset = {self.dataset}: expected a dataset or a list of different ones")
+            self.dataset = self.dataset[0] if len(self.dataset) == 1 else self.dataset
         for key in ("epochs", "batch_size", "captions_per_image"):
             check_number(f"train.{key}", getattr(self, key), low=1, whole=True)
         for key in ("text_from_epoch", "trunk_from_epoch", "sum_loss_epochs", "workers", "skip_nonfinite",
@@ -196,6 +202,16 @@ class TrainConfig:
         check_choice("train.optimizer", self.optimizer, OPTIMIZERS)
         check_choice("train.frozen_mode", self.frozen_mode, FROZEN_MODES)
         check_choice("train.loss_reduction", self.loss_reduction, LOSS_REDUCTIONS)
+
+    @property
+    def datasets(self) -> list[str]:
+        """The training datasets in order (the first one's ``val_split`` validates)."""
+        return dataset_names(self.dataset)
+
+
+def dataset_names(dataset: str | list[str]) -> list[str]:
+    """``train.dataset`` (of a config or a checkpoint's plain data) as a list of names."""
+    return [dataset] if isinstance(dataset, str) else list(dataset)
 
 
 SECTIONS: dict[str, type] = {"model": ModelConfig, "train": TrainConfig}

@@ -230,6 +230,17 @@ def test_training_on_flickr30k_with_entities_test_images_is_refused_unless_allow
     check_test_overlap(["101"], "flickr30k")  # no test split file configured: nothing to check against
 
 
+def test_the_entities_test_refusal_applies_to_each_dataset_of_a_mix(entities, tiny_world, monkeypatch, capsys):
+    karpathy = write_karpathy(entities, {"101": "train", "103": "train", "102": "val"})
+    monkeypatch.setenv("DSVE_FLICKR_KARPATHY", str(karpathy))
+    args = ["--preset", "demo", "--dataset", "demo", "--dataset", "flickr30k", "--split", "train", "--out",
+            entities / "run", "--workers", "0", "--no-progress", "--device", "cpu", "--epochs", "1"]
+    assert run_in_process("train.py", args, tiny_world, monkeypatch) == 2
+    error = capsys.readouterr().err.strip()
+    assert len(error.splitlines()) == 1 and error.startswith("error: training on flickr30k: 1 of its training images")
+    assert "e.g. 101" in error and "train.allow_test_overlap=true" in error
+
+
 def test_training_on_images_of_the_validation_split_is_refused_unless_allowed(entities, tiny_world):
     (entities / "entities" / "val.txt").write_text("102\n")  # also in train.txt
     words = RunOptions(out=entities / "run", words=tiny_world / "words" / "demo_word2vec.bin")

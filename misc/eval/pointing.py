@@ -131,9 +131,10 @@ def select_custom(entries: list[Entry], model: Inference, min_words: int) -> tup
 
 def load_items(model: Inference, dataset: str | None, split: str | None, limit: int | None, min_words: int,
                scene_as_image: bool) -> tuple[list[Item], list[dict], dict[str, str | None]]:
-    """The images and phrases of ``dataset`` (default: the one the model was trained on; Flickr30K Entities for
-    flickr30k), the skipped phrases, and where they come from: dataset, split and images_from (in words)."""
-    trained_on = model.config["train"]["dataset"]
+    """The images and phrases of ``dataset`` (default: the one the model was trained on, the first of several;
+    Flickr30K Entities for flickr30k), the skipped phrases, and where they come from: dataset, split and
+    images_from (in words)."""
+    trained_on = config.dataset_names(model.config["train"]["dataset"])[0]
     dataset = dataset or ("flickr30k_entities" if trained_on == "flickr30k" else trained_on)
     if is_custom(dataset):
         split = split or "test"

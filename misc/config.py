@@ -133,8 +133,8 @@ class TrainConfig:
     release's train.py ran (see misc/train/schedule.py), one epoch later than the paper's text (preset
     ``paper-text``)."""
 
-    # coco | flickr30k | flickr30k_entities | demo | a JSON-lines file, or a list of them: their split concatenated,
-    # validated on the first one's val_split (misc/data/mix.py); one dataset stays a name, as before lists
+    # coco | flickr30k | flickr30k_entities | demo | a JSON-lines file, or a list of them: each one's split,
+    # concatenated, validated on the first one's val_split (misc/data/mix.py); one dataset stays a name
     dataset: str | list[str] = "coco"
     split: str = "trainrv"  # train+restval
     val_split: str = "val"

@@ -12,7 +12,7 @@ DAS2019_MODEL = {"arch": "matchmap", "trunk": "vgg19", "trunk_cut": "conv5", "re
                  "word_dim": 300, "score": "avg_both"}
 
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
-    # The original release's train.py as it ran (the defaults above); the trunk source is chosen per run.
+    # The original release's train.py as it ran (TrainConfig's defaults); the trunk source is chosen per run.
     "paper": {"model": {}, "train": {}},
     # The schedule as §4.1 states it: lr halved from epoch 2 to 6, the trunk fine-tuned from epoch 8.
     "paper-text": {"model": {}, "train": {"lr_halve_epochs": [2, 3, 4, 5, 6], "trunk_from_epoch": 8}},

@@ -14,6 +14,7 @@ from PIL import Image
 
 from misc import config, presets
 from misc.config import TrainConfig
+from misc.data.mix import training_records
 from misc.errors import UserError
 from misc.store.export import card
 from misc.train import distributed
@@ -85,6 +86,17 @@ def test_an_epoch_holds_the_items_of_both_datasets(lines_world, demo_paths, capl
     # each image keeps its own index across datasets: a caption's positives are its own image's
     _, _, ids = data.dataset[len(data.dataset) - 1]
     assert data.train_records[ids].image == lines_world.parent / "3.png"
+
+
+def test_an_image_in_two_datasets_is_said(lines_world, tmp_path, caplog):
+    copy = tmp_path / "copy.jsonl"  # the first file's 1.png, by its absolute path
+    image = lines_world.parent / "1.png"
+    copy.write_text(json.dumps({"image": str(image), "split": "train", "captions": ["a disc in green"]}) + "\n")
+    with caplog.at_level(logging.WARNING, logger="train"):
+        records, counts = training_records(TrainConfig(dataset=[str(lines_world), str(copy)], split="train"))
+    assert [record.image.name for record in records] == ["0.png", "1.png", "3.png", "1.png"]
+    assert [count.images for count in counts] == [3, 1]
+    assert f"{copy} train: 1 of its images are also in an earlier dataset of the run, e.g. {image}" in caplog.text
 
 
 def test_an_unknown_dataset_among_several_is_one_line(tiny_world, tmp_path, monkeypatch, capsys):

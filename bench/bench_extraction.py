@@ -26,7 +26,8 @@ from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import machine  # noqa: E402
-from misc.config import ModelConfig, preset  # noqa: E402
+from misc.config import ModelConfig  # noqa: E402
+from misc.presets import preset  # noqa: E402
 from misc.collections.extraction import ImageFiles, Timing, collate_images, embed_image_batches  # noqa: E402
 from models.visual import ImageEncoder  # noqa: E402
 

@@ -20,7 +20,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from misc import config
+from misc import config, presets
 from misc.cli import add_device_args, add_set_arg, parser_for, positive_int, run
 from misc.config import TrainConfig
 from misc.errors import UserError, check_choice
@@ -35,17 +35,19 @@ CONFIGURED = Path("<config key resnet_weights>")  # --resnet-weights without a f
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = parser_for(__doc__)
-    parser.add_argument("--preset", choices=list(config.PRESETS), default=None,
+    parser.add_argument("--preset", choices=list(presets.PRESETS), default=None,
                         help="paper (default when COCO is configured; the original code's schedule), paper-text "
                              "(the paper's text), demo, das2019 / das2019-code (Das et al.), demo-matchmap")
     add_set_arg(parser)
-    parser.add_argument("--dataset", help="coco | flickr30k | flickr30k_entities | demo | a JSON-lines file")
+    parser.add_argument("--dataset", action="append",
+                        help="coco | flickr30k | flickr30k_entities | demo | a JSON-lines file; repeated: several, "
+                             "each one's --split concatenated, validated on the first one's --val-split")
     parser.add_argument("--split", help="training split (default: config train.split; any name of a JSON-lines file)")
     parser.add_argument("--val-split", help="validation split (default: config train.val_split)")
     parser.add_argument("--epochs", type=positive_int)
     parser.add_argument("--batch-size", type=positive_int)
     parser.add_argument("--seed", type=int)
-    parser.add_argument("--limit", type=positive_int, help="train on the first N images only (smoke runs)")
+    parser.add_argument("--limit", type=positive_int, help="train on the first N images of each dataset (smoke)")
     parser.add_argument("--words", type=Path, help="word-vector file (default: config key word_vectors; "
                                                    "glove_vectors for model.arch=matchmap; the demo world's on it)")
     parser.add_argument("--resume", type=Path,
@@ -95,16 +97,14 @@ def configure(args: argparse.Namespace) -> tuple[ModelConfig, TrainConfig, Path 
             model_cfg = config.from_dict(ModelConfig, saved["model"])
             train_cfg = config.from_dict(TrainConfig, saved.get("train", {}))
         if args.preset:  # compared with the run's own settings below, as --set is
-            model_cfg, train_cfg = config.preset(args.preset)
+            model_cfg, train_cfg = presets.preset(args.preset)
         words = word_refs.find_words(saved, args.words, args.resume)
     else:
-        name = args.preset
-        if name is None:
-            name = "paper" if args.dataset or config.configured("coco_karpathy") else "demo"
-            if name == "demo":
-                log.info("COCO is not configured (config key 'coco_karpathy', %s): training on the built-in demo "
-                         "world with --preset demo", config.env_name("coco_karpathy"))
-        model_cfg, train_cfg = config.preset(name)
+        name = args.preset or ("paper" if args.dataset or config.configured("coco_karpathy") else "demo")
+        if args.preset is None and name == "demo":
+            log.info("COCO is not configured (config key 'coco_karpathy', %s): training on the built-in demo world "
+                     "with --preset demo", config.env_name("coco_karpathy"))
+        model_cfg, train_cfg = presets.preset(name)
         words = None
     model_cfg, train_cfg = config.apply_settings(model_cfg, train_cfg, args.set)
     flags = {"dataset": args.dataset, "split": args.split, "val_split": args.val_split, "epochs": args.epochs,

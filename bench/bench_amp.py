@@ -26,7 +26,8 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import command, interleaved, load, machine, ratio_line  # noqa: E402
 from misc.store import checkpoint  # noqa: E402
-from misc.config import ModelConfig, TrainConfig, preset  # noqa: E402
+from misc.config import ModelConfig, TrainConfig  # noqa: E402
+from misc.presets import preset  # noqa: E402
 from misc.devices import autocast  # noqa: E402
 from misc.eval.retrieval import evaluate  # noqa: E402
 from models.joint import build_model  # noqa: E402

@@ -28,7 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import machine  # noqa: E402
-from misc import config  # noqa: E402
+from misc import config, presets  # noqa: E402
 from misc.data.datasets import prepare_dataset  # noqa: E402
 from misc.store.checkpoint import atomic_save  # noqa: E402
 from models.joint import build_model  # noqa: E402
@@ -44,7 +44,7 @@ def checkpoint(folder: Path) -> Path:
     if trained.is_file():
         return trained
     prepare_dataset("demo")
-    model_cfg, train_cfg = config.preset("demo")
+    model_cfg, train_cfg = presets.preset("demo")
     torch.manual_seed(0)
     path = folder / "random-demo.pth.tar"
     atomic_save({"format": "dsve-loc", "version": 1,

@@ -37,7 +37,8 @@ from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import interleaved, load, machine, ratio_line  # noqa: E402
-from misc.config import ModelConfig, TrainConfig, preset  # noqa: E402
+from misc.config import ModelConfig, TrainConfig  # noqa: E402
+from misc.presets import preset  # noqa: E402
 from misc.store import checkpoint  # noqa: E402
 from models.joint import build_model  # noqa: E402
 from misc.collections.extraction import ImageFiles, Timing, collate_images, embed_image_batches  # noqa: E402

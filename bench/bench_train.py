@@ -28,7 +28,7 @@ import torch.multiprocessing as mp  # noqa: E402
 from torch.nn.parallel import DistributedDataParallel  # noqa: E402
 
 from bench.common import machine  # noqa: E402
-from misc.config import preset  # noqa: E402
+from misc.presets import preset  # noqa: E402
 from misc.train.loop import batch_scores  # noqa: E402
 from misc.train.losses import build_loss  # noqa: E402
 from misc.train.schedule import build_optimizer, enter_stage  # noqa: E402

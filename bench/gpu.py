@@ -25,7 +25,8 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 from bench.common import machine  # noqa: E402
-from misc.config import ModelConfig, preset  # noqa: E402
+from misc.config import ModelConfig  # noqa: E402
+from misc.presets import preset  # noqa: E402
 from misc.devices import autocast  # noqa: E402
 from misc.train.loop import train_one_epoch  # noqa: E402
 from misc.store.files import atomic_path  # noqa: E402

@@ -6,7 +6,7 @@
 - ``store/``        what is kept: checkpoints, the original release's files, exports, arrays, atomic files, results
 - ``collections/``  one's own image and text collections: extraction, text embedding, search
 
-At the top: ``config`` (every path and default), ``cli`` (the arguments every command shares), ``errors``,
-``devices`` (device and precision), ``inference`` (a loaded model), ``visualize`` (figures), ``webapp`` (the web
-page) and ``commands`` (the installed console scripts).
+At the top: ``config`` (every path and default), ``presets`` (the named settings of train.py), ``cli`` (the
+arguments every command shares), ``errors``, ``devices`` (device and precision), ``inference`` (a loaded model),
+``visualize`` (figures), ``webapp`` (the web page) and ``commands`` (the installed console scripts).
 """

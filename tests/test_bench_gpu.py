@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from bench import gpu
-from misc.config import preset
+from misc.presets import preset
 
 CPU = torch.device("cpu")
 

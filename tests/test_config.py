@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from misc import config
+from misc import config, presets
 from misc.config import TrainConfig
 from misc.errors import UserError
 from models.config import ModelConfig
@@ -65,17 +65,17 @@ def test_environment_overrides_default_but_not_demo(monkeypatch, tmp_path):
 
 
 def test_default_word_vectors_are_glove_for_the_matchmap_outside_the_demo_world():
-    das_model, das_train = config.preset("das2019")
+    das_model, das_train = presets.preset("das2019")
     key = config.default_words_key(das_model.arch, das_train.dataset == "demo")
     assert key == "glove_vectors" and "300-d" in config.PATHS[key].what and das_model.word_dim == 300
-    demo_model, demo_train = config.preset("demo-matchmap")  # the demo world's own vectors, as for DSVE
+    demo_model, demo_train = presets.preset("demo-matchmap")  # the demo world's own vectors, as for DSVE
     assert config.default_words_key(demo_model.arch, demo_train.dataset == "demo") == "word_vectors"
-    paper_model, paper_train = config.preset("paper")
+    paper_model, paper_train = presets.preset("paper")
     assert config.default_words_key(paper_model.arch, paper_train.dataset == "demo") == "word_vectors"
 
 
 def test_settings_parse_json_values_and_reject_unknown_keys():
-    model, train = config.preset("demo")
+    model, train = presets.preset("demo")
     model, train = config.apply_settings(model, train, ["model.embed_dim=32", "train.lr_halve_epochs=[1,2]",
                                                         "model.trunk=resnet34"])
     assert model.embed_dim == 32 and train.lr_halve_epochs == [1, 2] and model.trunk == "resnet34"
@@ -83,17 +83,17 @@ def test_settings_parse_json_values_and_reject_unknown_keys():
         with pytest.raises(UserError, match="--set"):
             config.apply_settings(model, train, [bad])
     with pytest.raises(UserError, match="unknown preset"):
-        config.preset("huge")
+        presets.preset("huge")
 
 
 def test_presets_differ_where_documented():
     from dataclasses import asdict
-    paper_model, paper = config.preset("paper")
-    text_model, text = config.preset("paper-text")
+    paper_model, paper = presets.preset("paper")
+    text_model, text = presets.preset("paper-text")
     assert paper_model == text_model
     assert {k for k, v in asdict(paper).items() if asdict(text)[k] != v} == {"lr_halve_epochs", "trunk_from_epoch"}
     assert paper_model.trunk_init == "" and paper.frozen_mode == "train" and paper_model.rnn_dropout == 0.25
-    demo_model, demo = config.preset("demo")
+    demo_model, demo = presets.preset("demo")
     assert demo_model.trunk_init == "scratch" and demo.frozen_mode == "eval" and demo_model.rnn_dropout == 0.0
 
 
@@ -103,7 +103,7 @@ def test_presets_differ_where_documented():
                                             ("train.dataset=captions.jsonl", "captions.jsonl"),
                                             ("model.weldon_k=0.2", 0.2)])
 def test_set_values_are_typed_from_the_fields(setting, value):
-    model, train = config.apply_settings(*config.preset("demo"), [setting])
+    model, train = config.apply_settings(*presets.preset("demo"), [setting])
     section, key = setting.split("=")[0].split(".")
     got = getattr(model if section == "model" else train, key)
     assert got == value and type(got) is type(value)
@@ -125,7 +125,7 @@ def test_set_values_are_typed_from_the_fields(setting, value):
 ])
 def test_bad_settings_are_one_line_naming_the_key(setting, message):
     with pytest.raises(UserError, match=message) as error:
-        config.apply_settings(*config.preset("demo"), [setting])
+        config.apply_settings(*presets.preset("demo"), [setting])
     assert "\n" not in str(error.value)
 
 
@@ -135,11 +135,11 @@ def test_a_checkpoint_config_with_an_unknown_key_is_refused_with_a_suggestion():
 
 
 def test_settings_that_must_agree_can_change_together():
-    model, _ = config.apply_settings(*config.preset("demo-matchmap"),
+    model, _ = config.apply_settings(*presets.preset("demo-matchmap"),
                                      ["model.region_dim=16", "model.lstm_hidden=16"])
     assert (model.region_dim, model.lstm_hidden) == (16, 16)
     with pytest.raises(UserError, match="lstm_hidden"):
-        config.apply_settings(*config.preset("demo-matchmap"), ["model.region_dim=16"])
+        config.apply_settings(*presets.preset("demo-matchmap"), ["model.region_dim=16"])
 
 
 def test_the_paper_preset_resolves_to_the_papers_and_the_original_codes_values():
@@ -148,7 +148,7 @@ def test_the_paper_preset_resolves_to_the_papers_and_the_original_codes_values()
     than §4.1 states; see misc/train/schedule.py), and this project's own choices for fields neither names."""
     from dataclasses import fields
 
-    model, train = config.preset("paper")
+    model, train = presets.preset("paper")
     expected_model = {
         "arch": "dsve",  # the paper's system (the matchmap is Das et al. 2019's)
         "trunk": "resnet152",  # §4.1: ResNet-152

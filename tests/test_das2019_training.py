@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DistributedSampler
 
-from misc import config
+from misc import config, presets
 from misc.config import TrainConfig
 from misc.data.datasets import Record, load_records, train_transform
 from misc.data.flickr_entities import check_test_overlap
@@ -60,13 +60,13 @@ DAS2019_CODE_MODEL = {**DAS2019_MODEL, "text_units": "phrases", "unknown_words":
                                                                   ("das2019-code", DAS2019_CODE_TRAIN,
                                                                    DAS2019_CODE_MODEL)])
 def test_the_das2019_presets_resolve_to_the_paper_and_their_code(name, expected, expected_model):
-    model, train = config.preset(name)
+    model, train = presets.preset(name)
     assert asdict(train) == expected
     assert {key: asdict(model)[key] for key in expected_model} == expected_model
 
 
 def test_das2019_code_divides_the_lr_when_their_epoch_counter_reaches_10():
-    cfg = config.preset("das2019-code")[1]
+    cfg = presets.preset("das2019-code")[1]
     their = [1e-3 * 0.1 ** (counter // 10) for counter in range(1, 11)]  # their epochs 1..10 are ours 0..9
     assert [lr_at(cfg, epoch) for epoch in range(10)] == pytest.approx(their, rel=1e-12)
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=cfg.lr)
@@ -82,8 +82,8 @@ def test_das2019_code_divides_the_lr_when_their_epoch_counter_reaches_10():
 
 
 def test_every_other_preset_keeps_the_full_pass_the_sum_and_the_crop():
-    for name in set(config.PRESETS) - {"das2019", "das2019-code"}:
-        train = config.preset(name)[1]
+    for name in set(presets.PRESETS) - {"das2019", "das2019-code"}:
+        train = presets.preset(name)[1]
         assert (train.steps_per_epoch, train.loss_reduction, train.resize_only, train.lr_decay_first) == (
             0, "sum", False, 0), name
 
@@ -236,6 +236,17 @@ def test_training_on_flickr30k_with_entities_test_images_is_refused_unless_allow
     check_test_overlap(["103", "102"], "flickr30k")  # no test image: nothing to refuse
     (entities / "entities" / "test.txt").unlink()
     check_test_overlap(["101"], "flickr30k")  # no test split file configured: nothing to check against
+
+
+def test_the_entities_test_refusal_applies_to_each_dataset_of_a_mix(entities, tiny_world, monkeypatch, capsys):
+    karpathy = write_karpathy(entities, {"101": "train", "103": "train", "102": "val"})
+    monkeypatch.setenv("DSVE_FLICKR_KARPATHY", str(karpathy))
+    args = ["--preset", "demo", "--dataset", "demo", "--dataset", "flickr30k", "--split", "train", "--out",
+            entities / "run", "--workers", "0", "--no-progress", "--device", "cpu", "--epochs", "1"]
+    assert run_in_process("train.py", args, tiny_world, monkeypatch) == 2
+    error = capsys.readouterr().err.strip()
+    assert len(error.splitlines()) == 1 and error.startswith("error: training on flickr30k: 1 of its training images")
+    assert "e.g. 101" in error and "train.allow_test_overlap=true" in error
 
 
 def test_training_on_images_of_the_validation_split_is_refused_unless_allowed(entities, tiny_world):

@@ -31,6 +31,8 @@ NOT_RUN = {
     "torchrun --nproc_per_node=4 train.py --preset paper": "several GPUs and COCO",
     "python train.py --preset das2019 --weights IMAGENET1K_V1 --dataset flickr30k_entities --split train":
         "full dataset: Flickr30K Entities",
+    "python train.py --preset das2019 --weights IMAGENET1K_V1 --dataset coco --dataset flickr30k --split train --out "
+    "runs/mix": "full datasets: COCO and Flickr30K; tests/test_mix.py trains on two small datasets the same way",
     "python eval_retrieval.py -p model.pth.tar --dataset coco --protocols 1k full --words data/words/utable.npy":
         "full dataset: COCO and the released model",
     "python pointing_game.py -p model.pth.tar --size 416 --words data/words/utable.npy":

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from misc import config
+from misc import presets
 from misc.errors import UserError
 from misc.store.checkpoint import atomic_save
 from misc.train.state import Resume, check_resume
@@ -16,14 +16,14 @@ from tests.conftest import run_in_process
 
 
 def saved_run() -> Resume:
-    model, train = config.preset("demo")
+    model, train = presets.preset("demo")
     model = replace(model, trunk_init="scratch")
     return Resume(Path("runs/x/last.pth.tar"), {"config": {"model": asdict(model), "train": asdict(train)}})
 
 
 def test_changed_settings_are_refused_listing_each_one():
     resume = saved_run()
-    model, train = config.preset("demo")  # the preset's trunk_init ("scratch" in the run) is not a change
+    model, train = presets.preset("demo")  # the preset's trunk_init ("scratch" in the run) is not a change
     changed = replace(train, lr=5e-4, dataset="coco")
     with pytest.raises(UserError) as refused:
         check_resume(resume, replace(model, embed_dim=128), changed, allow=False)
@@ -35,7 +35,7 @@ def test_changed_settings_are_refused_listing_each_one():
 
 def test_allowed_changes_are_kept_and_harmless_ones_only_said(caplog):
     resume = saved_run()
-    model, train = config.preset("demo")
+    model, train = presets.preset("demo")
     with caplog.at_level(logging.INFO, logger="train"):
         kept = check_resume(resume, model, replace(train, epochs=9, workers=0, lr=5e-4), allow=True)
         unchanged = check_resume(resume, model, replace(train, epochs=9, workers=0), allow=False)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from misc import config
+from misc import presets
 from misc.train import schedule
 from misc.config import TrainConfig
 from misc.errors import UserError
@@ -20,7 +20,7 @@ def first_epoch_with(plan: list[schedule.Epoch], part: str) -> int:
 
 
 def test_paper_schedule_is_the_original_code_and_paper_text_is_one_epoch_earlier():
-    paper = schedule.resolve(config.preset("paper")[1])
+    paper = schedule.resolve(presets.preset("paper")[1])
     assert [epoch.lr for epoch in paper[:9]] == [1e-3, 1e-3, 1e-3, 5e-4, 2.5e-4, 1.25e-4, 6.25e-5, 3.125e-5, 3.125e-5]
     assert {epoch.lr for epoch in paper[7:]} == {3.125e-5}
     assert first_epoch_with(paper, "SRU") == 2 and first_epoch_with(paper, "trunk") == 9
@@ -28,15 +28,15 @@ def test_paper_schedule_is_the_original_code_and_paper_text_is_one_epoch_earlier
     assert paper[8].parts == ("projection", "SRU") and paper[9].parts == ALL
     assert {epoch.loss for epoch in paper} == {"hard"}
 
-    text = schedule.resolve(config.preset("paper-text")[1])
+    text = schedule.resolve(presets.preset("paper-text")[1])
     halved = [epoch.epoch for previous, epoch in zip(text, text[1:]) if epoch.lr == previous.lr / 2]
     assert halved == [2, 3, 4, 5, 6] and text[1].lr == 1e-3
     assert first_epoch_with(text, "SRU") == 2 and first_epoch_with(text, "trunk") == 8
 
 
-@pytest.mark.parametrize("name", list(config.PRESETS))
+@pytest.mark.parametrize("name", list(presets.PRESETS))
 def test_the_scheduler_gives_the_resolved_lr_of_every_epoch(name):
-    cfg = config.preset(name)[1]
+    cfg = presets.preset(name)[1]
     optimizer = torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))], lr=cfg.lr)
     scheduler = schedule.build_scheduler(optimizer, cfg)
     for epoch in schedule.resolve(cfg):

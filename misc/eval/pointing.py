@@ -145,11 +145,11 @@ def select_custom(entries: list[Entry], model: Inference,
 
 def load_items(model: Inference, dataset: str | None, split: str | None, limit: int | None, min_words: int,
                scene_as_image: bool) -> tuple[list[Item], list[dict], dict[str, Any]]:
-    """The images and phrases of ``dataset`` (default: the one the model was trained on; Flickr30K Entities for
-    flickr30k), the skipped phrases, and where they come from: dataset, split, images_from (in words) and
-    unreadable (the images that do not decode, as (path, reason); only one's own images are decoded ahead, a named
-    dataset's are checked for presence)."""
-    trained_on = model.config["train"]["dataset"]
+    """The images and phrases of ``dataset`` (default: the one the model was trained on, the first of several;
+    Flickr30K Entities for flickr30k), the skipped phrases, and where they come from: dataset, split, images_from
+    (in words) and unreadable (the images that do not decode, as (path, reason); only one's own images are decoded
+    ahead, a named dataset's are checked for presence)."""
+    trained_on = config.dataset_names(model.config["train"]["dataset"])[0]
     dataset = dataset or ("flickr30k_entities" if trained_on == "flickr30k" else trained_on)
     if is_custom(dataset):
         split = split or "test"

@@ -11,6 +11,7 @@ A checkpoint is a dict::
      # training checkpoints also carry
      "optimizer": ..., "scheduler": ..., "scaler": ..., "best_epoch": the "epoch" of the best validation,
      "skipped_steps": non-finite steps skipped so far (train.skip_nonfinite),
+     "data": one {"dataset", "split", "images", "pairs"} per training dataset (misc/data/mix.py),
      # and when written mid-epoch (--save-every, a stop signal): steps done in epoch "epoch", their running sums
      "step": int, "partial": dict, "rng": one {"torch", "cuda", "python"} per process}
 

@@ -191,6 +191,7 @@ SYSTEMS = {"dsve": "DSVE-Loc (Engilberge, Chevallier, Perez, Cord, CVPR 2018): R
                        "over frozen word vectors, trained with the N-pair loss"}
 DATASETS = {"coco": "MS-COCO 2014 images with their captions, Karpathy's splits",
         "flickr30k": "Flickr30k images with their captions, Karpathy's splits",
+        "flickr30k_entities": "Flickr30k images with their captions, the Flickr30K Entities split files",
         "demo": "the built-in synthetic demo world (misc/data/demo.py): coloured shapes on textures, "
                 "templated captions"}
 
@@ -202,7 +203,7 @@ def card(meta: dict[str, Any], results: dict[str, Any] | None) -> str:
     words = saved.get("words") or {}
     trained_with = words.get("trained_with") or words
     embedded = saved.get("word_vectors") == WORDS
-    dataset = f"`{train['dataset']}` (a JSON-lines file, data/README.md)"
+    datasets = config.dataset_names(train["dataset"])
     lines = [f"# {model['arch']} model, {model['trunk']} trunk",
              "", f"Exported from `{meta['source']}` after epoch {meta.get('epoch')}.", "",
              "## Model", "", f"- system: {SYSTEMS[model['arch']]}",
@@ -212,8 +213,9 @@ def card(meta: dict[str, Any], results: dict[str, Any] | None) -> str:
              f"{trained_with.get('sha256', 'not recorded')}), "
              + (f"embedded here ({WORDS}, {VOCAB})" if embedded else "referenced only: pass `--words PATH`"),
              "", "## Training data", "",
-             f"- {DATASETS.get(train['dataset'], dataset)}",
-             f"- trained on split `{train['split']}`, validated on `{train['val_split']}`; crops of "
+             *(f"- {DATASETS.get(name, f'`{name}` (a JSON-lines file, data/README.md)')}" for name in datasets),
+             f"- trained on split `{train['split']}`, validated on `{train['val_split']}`"
+             f"{f' of `{datasets[0]}`' if len(datasets) > 1 else ''}; crops of "
              f"{train['crop_size']} px, evaluated at {train['test_size']} px",
              "", "## Schedule", "", "```", describe(config.from_dict(config.TrainConfig, train), model["arch"]),
              f"batch size {train['batch_size']}, margin {train['margin']}, seed {train['seed']}", "```",
@@ -228,7 +230,7 @@ def card(meta: dict[str, Any], results: dict[str, Any] | None) -> str:
              "carries the biases of its captions.",
              "- Heatmaps are coarse (the trunk's grid) and show where the model looks, not object outlines.",
              *(["- Trained on synthetic shapes: it knows nothing of real photographs."]
-               if train["dataset"] == "demo" else []), ""]
+               if "demo" in datasets else []), ""]
     return "\n".join(lines)
 
 

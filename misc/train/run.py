@@ -18,9 +18,8 @@ from torch.utils.data import DataLoader
 
 from misc import config
 from misc.config import TrainConfig
-from misc.data.datasets import (PairCollate, PairDataset, Record, load_split, prepare_dataset,
-                                train_transform)
-from misc.data import flickr_entities
+from misc.data.datasets import PairCollate, PairDataset, Record, load_split, prepare_dataset, train_transform
+from misc.data.mix import Count, check_names, training_records
 from misc.data.words import WordVectors, load_word_vectors
 from misc.errors import UserError
 from misc.eval.encode import evaluate_records
@@ -56,10 +55,12 @@ class RunOptions:
 
 @dataclass
 class Data:
-    """A run's data: the word vectors, the training pairs with this process's loader, the validation images."""
+    """A run's data: the word vectors, the training pairs (each dataset's count) with this process's loader, the
+    validation images."""
 
     words: WordVectors
     train_records: list[Record]
+    counts: list[Count]
     val_records: list[Record]
     dataset: PairDataset
     sampler: distributed.EpochSampler
@@ -100,25 +101,23 @@ def load_data(model_cfg: ModelConfig, cfg: TrainConfig, run: RunOptions, context
     if cfg.batch_size % context.world_size:
         raise UserError(f"batch size {cfg.batch_size} (the global batch) does not split over "
                         f"{context.world_size} processes")
-    is_demo = cfg.dataset == "demo"
+    check_names(cfg.datasets)
+    first = cfg.datasets[0]  # validates, and with the demo world the default word vectors are its own
     if context.is_main:
-        prepare_dataset(cfg.dataset)
+        for name in cfg.datasets:
+            prepare_dataset(name)
     distributed.barrier(context)
     chosen = run.words or cfg.words
     words = load_word_vectors(Path(chosen) if chosen else
-                              config.path(config.default_words_key(model_cfg.arch, is_demo), demo=is_demo))
+                              config.path(config.default_words_key(model_cfg.arch, first == "demo"),
+                                          demo=first == "demo"))
     if words.dim != model_cfg.word_dim:
         raise UserError(f"word vectors {words.source} are {words.dim}-d but the model expects "
                         f"model.word_dim={model_cfg.word_dim}")
-    train_records, train_unreadable = load_split(cfg.dataset, cfg.split)
-    if run.limit and run.limit > len(train_records):
-        log.warning("--limit %d: %s %s has only %d images; training on all of them", run.limit, cfg.dataset,
-                    cfg.split, len(train_records))
-    train_records = train_records[: run.limit]
-    if cfg.dataset == "flickr30k" and not cfg.allow_test_overlap:
-        flickr_entities.check_test_overlap([record.image.stem for record in train_records], cfg.dataset)
+    train_records, counts, train_unreadable = training_records(cfg, run.limit)
+    log.info("training data: %s", "; ".join(map(str, counts)))
     log.info(words.oov_report([caption for record in train_records for caption in record.captions]))
-    val_records, val_unreadable = load_split(cfg.dataset, cfg.val_split)
+    val_records, val_unreadable = load_split(first, cfg.val_split)
     words.units = model_cfg.text_units
     kept = run.resume.state.get("added_words") if run.resume else None
     if kept:  # a resumed run reads the vectors its checkpoint drew
@@ -129,9 +128,9 @@ def load_data(model_cfg: ModelConfig, cfg: TrainConfig, run: RunOptions, context
                  cfg.seed)
     seen = {record.image for record in val_records}.intersection(record.image for record in train_records)
     if seen and not cfg.allow_test_overlap:
-        raise UserError(f"{cfg.dataset}: {len(seen)} training images of split {cfg.split!r} are in the validation "
-                        f"split {cfg.val_split!r}, e.g. {min(seen)}; choose disjoint splits (--split, --val-split) "
-                        f"or pass --set train.allow_test_overlap=true")
+        raise UserError(f"{'+'.join(cfg.datasets)}: {len(seen)} training images of split {cfg.split!r} are in the "
+                        f"validation split {cfg.val_split!r} of {first}, e.g. {min(seen)}; choose disjoint splits "
+                        f"(--split, --val-split) or pass --set train.allow_test_overlap=true")
     dataset = PairDataset(train_records, train_transform(cfg), cfg.captions_per_image, cfg.seed,
                           cfg.group_captions)
     batch = cfg.batch_size // context.world_size
@@ -147,7 +146,8 @@ def load_data(model_cfg: ModelConfig, cfg: TrainConfig, run: RunOptions, context
                         generator=torch.Generator().manual_seed(cfg.seed))
     unreadable = {"train": results.unreadable_images(train_unreadable),
                   "val": results.unreadable_images(val_unreadable)}
-    return Data(words, train_records, val_records, dataset, sampler, loader, batch, steps_per_epoch, unreadable)
+    return Data(words, train_records, counts, val_records, dataset, sampler, loader, batch, steps_per_epoch,
+                unreadable)
 
 
 def build_learner(model_cfg: ModelConfig, cfg: TrainConfig, run: RunOptions, amp: str | None,
@@ -234,6 +234,7 @@ class Trainer:
                 "metrics": {"val": position.val, "history": position.history,
                             "unreadable_images": self.data.unreadable},
                 "skipped_steps": self.health.skipped, "resumed_with_changes": self.changes,
+                "data": [asdict(count) for count in self.data.counts],
                 **({"added_words": self.data.words.added_rows()} if self.data.words.added else {}), **within}
 
     def fit(self) -> None:
@@ -333,10 +334,10 @@ def train(model_config: ModelConfig, train_config: TrainConfig, run: RunOptions,
             if context.is_main and run.out.resolve() == run.resume.path.parent.resolve():
                 checkpoint.check_best(run.out, run.resume.state)
         drawn = train_config.steps_per_epoch * train_config.batch_size  # batches drawn with replacement, else a pass
-        log.info("training %s on %d %s images (%d pairs/epoch), validating on %d; %d process(es) on %s; run folder %s",
-                 model_config.trunk, len(data.train_records), train_config.dataset,
-                 (drawn or len(data.dataset)) * data.dataset.per_item, len(data.val_records), context.world_size,
-                 device, run.out)
+        log.info("training %s on %d %s images (%d pairs/epoch), validating on %d of %s; %d process(es) on %s; run "
+                 "folder %s", model_config.trunk, len(data.train_records), "+".join(train_config.datasets),
+                 (drawn or len(data.dataset)) * data.dataset.per_item, len(data.val_records),
+                 train_config.datasets[0], context.world_size, device, run.out)
         log.info(describe(train_config, model_config.arch))
         with distributed.StopSignals(context) as signals:
             trainer = Trainer(model_config, train_config, run, data, learner, position, context, amp, signals)

@@ -14,6 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+import search as search_cli
 from misc.collections.search import load_collection
 from misc.collections.shard_run import run_manifest
 from misc.collections.shards import ShardFolder
@@ -107,6 +108,27 @@ def test_resume_and_the_rank_split_give_the_vectors_of_the_model(tiny_world: Pat
 def tiny_checkpoint(tiny_world: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     torch.manual_seed(0)
     return random_checkpoint(tmp_path_factory.mktemp("checkpoint") / "tiny.pth.tar", TINY, tiny_world, 64)
+
+
+def test_an_image_folder_s_captions_are_the_text_queries_of_its_index_report(
+        tiny_checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from misc.collections.queries import caption_queries
+    from misc.inference import Inference
+    from tests.test_index import clustered, sharded
+
+    captions = [caption(n % 9) if n % 4 else None for n in range(40)] + ["qwxz zzkq"]  # 9 distinct, 1 unknown
+    collection = sharded(tmp_path / "photos", clustered(41, 32, 0), captions)
+    model = Inference.load(tiny_checkpoint, device="cpu")
+    queries = caption_queries(model, collection)
+    expected = model.embed_texts(sorted({caption(n % 9) for n in range(40) if n % 4})).numpy()
+    assert queries.shape == (len(expected), 32) == (9, 32)
+    assert np.allclose(np.sort((queries @ expected.T).max(axis=1)), 1, atol=1e-5)  # each is one of the captions
+    assert caption_queries(None, collection) is None
+    search_cli.main(["--images", str(tmp_path / "photos"), "--build-index", "--index-factory", "Flat", "-p",
+                     str(tiny_checkpoint), "--device", "cpu"])
+    report = json.loads((tmp_path / "photos" / "index_report.json").read_text())
+    assert report["text_queries"] == 9 and report["sweep"][0]["text_recall_10_at_10"] == 1.0
+    assert "41 held-out rows, 9 caption queries" in capsys.readouterr().out
 
 
 def extract(checkpoint: Path, data: Path, out: Path, rank: int = 0, world: int = 1) -> subprocess.Popen:

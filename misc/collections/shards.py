@@ -190,6 +190,16 @@ def sharded_fingerprint(folder: Path) -> str:
     return digest.hexdigest()
 
 
+def stored_captions(folder: Path) -> list[str]:
+    """The non-empty captions of a sharded image extraction's rows (webdataset txt/json members, list captions)."""
+    folder = Path(folder)
+    shards = len(json.loads((folder / "manifest.json").read_text(encoding="utf-8"))["shards"])
+    store = ShardFolder(folder)
+    return [caption for shard in range(shards)
+            for caption in pq.read_table(store.meta(shard), columns=["caption"])["caption"].to_pylist()
+            if caption and caption.strip()]
+
+
 class ShardedRows:
     """The vectors of every shard as one read-only (N, d) float32 matrix: each shard's ``.npy`` is memory-mapped,
     and a slice or a list of rows reads only the shards it touches."""

@@ -66,6 +66,29 @@ def test_image_caption_pairs_from_tsv_and_jsonl(tmp_path: Path) -> None:
     assert [s.keys for s in text_shards(text, images, 10)] == [("x/1.jpg", "2")]
 
 
+def test_a_jsonl_file_of_captions_into_an_npz_keeps_the_image_of_each(
+        tiny_checkpoint: Path, tiny_world: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from misc.store.arrays import TextColumn, npz_array
+
+    rows = [{"path": "a.jpg", "caption": "a red star\x00"}, {"path": "b.jpg", "caption": "a blue disc"}]
+    (tmp_path / "c.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows) + "[1]\n")
+    assert run_in_process("text_features_extraction.py", ["-p", tiny_checkpoint, "-d", tmp_path / "c.jsonl", "-o",
+                                                          tmp_path / "c.npz", "--no-progress", "--device", "cpu"],
+                          tiny_world, monkeypatch) == 0
+    assert TextColumn(tmp_path / "c.npz", "lines").tolist() == ["a red star\x00", "a blue disc"]
+    assert TextColumn(tmp_path / "c.npz", "image_paths").tolist() == ["a.jpg", "b.jpg"]
+    assert npz_array(tmp_path / "c.npz", "skipped").tolist() == [["3", "not a JSON object with a 'caption' (text) "
+                                                                       "and an optional 'path' (text)"]]
+    assert run_in_process("text_features_extraction.py", ["-p", tiny_checkpoint, "-d", tmp_path / "c.jsonl", "-o",
+                                                          tmp_path / "c", "--no-progress", "--device", "cpu"],
+                          tiny_world, monkeypatch) == 0
+    collection = load_collection(tmp_path / "c")
+    assert collection.labels.tolist() == ["a red star\x00", "a blue disc"]  # verbatim, trailing NUL kept
+    np.testing.assert_allclose(np.asarray(collection.features), npz_array(tmp_path / "c.npz", "features"),
+                               atol=2e-3)  # float16 rows of the same vectors
+    assert pq.read_table(tmp_path / "c" / "meta" / "000000.parquet")["key"].to_pylist() == ["a.jpg", "b.jpg"]
+
+
 def test_resume_and_the_rank_split_give_the_vectors_of_the_model(tiny_world: Path, tmp_path: Path) -> None:
     torch.manual_seed(0)
     model = build_model(TINY).eval()

@@ -257,7 +257,8 @@ def load_sharded(folder: Path) -> Collection:
         parts = [np.load(store.emb(shard), mmap_mode="r") for shard in shards]
         columns = ["source"] if kind == "image" else ["caption", "line"]
         tables = [pq.read_table(store.meta(shard), columns=columns) for shard in shards]
-        labels = np.array([value for table in tables for value in table[columns[0]].to_pylist()], dtype=str)
+        labels = np.array([value for table in tables for value in table[columns[0]].to_pylist()],
+                          dtype=str if kind == "image" else object)  # a line keeps its trailing NULs
         numbers = (np.array([value for table in tables for value in table["line"].to_pylist()], dtype=np.int64)
                    if kind == "text" else None)
     except (OSError, ValueError, KeyError, TypeError) as error:

@@ -90,8 +90,8 @@ def main(argv: list[str] | None = None) -> None:
                             maps=args.maps, resume=args.resume, progress=not args.no_progress)
     log_skipped(result.skipped, args.out)
     resumed = f", {result.resumed_chunks} chunks resumed" if result.resumed_chunks else ""
-    log.info("%d images embedded, %d skipped%s (%.1f images/s) -> %s", result.count, len(result.skipped), resumed,
-             result.timing.images_per_s, args.out)
+    log.info("%d images embedded, %d skipped%s (%s) -> %s", result.count, len(result.skipped), resumed,
+             result.timing.summary(), args.out)
 
 
 def extract_sharded(args: argparse.Namespace) -> None:
@@ -126,8 +126,8 @@ def extract_sharded(args: argparse.Namespace) -> None:
     finally:
         store.close()
     log_skipped(run.skipped, args.out / "done", listed="'skipped_samples' of the done records in")
-    log.info("rank %d: %d shards (%d already done), %d images embedded, %d skipped (%.1f images/s) -> %s", rank,
-             run.shards, run.resumed, run.rows, len(run.skipped), run.timing.images_per_s, args.out)
+    log.info("rank %d: %d shards (%d already done), %d images embedded, %d skipped (%s) -> %s", rank,
+             run.shards, run.resumed, run.rows, len(run.skipped), run.timing.summary(), args.out)
 
 
 if __name__ == "__main__":

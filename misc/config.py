@@ -56,8 +56,8 @@ PATHS: dict[str, PathKey] = {
     "flickr_entities": PathKey(DATA / "flickr30k_entities",
                                "a folder holding Annotations/, Sentences/, train.txt, val.txt and test.txt",
                                "https://github.com/BryanPlummer/flickr30k_entities (annotations.zip, split files)"),
-    "glove_vectors": PathKey(DATA / "words" / "glove.840B.300d.txt", "GloVe 300-d word vectors (text format)",
-                             "https://nlp.stanford.edu/projects/glove/ (glove.840B.300d.zip)"),
+    "glove_vectors": PathKey(DATA / "words" / "glove.6B.300d.txt", "GloVe 6B 300-d word vectors (text, uncased)",
+                             "https://nlp.stanford.edu/projects/glove/ (glove.6B.zip), as Das et al. used"),
     "resnet_weights": PathKey(DATA / "weights" / "resnet152.pth", "an ImageNet state dict of the trunk",
                               "torchvision's ResNet weights, downloaded once by hand (see data/README.md)"),
 }
@@ -263,10 +263,10 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "lr_decay_every": 10, "lr_decay": 0.1, "text_from_epoch": 0, "trunk_from_epoch": 0, "frozen_trunk": [],
         "loss": "npair", "margin": 0.1, "crop_size": 224, "resize_only": True, "flip": False, "eval_size": 224,
         "test_size": 224}},
-    # Das et al.'s code (github deepandas11/LocNet) by default: main.py's flags (triplet, sampler hard, margin 0.1, SGD
-    # lr 1e-3 momentum 0.9, 10 epochs, batch 64, flickr, 224 x 224 resize), steps/utils.py (custom_loss / batch size;
-    # lr / 10 at their epoch 10 counting from 1: our 9), steps/models_train.py (100 batches drawn with replacement).
-    "das2019-code": {"model": dict(DAS2019_MODEL), "train": {
+    # Das et al.'s code (github deepandas11/LocNet) by default: main.py's flags (triplet, hard, margin 0.1, SGD lr 1e-3
+    # momentum 0.9, 10 epochs, batch 64, flickr, parse_mode phrase, 224 resize), steps/utils.py (loss / batch; lr / 10
+    # at their epoch 10 from 1: our 9), 100 batches drawn with replacement, random unknown words (flickr_vocab_gen.py).
+    "das2019-code": {"model": {**DAS2019_MODEL, "text_units": "phrases", "unknown_words": "random"}, "train": {
         "dataset": "flickr30k_entities", "split": "train", "val_split": "val", "epochs": 10, "batch_size": 64,
         "lr": 1e-3, "optimizer": "sgd", "momentum": 0.9, "lr_halve_epochs": [], "lr_decay_every": 10, "lr_decay": 0.1,
         "lr_decay_first": 9, "text_from_epoch": 0, "trunk_from_epoch": 0, "frozen_trunk": [], "loss": "hard",

@@ -25,11 +25,12 @@ from misc.store import checkpoint
 from misc.data.datasets import eval_transform
 from misc.errors import UserError
 from misc.data.images import oriented, read_image
+from misc.data.jsonl import with_regions
 from misc.eval.localization import POINTING_K, choose_k, localization_side, peak_location
 from misc.devices import autocast, resolve_device
 from misc.eval.encode import encode_captions
 from misc.visualize import DEFAULT_COLORMAP, overlays, panel_size, panel_title, save_png
-from misc.data.spans import find_tokens
+from misc.data.spans import find_tokens, step_span
 from misc.data.words import WordVectors
 from models.heatmaps import apply_filters
 from models.joint import Model
@@ -152,9 +153,11 @@ class Inference:
     def filters_in_context(self, captions: list[str], spans: list[tuple[int, int, int]]) -> torch.Tensor:
         """One filter per phrase read in its caption's context (T, C) on the device: ``spans`` are (caption index,
         first token, end token) into the tokens of ``captions`` (``words.tokens``); the matchmap's mean of the
-        in-context word vectors over the span (``model.phrase_filters``). DSVE refuses in one line."""
+        in-context word vectors over the span (``model.phrase_filters``); under ``model.text_units: phrases`` the
+        steps holding those tokens (a caption's annotated phrase is one step). DSVE refuses in one line."""
         encoded = self.words.encode(captions)
-        rows = torch.tensor(spans, dtype=torch.long).reshape(-1, 3)
+        steps = [(row, *step_span(encoded.steps[row], first, end)) for row, first, end in spans]
+        rows = torch.tensor(steps, dtype=torch.long).reshape(-1, 3)
         try:
             with autocast(self.device, self.amp):
                 return self.model.phrase_filters(encoded.words.to(self.device), encoded.lengths, rows).float()
@@ -212,9 +215,11 @@ class Inference:
         return sum(self.words.index(token) is not None for token in self.words.tokens(text))
 
     def unknown_words(self, text: str) -> list[str]:
-        """The words of ``text`` (tokens with a letter or digit) that are not in the vocabulary."""
-        return [token for token in self.words.tokens(text)
-                if any(c.isalnum() for c in token) and self.words.index(token) is None]
+        """The words of ``text`` (tokens with a letter or digit) that are not in the vocabulary, those given a drawn
+        vector (``model.unknown_words: random``) included."""
+        drawn = set(self.words.added)
+        return [token for token in self.words.tokens(text) if any(c.isalnum() for c in token)
+                and (self.words.index(token) is None or self.words.key(token) in drawn)]
 
     @torch.no_grad()
     def scores(self, image: Image.Image, texts: list[str]) -> torch.Tensor:
@@ -252,6 +257,8 @@ class Inference:
         if caption is None:
             filters, scores = self.filters(texts, k), self.scores(picture, texts)
         else:
+            # a phrase given with its caption is one step under model.text_units: phrases, as in training
+            caption = caption if per_word else with_regions(caption, texts)
             filters = self.filters_in_context([caption], spans if per_word else self.spans_in(caption, texts))
             scores = self.scores(picture, [caption]).expand(len(texts))
         maps = self.maps(self.transform(size)(picture)[None])  # (1, C, h, w)

@@ -167,6 +167,8 @@ def test_the_paper_preset_resolves_to_the_papers_and_the_original_codes_values()
         "region_dim": 1024,  # matchmap only: Das et al. 2019's D
         "lstm_hidden": 1024,  # matchmap only: equals region_dim
         "score": "avg_both",  # matchmap only
+        "text_units": "words",  # eq. 4: one SRU step per word (phrase steps are Das et al.'s code's, matchmap only)
+        "unknown_words": "zero",  # original code: an unknown word reads the table's UNK row
     }
     expected_train = {
         "dataset": "coco",  # §4.1: MS-COCO

@@ -94,6 +94,13 @@ class Timing:
     def images_per_s(self) -> float:
         return self.images / max(self.seconds, 1e-9)
 
+    def summary(self) -> str:
+        """Speed and the loader's share of the time, for the final log line: a large share means more
+        ``--workers`` (or faster storage) would help, a small one that the model is the bottleneck."""
+        waited = sum(self.wait)
+        return (f"{self.images_per_s:.1f} images/s; {waited:.1f} s of {self.seconds:.1f} s waiting for the loader "
+                f"({100 * waited / max(self.seconds, 1e-9):.0f}%)")
+
 
 @torch.no_grad()
 def embed_image_batches(encoder: ImageEncoder, loader: Iterable[ImageBatch], device: torch.device,

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from misc import config
+from misc.data.spans import Caption
 from misc.errors import UserError
 
 ENTITY_TYPES = ("people", "clothing", "bodyparts", "animals", "vehicles", "instruments", "scene", "other")
@@ -42,7 +43,7 @@ class Phrase:
 
 @dataclass(frozen=True)
 class Sentence:
-    text: str  # the caption's words, brackets removed
+    text: Caption  # the caption's words, brackets removed, with the characters of each bracketed phrase
     phrases: tuple[Phrase, ...]
 
 
@@ -66,7 +67,8 @@ class EntitiesImage:
 
 
 def parse_sentence(line: str) -> Sentence:
-    """One line of a Sentences file; text outside brackets, or a bracket without a chain, is plain words."""
+    """One line of a Sentences file; text outside brackets, or a bracket without a chain, is plain words. The text
+    is a :class:`misc.data.spans.Caption` holding its bracketed phrases (``model.text_units: phrases``)."""
     words: list[str] = []
     phrases = []
     position = 0
@@ -77,7 +79,9 @@ def parse_sentence(line: str) -> Sentence:
         words += inside
         position = match.end()
     words += line[position:].split()
-    return Sentence(" ".join(words), tuple(phrases))
+    starts = [sum(len(word) + 1 for word in words[:p.first_word]) for p in phrases]  # words joined by one space
+    return Sentence(Caption(" ".join(words), [(start, start + len(p.text)) for start, p in zip(starts, phrases)
+                                              if p.text]), tuple(phrases))
 
 
 def read_sentences(path: Path) -> list[Sentence]:

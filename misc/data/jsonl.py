@@ -7,7 +7,9 @@
 
 Image paths are relative to the file's folder (or absolute); boxes and masks are in the stored image's pixel frame.
 ``split`` is any name; a file where no line has one is a single split that every name selects. ``regions`` (the
-pointing game's phrases) and ``segments`` (semantic segmentation's masks, COCO polygons or RLE) are optional.
+pointing game's phrases) and ``segments`` (semantic segmentation's masks, COCO polygons or RLE) are optional; a
+caption holds the region phrases found in it (:func:`with_regions`: one step each under ``model.text_units:
+phrases``).
 Every malformed line is a one-line :class:`UserError` naming ``file:line``.
 """
 from __future__ import annotations
@@ -24,6 +26,8 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
+from misc.data.spans import Caption, char_offsets, find_tokens
+from misc.data.words import tokenize
 from misc.errors import UserError, did_you_mean
 
 
@@ -103,9 +107,30 @@ def _entry(item: Any, number: int, path: Path) -> Entry:
         if not isinstance(item.get(key, []), list):
             raise UserError(f"{where}: \"{key}\" must be a list")
     image = Path(item["image"])
-    return Entry(number, image if image.is_absolute() else path.parent / image, captions, split,
-                 [_region(r, where) for r in item.get("regions", [])],
+    regions = [_region(r, where) for r in item.get("regions", [])]
+    if regions:
+        captions = [with_regions(caption, [phrase for phrase, _ in regions]) for caption in captions]
+    return Entry(number, image if image.is_absolute() else path.parent / image, captions, split, regions,
                  [_segment(s, where) for s in item.get("segments", [])])
+
+
+def with_regions(caption: str, phrases: list[str]) -> str:
+    """``caption`` as a :class:`misc.data.spans.Caption` holding the characters of each region phrase found in it
+    (the first run of the phrase's tokens, case-insensitive, that overlaps no phrase found before), so that
+    ``model.text_units: phrases`` reads it as one step; ``caption`` itself when none is found."""
+    tokens = tokenize(caption)
+    try:
+        starts = char_offsets(caption, tokens)
+    except ValueError:  # a token the tokeniser rewrote: no characters to hold
+        return caption
+    spans: list[tuple[int, int]] = []
+    for phrase in phrases:
+        found = find_tokens(tokens, tokenize(phrase))
+        if found is not None:
+            low, high = starts[found[0]], starts[found[1] - 1] + len(tokens[found[1] - 1])
+            if all(high <= start or end <= low for start, end in spans):
+                spans.append((low, high))
+    return Caption(caption, sorted(spans)) if spans else caption
 
 
 def read_entries(path: Path) -> list[Entry]:

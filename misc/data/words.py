@@ -17,6 +17,12 @@ A word is looked up as written, then lower-cased; in a vocabulary without capita
 lower-cased only. A word found neither way maps to the ``UNK`` row (or a zero vector where the table has none) and
 is counted. :class:`TextOptions` switches to the original
 release's preprocessing (:data:`ORIGINAL_TEXT`: first sentence only, words looked up exactly as written).
+
+A step of the text path reads one token (``units`` "words"), or, with ``units`` "phrases" (``model.text_units``),
+an annotated phrase of a :class:`misc.data.spans.Caption` as one step: the mean of its tokens' vectors (Das et al.'s
+phrase mode). With ``model.unknown_words: random`` a new run gives every word its table lacks a vector of its own,
+drawn from the table's per-dimension normal (:meth:`WordVectors.draw_unknown`), kept in the checkpoint and added
+back on loading (:meth:`WordVectors.add`).
 """
 from __future__ import annotations
 
@@ -37,6 +43,7 @@ from nltk.tokenize import word_tokenize
 from nltk.tokenize.punkt import PunktParameters, PunktSentenceTokenizer
 from numpy.lib import format as npy
 
+from misc.data.spans import phrase_steps
 from misc.errors import UserError
 
 UNK = "UNK"
@@ -93,15 +100,19 @@ class Encoded:
     lengths: torch.Tensor  # (B,) long, >= 1
     oov: int  # tokens that were not in the vocabulary
     tokens: int  # tokens in all
+    steps: list[list[tuple[int, int]]] | None = None  # each caption's steps: the tokens [start, end) each averages
 
 
 class WordVectors:
     """A frozen vocabulary of word vectors with UNK fallback; ``options`` says how captions are tokenised."""
 
-    def __init__(self, vectors: KeyedVectors, source: Path, options: TextOptions = TextOptions()) -> None:
+    def __init__(self, vectors: KeyedVectors, source: Path, options: TextOptions = TextOptions(),
+                 units: str = "words") -> None:
         self.vectors = vectors
         self.source = source
         self.options = options
+        self.units = units  # model.text_units: "words" | "phrases"
+        self.added: list[str] = []  # keys drawn or added after loading (model.unknown_words: random)
         self.dim = int(vectors.vector_size)
         self.unk = vectors[UNK] if UNK in vectors.key_to_index else np.zeros(self.dim, dtype=np.float32)
         self.uncased = not any(key != key.lower() for key in vectors.key_to_index)
@@ -140,20 +151,63 @@ class WordVectors:
                 raise ValueError(f"caption {first + position} has no words: {captions[position]!r}")
         return tokenized
 
+    def steps(self, caption: str, tokens: list[str]) -> list[tuple[int, int]]:
+        """The tokens [start, end) each step of the text path averages: one token a step, or with ``units``
+        "phrases" each of the caption's phrases one step (:func:`misc.data.spans.phrase_steps`)."""
+        if self.units == "phrases":
+            return phrase_steps(caption, tokens)
+        return [(index, index + 1) for index in range(len(tokens))]
+
     def encode(self, captions: list[str]) -> Encoded:
         """Tokenise and embed a batch of captions; an empty caption is a ValueError naming its position."""
-        return self.encode_tokens(self.tokenized(captions))
+        tokenized = self.tokenized(captions)
+        return self.encode_tokens(tokenized, [self.steps(c, t) for c, t in zip(captions, tokenized)])
 
-    def encode_tokens(self, tokenized: list[list[str]]) -> Encoded:
-        """Embed a batch of tokenised captions (each with at least one token), right-padded to the longest."""
-        lengths = torch.tensor([len(tokens) for tokens in tokenized], dtype=torch.long)
+    def encode_tokens(self, tokenized: list[list[str]], steps: list[list[tuple[int, int]]] | None = None) -> Encoded:
+        """Embed a batch of tokenised captions (each with at least one token), right-padded to the longest: each
+        step the mean of its tokens' vectors (``steps``: :meth:`steps`; None: one token a step)."""
+        steps = steps or [[(index, index + 1) for index in range(len(tokens))] for tokens in tokenized]
+        lengths = torch.tensor([len(caption) for caption in steps], dtype=torch.long)
         words = torch.zeros(len(tokenized), int(lengths.max()), self.dim)
         oov = 0
-        for row, tokens in enumerate(tokenized):
+        for row, (tokens, spans) in enumerate(zip(tokenized, steps)):
             matrix, missing = self.lookup(tokens)
-            words[row, : len(tokens)] = torch.from_numpy(matrix)
+            vectors = torch.from_numpy(matrix)
+            if len(spans) < len(tokens):
+                vectors = torch.stack([vectors[start:end].mean(dim=0) for start, end in spans])
+            words[row, : len(spans)] = vectors
             oov += missing
-        return Encoded(words, lengths, oov, int(lengths.sum()))
+        return Encoded(words, lengths, oov, sum(len(tokens) for tokens in tokenized), steps)
+
+    def key(self, token: str) -> str:
+        """The key :meth:`index` looks ``token`` up by first."""
+        return token.lower() if self.uncased else token
+
+    def add(self, keys: list[str], matrix: np.ndarray) -> None:
+        """Add rows to the table (words it lacked); an ``UNK`` key becomes the unknown words' vector."""
+        self.vectors.add_vectors(list(keys), np.asarray(matrix, dtype=np.float32))
+        self.added += list(keys)
+        if UNK in keys:
+            self.unk = self.vectors[UNK]
+
+    def draw_unknown(self, captions: list[str], seed: int) -> int:
+        """Give every word of ``captions`` that the table lacks, and ``UNK`` when it has none, its own vector drawn
+        from N(mean, std) of the table's rows, per dimension, in sorted order from ``seed`` (Das et al.'s
+        vocabulary of random unknown words); returns how many were drawn. Words still unknown later (not in these
+        captions) read the drawn ``UNK``."""
+        missing = {self.key(token) for caption in captions for token in self.tokens(caption)
+                   if self.index(token) is None}
+        keys = sorted(missing | ({UNK} if UNK not in self.vectors.key_to_index else set()))
+        table = self.vectors.vectors  # (V, dim): statistics in float64 without a float64 copy of the table
+        mean, std = table.mean(axis=0, dtype=np.float64), table.std(axis=0, dtype=np.float64)
+        drawn = np.random.default_rng(seed).normal(size=(len(keys), self.dim)) * std + mean
+        self.add(keys, drawn)
+        return len(keys)
+
+    def added_rows(self) -> dict[str, Any]:
+        """The rows added after loading, as a checkpoint keeps them: {"words": [...], "vectors": (N, dim)}."""
+        return {"words": list(self.added),
+                "vectors": torch.from_numpy(np.stack([self.vectors[key] for key in self.added]).astype(np.float32))}
 
     def oov_report(self, captions: list[str]) -> str:
         """One line: how many of the captions' embedded tokens are not in the vocabulary."""

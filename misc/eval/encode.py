@@ -48,15 +48,17 @@ def caption_batches(captions: list[str], words: WordVectors, batch_size: int,
     window = 64 * batch_size
     for start in range(0, len(captions), window):
         tokenized = words.tokenized(captions[start:start + window], first=start)
-        order = sorted(range(len(tokenized)), key=lambda row: len(tokenized[row]))
+        steps = [words.steps(caption, tokens) for caption, tokens in zip(captions[start:start + window], tokenized)]
+        order = sorted(range(len(tokenized)), key=lambda row: len(steps[row]))
         begin = 0
         while begin < len(order):
             end = begin + 1  # order is by length: the caption at end - 1 is the batch's longest
             while (end < len(order) and end - begin < batch_size
-                   and (end - begin + 1) * len(tokenized[order[end]]) <= max_tokens):
+                   and (end - begin + 1) * len(steps[order[end]]) <= max_tokens):
                 end += 1
             rows = order[begin:end]
-            yield [start + row for row in rows], words.encode_tokens([tokenized[row] for row in rows])
+            yield [start + row for row in rows], words.encode_tokens([tokenized[row] for row in rows],
+                                                                     [steps[row] for row in rows])
             begin = end
 
 

@@ -24,7 +24,7 @@ from misc.data.flickr_entities import ENTITY_TYPES, EntitiesImage
 from misc.data.images import decode_image, unreadable
 from misc.data.jsonl import Entry, image_size, split_entries
 from misc.errors import UserError, check_choice, did_you_mean
-from misc.data.spans import word_span_tokens
+from misc.data.spans import whole_phrase, word_span_tokens
 from misc.eval.localization import (DAS2019, caption_accuracy, cell_points, peak_cells, phrase_hit, pixel_points,
                                     pointing_hits, scale_boxes)
 from misc.visualize import overlays, save_png
@@ -173,8 +173,8 @@ def skip_counts(skipped: list[dict]) -> dict[str, int]:
 def phrase_filters(model: Inference, phrases: list[Phrase], k: int | None, context: str) -> torch.Tensor:
     """One filter per phrase (M, C): the phrase alone (``phrase``), or read in its caption (``caption``, the
     matchmap's in-context words, :meth:`Inference.filters_in_context`), each caption encoded once."""
-    if context == "phrase":
-        return model.filters([p.text for p in phrases], k)
+    if context == "phrase":  # under model.text_units: phrases, a phrase read alone is one step
+        return model.filters([whole_phrase(p.text) for p in phrases], k)
     captions: dict[str, int] = {}
     spans = []
     for p in phrases:

@@ -7,6 +7,7 @@ A checkpoint is a dict::
                 "word_vectors": path (relative to the data root when under it), "words": {"file", "sha256"},
                 "text": TextOptions as dict (optional; absent means this project's tokenisation)},
      "model": state_dict, "epoch": epochs completed, "best_rsum": float, "metrics": dict,
+     "added_words": {"words": [...], "vectors": (N, dim)} (optional: the rows model.unknown_words=random drew),
      # training checkpoints also carry
      "optimizer": ..., "scheduler": ..., "scaler": ..., "best_epoch": the "epoch" of the best validation,
      "skipped_steps": non-finite steps skipped so far (train.skip_nonfinite),
@@ -179,10 +180,14 @@ def naming(source: Path | str) -> Iterator[None]:
 
 def model_from(state: dict[str, Any], source: Path | str, device: torch.device | str = "cpu") -> Model:
     """Rebuild the network of a loaded checkpoint (read from ``source``), either system's, load its weights, move
-    it to ``device`` in eval mode."""
-    with naming(source):
+    it to ``device`` in eval mode.
+
+    The network is built on the meta device and takes the checkpoint's tensors as its own (no random
+    initialisation to overwrite, no second copy of the weights): the paper model's start-up is then the reading of
+    the file."""
+    with naming(source), torch.device("meta"):
         model = build_model(state["config"]["model"])
-    load_weights(model, state["model"], source)
+    load_weights(model, state["model"], source, assign=True)
     return model.to(device).eval()
 
 
@@ -204,6 +209,10 @@ def load_words(state: dict[str, Any], override_path: Path | str | None = None,
         raise UserError(f"{checkpoint_path or 'checkpoint'}: unknown text options {sorted(set(text) - known)}; "
                           f"known: {sorted(known)}")
     words = export.read_word_vectors(Path(path), TextOptions(**text))
+    words.units = saved["model"].get("text_units", "words")
+    added = state.get("added_words")
+    if added and not set(added["words"]) <= set(words.vectors.key_to_index):  # an export's table holds them
+        words.add(added["words"], added["vectors"].numpy())
     expected = saved["model"]["word_dim"]
     if words.dim != expected:
         raise UserError(f"word vectors {words.source} are {words.dim}-d but {checkpoint_path or 'the checkpoint'} "
@@ -230,11 +239,12 @@ def check_state(expected: dict[str, torch.Tensor], given: dict[str, torch.Tensor
         raise UserError(f"{source}: weights do not fit the model: {'; '.join(problems)}")
 
 
-def load_weights(model: nn.Module, state: dict[str, torch.Tensor], source: Path | str) -> None:
-    """Load every weight of ``model`` from ``state``, strictly, with :func:`check_state`'s one-line errors."""
+def load_weights(model: nn.Module, state: dict[str, torch.Tensor], source: Path | str, assign: bool = False) -> None:
+    """Load every weight of ``model`` from ``state``, strictly, with :func:`check_state`'s one-line errors;
+    ``assign`` makes ``state``'s tensors the model's own (a model built on the meta device)."""
     model = unwrap(model)
     check_state(model.state_dict(), state, source)
-    model.load_state_dict(state)
+    model.load_state_dict(state, assign=assign)
 
 
 def init_from(model: nn.Module, path: Path | str) -> str:
@@ -278,6 +288,9 @@ def export_file(path: Path | str, out: Path | str, words: Path | str | None = No
     vectors (``words`` overrides the stored file), or only their name and sha256 (``words_ref``), and the numbers
     of the run's ``results.json`` beside it in its model card."""
     state = load(path)
+    if words_ref and state.get("added_words"):
+        raise UserError(f"{path}: its {len(state['added_words']['words'])} drawn word vectors "
+                        f"(model.unknown_words=random) are in no word file: export it without --words-ref")
     vectors = None if words_ref else load_words(state, words, path)
     found = vectors.source if vectors is not None else word_refs.find_words(state["config"], words, path)
     if found is not None and Path(found).is_file():

@@ -118,6 +118,14 @@ def load_data(model_cfg: ModelConfig, cfg: TrainConfig, run: RunOptions, context
         flickr_entities.check_test_overlap([record.image.stem for record in train_records], cfg.dataset)
     log.info(words.oov_report([caption for record in train_records for caption in record.captions]))
     val_records = load_records(cfg.dataset, cfg.val_split)
+    words.units = model_cfg.text_units
+    kept = run.resume.state.get("added_words") if run.resume else None
+    if kept:  # a resumed run reads the vectors its checkpoint drew
+        words.add(kept["words"], kept["vectors"].numpy())
+    elif model_cfg.unknown_words == "random":
+        drawn = words.draw_unknown([c for record in train_records + val_records for c in record.captions], cfg.seed)
+        log.info("model.unknown_words=random: drew %d word vectors from the table's mean and std (seed %d)", drawn,
+                 cfg.seed)
     seen = {record.image for record in val_records}.intersection(record.image for record in train_records)
     if seen and not cfg.allow_test_overlap:
         raise UserError(f"{cfg.dataset}: {len(seen)} training images of split {cfg.split!r} are in the validation "
@@ -221,7 +229,8 @@ class Trainer:
                 "scaler": learner.scaler.state_dict() if learner.scaler else None, "epoch": epoch,
                 "best_rsum": position.best_rsum, "best_epoch": position.best_epoch,
                 "metrics": {"val": position.val, "history": position.history},
-                "skipped_steps": self.health.skipped, "resumed_with_changes": self.changes, **within}
+                "skipped_steps": self.health.skipped, "resumed_with_changes": self.changes,
+                **({"added_words": self.data.words.added_rows()} if self.data.words.added else {}), **within}
 
     def fit(self) -> None:
         """Train every epoch the run has not finished; stop at an epoch's end after a stop signal."""

@@ -59,10 +59,11 @@ def test_image_caption_pairs_from_tsv_and_jsonl(tmp_path: Path) -> None:
     assert text.lines == ["a red star", "a blue disc"] and images == {1: "a.jpg", 4: "b.jpg"}
     assert text.skipped == [(2, "not IMAGE<TAB>CAPTION"), (3, "no image")]
     (tmp_path / "p.jsonl").write_text('{"path": "x/1.jpg", "caption": "one red star"}\n{"caption": "two stars"}\n'
-                                      '{"path": "2.png"}\nnot json\n{"caption": "  "}\n')
+                                      '{"path": "2.png"}\nnot json\n{"caption": "  "}\n{"caption": "a \\ud800"}\n')
     text, images = split_jsonl(read_text_lines(tmp_path / "p.jsonl"))
     assert text.lines == ["one red star", "two stars"] and text.numbers == [1, 2] and images == {1: "x/1.jpg"}
-    assert [number for number, _ in text.skipped] == [3, 4, 5] and text.skipped[2][1] == "no caption"
+    assert [number for number, _ in text.skipped] == [3, 4, 5, 6] and text.skipped[2][1] == "no caption"
+    assert "lone surrogate" in text.skipped[3][1]
     assert [s.keys for s in text_shards(text, images, 10)] == [("x/1.jpg", "2")]
 
 

@@ -124,12 +124,22 @@ def split_jsonl(text: TextLines) -> tuple[TextLines, dict[int, str]]:
             skipped.append((number, "not a JSON object with a 'caption' (text) and an optional 'path' (text)"))
         elif not record["caption"].strip():
             skipped.append((number, "no caption"))
+        elif not _encodable(record["caption"] + record.get("path", "")):
+            skipped.append((number, "a \\u escape of a lone surrogate: not text that UTF-8 can store"))
         else:
             captions.append(record["caption"])
             numbers.append(number)
             if record.get("path"):
                 images[number] = record["path"]
     return dataclasses.replace(text, lines=captions, numbers=numbers, skipped=sorted(skipped)), images
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ import torch
 import search as search_cli
 from misc.collections.search import load_collection
 from misc.collections.shard_run import run_manifest
-from misc.collections.shards import ShardFolder
+from misc.collections.shards import ShardFolder, ShardRows
 from misc.collections.texts import extract_text_shards, read_text_lines, split_jsonl, split_tsv, text_shards
 from misc.data.words import load_word_vectors
 from misc.errors import UserError
@@ -88,6 +88,25 @@ def test_a_jsonl_file_of_captions_into_an_npz_keeps_the_image_of_each(
     np.testing.assert_allclose(np.asarray(collection.features), npz_array(tmp_path / "c.npz", "features"),
                                atol=2e-3)  # float16 rows of the same vectors
     assert pq.read_table(tmp_path / "c" / "meta" / "000000.parquet")["key"].to_pylist() == ["a.jpg", "b.jpg"]
+
+
+def test_eval_retrieval_pairs_a_sharded_text_extraction_with_sharded_images(tmp_path: Path) -> None:
+    from misc.eval.features import paired_features
+    from tests.test_index import clustered, sharded
+
+    vectors = clustered(6, 8, 0)
+    sharded(tmp_path / "images", vectors)  # rows 0.jpg ... 5.jpg
+    captions = ShardFolder(tmp_path / "texts", "text")
+    named, lines = [5, 0, 1, 2, 3, 4, 5], [f"a red star {n}" for n in range(7)]
+    shards = text_shards(read_text_lines(caption_file(tmp_path / "c.txt", 1)), {}, 1)  # any one shard
+    captions.open(run_manifest("c.txt", shards, {"checkpoint_sha256": "c"}, 8, "float32", "text", "lines"))
+    captions.write(0, ShardRows(vectors[named], [f"{n}.jpg" for n in named], ["c.txt:1"] * 7, ["0" * 40] * 7, lines,
+                                [], list(range(1, 8))), "float32", {})
+    captions.close()
+    embedded = paired_features(tmp_path / "images", tmp_path / "texts")
+    np.testing.assert_array_equal(embedded.images, vectors)
+    np.testing.assert_array_equal(embedded.captions, vectors[named])
+    assert embedded.owner.tolist() == named
 
 
 def test_resume_and_the_rank_split_give_the_vectors_of_the_model(tiny_world: Path, tmp_path: Path) -> None:

@@ -190,14 +190,18 @@ def sharded_fingerprint(folder: Path) -> str:
     return digest.hexdigest()
 
 
-def stored_captions(folder: Path) -> list[str]:
-    """The non-empty captions of a sharded image extraction's rows (webdataset txt/json members, list captions)."""
+def stored_column(folder: Path, column: str) -> list[Any]:
+    """One metadata column of every row of a sharded extraction, in row order (``key``, ``caption``, ...)."""
     folder = Path(folder)
     shards = len(json.loads((folder / "manifest.json").read_text(encoding="utf-8"))["shards"])
     store = ShardFolder(folder)
-    return [caption for shard in range(shards)
-            for caption in pq.read_table(store.meta(shard), columns=["caption"])["caption"].to_pylist()
-            if caption and caption.strip()]
+    return [value for shard in range(shards)
+            for value in pq.read_table(store.meta(shard), columns=[column])[column].to_pylist()]
+
+
+def stored_captions(folder: Path) -> list[str]:
+    """The non-empty captions of a sharded image extraction's rows (webdataset txt/json members, list captions)."""
+    return [caption for caption in stored_column(folder, "caption") if caption and caption.strip()]
 
 
 class ShardedRows:

@@ -9,8 +9,9 @@
 Protocols: "1k" averages folds of 1000 images (5000 captions); "full" ranks against every test image (5k on COCO).
 
 --features with --text-features pairs the outputs of image_features_extraction.py (IMAGES.npz) and
-text_features_extraction.py --tsv (CAPTIONS.npz): each line of the captions file is IMAGE<TAB>CAPTION, IMAGE being
-the image's path as IMAGES.npz stores it (relative to the extracted folder, e.g. val2014/x.jpg). Every caption must
+text_features_extraction.py --tsv (CAPTIONS.npz), either of them a folder of the sharded layout: each line of the
+captions file is IMAGE<TAB>CAPTION (or a .jsonl row with path and caption), IMAGE being the image's path as
+IMAGES.npz stores it (relative to the extracted folder, e.g. val2014/x.jpg). Every caption must
 name a stored image and every image needs a caption; both files must come from the same checkpoint.
 --features alone reads an .npz of arrays images (N, d), captions (M, d) and optionally owner (M,), the image row of
 each caption (default: five consecutive captions per image), as --save-features writes it.

@@ -14,14 +14,15 @@ An --image that is a stored image of --images (a row number, its stored path, or
 here, inside the extracted folder) uses its stored features; any other image file is embedded (needs -p).
 The searched collection is --texts when given, else --images. Scores are cosine similarities (unit vectors).
 --index exact (default) multiplies the query by every row, by blocks (the features are memory-mapped).
---index faiss (and --build-index) builds an index once and saves it next to the features (FEATURES.npz.faiss, its
-fingerprint in FEATURES.npz.faiss.json: a stale index is rebuilt), chosen from the collection's size and
---max-index-memory (misc/collections/index.py): exact (Flat) below 100k vectors, HNSW below 1M, then IVF-flat,
-IVF-SQfp16, IVF-SQ8 and OPQ+IVF+PQ, the first that fits (--index-factory names one). Every build writes
-FEATURES.npz.index_report.json: 10-recall@10 and 1-recall@1 against exact search on up to 1000 held-out rows (a
-row is not its own neighbour), p50/p99 latency, bytes per vector and build time for each nprobe (IVF) / efSearch
-(HNSW) tried; the saved default is the smallest reaching 10-recall@10 >= 0.95 (a build that cannot says so).
---nprobe overrides it (efSearch for HNSW); --rerank R scores the index's top R again exactly.
+--index faiss (and --build-index) builds an index once and saves it with the features (FOLDER/index.faiss inside a
+sharded folder, FEATURES.npz.faiss beside an .npz; a .faiss.json sidecar fingerprints the features: a stale index is
+rebuilt), chosen from the collection's size and --max-index-memory (misc/collections/index.py): exact (Flat) below
+100k vectors, HNSW below 1M, then IVF-flat, IVF-SQfp16, IVF-SQ8 and OPQ+IVF+PQ, the first that fits (--index-factory
+names one). Every build writes FOLDER/index_report.json (FEATURES.npz.index_report.json): 10-recall@10 and
+1-recall@1 against exact search on up to 1000 held-out rows (a row is not its own neighbour) and, with -p, on up to
+1000 stored captions of an image folder as text queries; p50/p99 latency, bytes per vector and build time for each
+nprobe (IVF) / efSearch (HNSW) tried; the default is the smallest reaching 10-recall@10 >= 0.95 for both (else one
+line says so). --nprobe overrides it (efSearch for HNSW); --rerank R scores the index's top R again exactly.
 --localize (text -> images) adds where the text is in each found image: the eq. 9 heatmap's peak and a box.
 --serve answers POST /search (misc/collections/server.py) on --host (default 127.0.0.1) and --port.
 """
@@ -31,6 +32,7 @@ import argparse
 import json
 import logging
 import sys
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -112,7 +114,7 @@ def main(argv: list[str] | None = None) -> None:
     if not (args.query or args.image or args.build_index or args.serve):
         raise UserError("say what to do: -q TEXT, --image IMAGE, --build-index or --serve")
     from misc.collections.index import parse_bytes
-    from misc.collections.queries import localize, text_embeddings
+    from misc.collections.queries import caption_queries, localize, text_embeddings
     from misc.collections.search import Searcher, load_collection, print_results, result_entry
 
     images = load_collection(args.images) if args.images else None
@@ -128,11 +130,13 @@ def main(argv: list[str] | None = None) -> None:
     method = "faiss" if args.build_index or args.index_factory or budget else args.index
     searcher = Searcher(collection, method, budget, args.index_factory, args.nprobe, args.rerank)
     if args.build_index:
+        searcher.text_queries = partial(caption_queries, args.checkpoint and load_model(args, "-p"), collection)
         return build(searcher)
     if args.serve:
         from misc.collections.server import make_app, make_server
 
         model = load_model(args, "--serve") if args.checkpoint else None
+        searcher.text_queries = partial(caption_queries, model, collection)
         searcher.prepare()
         log.info("serving %s (%d rows) on http://%s:%d", collection.path, len(collection.features), args.host,
                  args.port)
@@ -140,6 +144,7 @@ def main(argv: list[str] | None = None) -> None:
     exclude, model = None, None
     if args.query:
         model = load_model(args, "a text query")
+        searcher.text_queries = partial(caption_queries, model, collection)
         queries, labels, made_by = text_embeddings(model, args.query), list(args.query), model_sha256(args.checkpoint)
         query_type = "text"
     else:
@@ -178,11 +183,13 @@ def build(searcher: Searcher) -> None:
     """--build-index: build the index again and print its report's summary."""
     from misc.collections.index import index_files, load_or_build_index
 
-    load_or_build_index(searcher.collection, searcher.budget, searcher.factory, searcher.rerank, rebuild=True)
+    load_or_build_index(searcher.collection, searcher.budget, searcher.factory, searcher.rerank, rebuild=True,
+                        text_queries=searcher.text_queries)
     path = index_files(searcher.collection.path)[2]
     record = json.loads(path.read_text(encoding="utf-8"))
     print(f'{record["factory"]}: {record["count"]} vectors, {record["bytes_per_vector"]} bytes each, built in '
-          f'{record["build_s"]} s; report in {path}')
+          f'{record["build_s"]} s; {record["queries"]} held-out rows, {record["text_queries"]} caption queries; '
+          f'report in {path}')
     for row in record["sweep"]:
         print("  " + "  ".join(f"{key} {value}" for key, value in row.items()))
     print(f'default {record["default"] or "exact"}' + (f'; {record["note"]}' if record["note"] else ""))

@@ -51,7 +51,8 @@ def add_extraction_args(parser: argparse.ArgumentParser, source: str, source_hel
     the batch size."""
     add_checkpoint_args(parser)
     parser.add_argument("-d", f"--{source}", type=Path, required=True, help=source_help)
-    parser.add_argument("-o", "--out", type=Path, required=True, help="output .npz (written when complete)")
+    parser.add_argument("-o", "--out", type=Path, required=True,
+                        help="output .npz (written when complete), or a folder (any other name): the sharded layout")
     parser.add_argument("--batch-size", type=positive_int, default=batch_size,
                         help=f"items per batch (default {batch_size})")
 

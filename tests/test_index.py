@@ -15,6 +15,9 @@ import search as search_cli
 from misc.collections.index import (build_index, choose_factory, index_search, load_or_build_index, parse_bytes,
                                     sample_rows, without_self)
 from misc.collections.search import dedup, load_collection
+from misc.collections.shard_run import run_manifest
+from misc.collections.shards import ShardFolder, ShardRows
+from misc.collections.sources import Shard
 from misc.errors import UserError
 from misc.store.arrays import write_npz
 
@@ -33,6 +36,22 @@ def saved(tmp_path, features: np.ndarray):
     path = tmp_path / "images.npz"
     write_npz(path, {"features": features, "paths": np.array([f"{i}.jpg" for i in range(len(features))])})
     return load_collection(path)
+
+
+def sharded(folder, features: np.ndarray, captions: list[str | None] | None = None):
+    """``features`` as a sharded image extraction of two shards, with these captions."""
+    names = [f"{i}.jpg" for i in range(len(features))]
+    captions = captions or [None] * len(features)
+    half = len(features) // 2
+    shards = [Shard(0, files=tuple(names[:half]), captions=tuple(captions[:half])),
+              Shard(1, files=tuple(names[half:]), captions=tuple(captions[half:]))]
+    store = ShardFolder(folder)
+    store.open(run_manifest("photos", shards, {"checkpoint_sha256": "c", "size": 64}, features.shape[1], "float32"))
+    for shard, rows in zip(shards, (slice(0, half), slice(half, None))):
+        store.write(shard.number, ShardRows(features[rows], names[rows], names[rows], ["0" * 40] * len(names[rows]),
+                                            captions[rows], []), "float32", {})
+    store.close()
+    return load_collection(folder)
 
 
 def test_sizes_parse():
@@ -95,6 +114,31 @@ def test_report_recall_is_that_of_an_exact_numpy_search_without_self_matches(tmp
     assert report["default"] == {"nprobe": smallest} and report["target_reached"] and report["note"] is None
     assert faiss.extract_index_ivf(faiss.read_index(str(tmp_path / "images.npz.faiss"))).nprobe == smallest
     assert load_or_build_index(collection, factory="IVF32,Flat")[1] is False
+
+
+def test_text_queries_are_measured_too_and_the_report_lives_in_the_sharded_folder(tmp_path):
+    features = clustered(3000, 16, 0)
+    rng = np.random.default_rng(7)  # text queries near the same clusters, all moved one way (a modality gap)
+    texts = clustered(300, 16, 0) + 0.5 * rng.standard_normal(16) / 4
+    texts = (texts / np.linalg.norm(texts, axis=1, keepdims=True)).astype(np.float32)
+    collection = sharded(tmp_path / "photos", features)
+    index, built = load_or_build_index(collection, factory="IVF32,Flat", text_queries=lambda: texts)
+    assert built and (tmp_path / "photos" / "index.faiss").is_file() and not list(tmp_path.glob("photos.*"))
+    report = json.loads((tmp_path / "photos" / "index_report.json").read_text())
+    assert report["text_queries"] == 300 and report["queries"] == 1000
+    truth = np.argsort(-(texts @ features.T), axis=1, kind="stable")[:, :10]  # nothing to leave out
+    ivf, reached = faiss.extract_index_ivf(index), []
+    for entry in report["sweep"]:
+        ivf.nprobe = entry["nprobe"]
+        found = index.search(texts, 11)[1][:, :10]
+        assert entry["text_recall_10_at_10"] == pytest.approx(
+            np.mean([len(set(a) & set(b)) / 10 for a, b in zip(found, truth)]), abs=1e-4)
+        assert entry["text_recall_1_at_1"] == pytest.approx(np.mean(found[:, 0] == truth[:, 0]), abs=1e-4)
+        if min(entry["recall_10_at_10"], entry["text_recall_10_at_10"]) >= 0.95:
+            reached.append(entry["nprobe"])
+    assert report["sweep"][0]["text_recall_10_at_10"] < 0.95  # one list: the text queries miss neighbours
+    assert report["default"] == {"nprobe": min(reached)} and report["target_reached"]
+    assert load_or_build_index(load_collection(tmp_path / "photos"), factory="IVF32,Flat")[1] is False
 
 
 @pytest.mark.parametrize("factory", ["Flat", "HNSW32", "IVF16,SQ8", "IVF16,SQfp16", "OPQ4,IVF16,PQ4"])

@@ -1,7 +1,7 @@
 """search.py's HTTP server, queried with a real HTTP client on 127.0.0.1 (a uvicorn server on a free port, run in
 a thread of this process): results against a search done here, bad requests answered in one JSON line while the
-server goes on, paths outside the collection's folder, oversized bodies and decompression bombs refused; and
-localized search (eq. 9 peak and box) through the server and the CLI."""
+server goes on, paths outside the collection's folder, oversized bodies and decompression bombs refused, in JSON
+and as multipart uploads; and localized search (eq. 9 peak and box) through the server and the CLI."""
 from __future__ import annotations
 
 import base64
@@ -134,6 +134,36 @@ def test_an_uploaded_image_is_embedded_and_bad_uploads_are_refused(served):
     huge = {"image_base64": "A" * 300_000}
     assert "larger than 200000 bytes" in one_line_error(client.post("/search", json=huge), 413)
     assert client.get("/").status_code == 200  # still serving
+
+
+def test_a_multipart_upload_is_embedded_and_bad_uploads_are_refused(served):
+    client, model, features, path = served
+    picture = Image.fromarray(np.random.default_rng(1).integers(0, 256, (40, 60, 3), dtype=np.uint8))
+    data = io.BytesIO()
+    picture.save(data, "JPEG", quality=95)
+    query = model.embed_images([Image.open(io.BytesIO(data.getvalue())).convert("RGB")], 64).numpy()[0]
+    answer = client.post("/search", files={"image": ("x.jpg", data.getvalue(), "image/jpeg")}, data={"k": "4"})
+    assert answer.status_code == 200 and [r["id"] for r in answer.json()["results"]] == best_rows(features, query, 4)
+    names = sorted(p.name for p in Path(load_collection(path).config["folder"]).iterdir() if p.name != "link.jpg")
+    answer = client.post("/search", data={"image": names[2], "k": "3", "dedup": "1"})  # a path, as a form field
+    assert [r["id"] for r in answer.json()["results"]] == best_rows(features, features[2], 3, exclude=2)
+
+    def upload(content: bytes, **fields: str) -> httpx.Response:
+        return client.post("/search", files={"image": ("u.png", content, "image/png")}, data=fields)
+
+    assert "declares 8000 x 8000 pixels" in one_line_error(upload(png_header_only(8000, 8000)))
+    assert "DecompressionBombError" in one_line_error(upload(png_header_only(30_000, 30_000)))
+    assert "not a readable image" in one_line_error(upload(b"hello"))
+    assert "larger than 200000 bytes" in one_line_error(upload(bytes(300_000)), 413)
+    assert "k '4x' is not a number" in one_line_error(upload(data.getvalue(), k="4x"))
+    assert "localize must be true or false" in one_line_error(upload(data.getvalue(), localize="yes"))
+    assert "give exactly one query" in one_line_error(upload(data.getvalue(), text=TEXT))
+    two = client.post("/search", files=[("image", ("a.png", b"a", "image/png")),
+                                        ("image", ("b.png", b"b", "image/png"))])
+    assert "multipart form cannot be read" in one_line_error(two)
+    text_file = client.post("/search", files={"text": ("t.txt", b"a red square", "text/plain")})
+    assert "only image may be an uploaded file" in one_line_error(text_file)
+    assert client.post("/search", json={"text": TEXT, "k": 1}).status_code == 200  # still serving
 
 
 @pytest.mark.parametrize("payload, message", [

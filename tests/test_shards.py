@@ -184,7 +184,8 @@ def test_resume_recomputes_only_missing_shards(tmp_path: Path, encoder: torch.nn
     assert rows[0, 0] == 7 and np.isclose(scores[0, 0], 1.0, atol=1e-5)
     index, built = load_or_build_index(collection)
     assert built and index.ntotal == 12 and index_search(index, vectors[[7]], 3)[1].tolist() == rows.tolist()
-    assert load_or_build_index(load_collection(out))[1] is False  # saved beside the folder, reused
+    assert load_or_build_index(load_collection(out))[1] is False  # saved inside the folder, reused
+    assert (out / "index.faiss").is_file() and (out / "index_report.json").is_file()
 
 
 def test_an_empty_shard_is_stored_and_read_back(tmp_path: Path, encoder: torch.nn.Module) -> None:

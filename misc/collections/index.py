@@ -3,8 +3,9 @@
 An index is chosen among Flat (exact), HNSW, IVF-flat, IVF-SQfp16, IVF-SQ8 and OPQ+IVF+PQ by :func:`choose_factory`
 (the first, in that order, whose estimated size fits the budget), made with ``faiss.index_factory`` on inner
 products of unit rows, trained on a seeded random sample and filled by blocks. Every build is measured
-(:func:`measure`) against exact search on held-out rows of the collection, and the report is kept next to the
-index; the default nprobe (IVF) or efSearch (HNSW) is the smallest whose 10-recall@10 reaches :data:`TARGET`.
+(:func:`measure`) against exact search on held-out rows of the collection (and on text queries, the embedded
+captions of an image collection that has them), and the report is kept with the index; the default nprobe (IVF)
+or efSearch (HNSW) is the smallest whose 10-recall@10 reaches :data:`TARGET` for every set of queries.
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import logging
 import math
 import re
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -201,53 +203,69 @@ def recalls(found: np.ndarray, truth: np.ndarray) -> tuple[float, float]:
     return float(at10), float(np.mean(found[:, 0] == truth[:, 0]))
 
 
-def measure(index: Any, features: np.ndarray, query_rows: np.ndarray, rerank: int | None = None,
-            k: int = 10) -> list[dict[str, Any]]:
-    """For each of :func:`sweep_values`: 10-recall@10 and 1-recall@1 against exact search (self-matches left
-    out), and the p50 / p99 latency of one query at a time. Stops once recall is perfect."""
+def measure(index: Any, features: np.ndarray, query_rows: np.ndarray, rerank: int | None = None, k: int = 10,
+            texts: np.ndarray | None = None) -> list[dict[str, Any]]:
+    """For each of :func:`sweep_values`: 10-recall@10 and 1-recall@1 against exact search of the held-out rows
+    (self-matches left out) and, with ``texts`` (T, d), of those text queries (``text_recall_*``: nothing left
+    out); and the p50 / p99 latency of one held-out query at a time. Stops once every recall@10 is perfect."""
     from misc.collections.search import exact_search
 
-    queries = np.ascontiguousarray(features[query_rows], dtype=np.float32)
-    truth = without_self(exact_search(queries, features, k + 1)[1], query_rows, k)
+    sets = {"": (np.ascontiguousarray(features[query_rows], dtype=np.float32), query_rows)}
+    if texts is not None and len(texts):
+        sets["text_"] = (np.ascontiguousarray(texts, dtype=np.float32), np.full(len(texts), -1, dtype=np.int64))
+    truths = {prefix: without_self(exact_search(queries, features, k + 1)[1], own, k)
+              for prefix, (queries, own) in sets.items()}
     name, rows = search_parameter(index), []
     for value in sweep_values(index):
-        found, seconds = np.full((len(queries), k + 1), -1, dtype=np.int64), []  # -1: fewer rows than k + 1
-        for i, query in enumerate(queries):
-            started = time.perf_counter()
-            rows_found = index_search(index, query[None], k + 1, value, rerank, features)[1][0]
-            found[i, :len(rows_found)] = rows_found
-            seconds.append(time.perf_counter() - started)
-        at10, at1 = recalls(without_self(found, query_rows, k), truth)
-        rows.append({name or "exact": value, "recall_10_at_10": round(at10, 4), "recall_1_at_1": round(at1, 4),
-                     "latency_ms_p50": round(1000 * float(np.percentile(seconds, 50)), 4),
-                     "latency_ms_p99": round(1000 * float(np.percentile(seconds, 99)), 4)})
-        if at10 == 1.0:
+        row: dict[str, Any] = {name or "exact": value}
+        for prefix, (queries, own) in sets.items():
+            found, seconds = np.full((len(queries), k + 1), -1, dtype=np.int64), []  # -1: fewer rows than k + 1
+            for i, query in enumerate(queries):
+                started = time.perf_counter()
+                rows_found = index_search(index, query[None], k + 1, value, rerank, features)[1][0]
+                found[i, :len(rows_found)] = rows_found
+                seconds.append(time.perf_counter() - started)
+            at10, at1 = recalls(without_self(found, own, k), truths[prefix])
+            row.update({f"{prefix}recall_10_at_10": round(at10, 4), f"{prefix}recall_1_at_1": round(at1, 4)})
+            if not prefix:
+                row.update({"latency_ms_p50": round(1000 * float(np.percentile(seconds, 50)), 4),
+                            "latency_ms_p99": round(1000 * float(np.percentile(seconds, 99)), 4)})
+        rows.append(row)
+        if lowest_recall(row) == 1.0:
             break
     return rows
 
 
+def lowest_recall(row: dict[str, Any]) -> float:
+    """The lowest 10-recall@10 of a sweep row over its query sets (held-out rows, text queries)."""
+    return min(value for key, value in row.items() if key.endswith("recall_10_at_10"))
+
+
 def default_value(sweep: list[dict[str, Any]], name: str | None) -> tuple[int | None, bool]:
-    """The smallest swept value reaching :data:`TARGET`, and True; else the best measured one, and False."""
+    """The smallest swept value whose every 10-recall@10 reaches :data:`TARGET`, and True; else the best measured
+    one (by its lowest recall), and False."""
     if name is None:
-        return None, sweep[0]["recall_10_at_10"] >= TARGET
+        return None, lowest_recall(sweep[0]) >= TARGET
     for row in sweep:
-        if row["recall_10_at_10"] >= TARGET:
+        if lowest_recall(row) >= TARGET:
             return row[name], True
-    return max(sweep, key=lambda row: row["recall_10_at_10"])[name], False
+    return max(sweep, key=lowest_recall)[name], False
 
 
 def report(index: Any, factory: str, features: np.ndarray, seed: int, build_s: float, budget: int | None,
-           rerank: int | None = None) -> dict[str, Any]:
-    """Measure a fresh index (:func:`measure` on the held-out rows of :func:`sample_rows`), set its default
-    nprobe / efSearch, and return the record kept next to it; a target not reached is logged in one line."""
+           rerank: int | None = None, texts: np.ndarray | None = None) -> dict[str, Any]:
+    """Measure a fresh index (:func:`measure` on the held-out rows of :func:`sample_rows`, and on the text queries
+    ``texts`` when the collection has captions), set its default nprobe / efSearch, and return the record kept
+    next to it; a target not reached is logged in one line."""
     _, query_rows = sample_rows(len(features), factory, seed)
-    sweep = measure(index, features, query_rows, rerank)
+    sweep = measure(index, features, query_rows, rerank, texts=texts)
     name = search_parameter(index)
     value, reached = default_value(sweep, name)
     set_parameter(index, value)
-    best = max(row["recall_10_at_10"] for row in sweep)
+    best = max(lowest_recall(row) for row in sweep)
+    which = " (the lower of held-out rows and text queries)" if texts is not None and len(texts) else ""
     note = None if reached else (f"{factory} cannot reach 10-recall@10 >= {TARGET} on this collection (best "
-                                 f"{best:.3f}{f' at {name} {value}' if name else ''}): allow more "
+                                 f"{best:.3f}{f' at {name} {value}' if name else ''}{which}): allow more "
                                  f"--max-index-memory or pass --rerank")
     if note:
         log.warning("%s", note)
@@ -255,22 +273,28 @@ def report(index: Any, factory: str, features: np.ndarray, seed: int, build_s: f
             "max_index_memory": budget, "seed": seed, "build_s": round(build_s, 3), "rerank": rerank,
             "target_recall_10_at_10": TARGET, "target_reached": reached, "note": note,
             "default": {name: value} if name else {}, "queries": len(query_rows),
-            "query_rows": query_rows.tolist(), "sweep": sweep}
+            "query_rows": query_rows.tolist(), "text_queries": 0 if texts is None else len(texts), "sweep": sweep}
 
 
 def index_files(features_path: Path) -> tuple[Path, Path, Path]:
-    """Where the index of a feature file lives, its sidecar (fingerprint of the features it indexes and how it was
-    made) and its report (``FEATURES.index_report.json``: two collections may share a folder)."""
+    """Where the index of a collection lives, its sidecar (fingerprint of the features it indexes and how it was
+    made) and its report: inside a sharded folder ``index.faiss``, ``index.faiss.json`` and ``index_report.json``;
+    beside ``FEATURES.npz`` the same names after the file's (``FEATURES.npz.faiss``, ``FEATURES.npz.faiss.json``,
+    ``FEATURES.npz.index_report.json``), as two collections may share a folder."""
     features_path = Path(features_path)
+    if features_path.is_dir():
+        return features_path / "index.faiss", features_path / "index.faiss.json", features_path / "index_report.json"
     return tuple(features_path.with_name(features_path.name + suffix)
                  for suffix in (".faiss", ".faiss.json", ".index_report.json"))
 
 
 def load_or_build_index(collection: Collection, budget: int | None = None, factory: str | None = None,
-                        rerank: int | None = None, rebuild: bool = False, seed: int = 0) -> tuple[Any, bool]:
+                        rerank: int | None = None, rebuild: bool = False, seed: int = 0,
+                        text_queries: Callable[[], np.ndarray | None] | None = None) -> tuple[Any, bool]:
     """The saved index of a collection when it indexes these very features and was made by the same factory
-    (``factory``, else :func:`choose_factory` for ``budget``), else a new one, measured (:func:`report`) and
-    saved next to the features with its report. Returns the index and whether it was built now."""
+    (``factory``, else :func:`choose_factory` for ``budget``), else a new one, measured (:func:`report`, with the
+    text queries ``text_queries`` gives, called only for a build) and saved with its report (:func:`index_files`).
+    Returns the index and whether it was built now."""
     features = collection.features
     if not len(features):
         raise UserError(f"{collection.path} holds no rows: there is nothing to index")
@@ -289,7 +313,8 @@ def load_or_build_index(collection: Collection, budget: int | None = None, facto
     index = build_index(features, wanted["factory"], seed)
     built_s = time.perf_counter() - started
     log.info("built %s index of %d vectors in %.1f s", wanted["factory"], index.ntotal, built_s)
-    record = report(index, wanted["factory"], features, seed, built_s, budget, rerank)
+    record = report(index, wanted["factory"], features, seed, built_s, budget, rerank,
+                    text_queries() if text_queries is not None else None)
     try:
         with atomic_path(index_path) as temporary:
             faiss.write_index(index, str(temporary))

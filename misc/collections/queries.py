@@ -1,6 +1,7 @@
 """Queries of a collection, as search.py and its server take them: texts embedded (eq. 4), an image file or an
-uploaded image embedded (eq. 1-3), a path checked to lie inside the collection's folder, and where a text is in
-each found image (eq. 9 heatmap: its peak and the box of the thresholded map around it)."""
+uploaded image embedded (eq. 1-3), a path checked to lie inside the collection's folder, where a text is in
+each found image (eq. 9 heatmap: its peak and the box of the thresholded map around it), and the captions of an
+image collection as the text queries of its index report."""
 from __future__ import annotations
 
 import io
@@ -39,6 +40,28 @@ def text_embeddings(model: Inference, texts: list[str]) -> np.ndarray:
         if norm < 0.5:
             raise UserError(f"query {text!r}: none of its words is in the vocabulary of {model.words.source}")
     return features
+
+
+def caption_queries(model: Inference | None, collection: Collection, count: int = 1000,
+                    seed: int = 0) -> np.ndarray | None:
+    """Text-to-image queries for the index report of an image collection: up to ``count`` of its distinct stored
+    captions with a known word (a seeded sample), embedded (eq. 4); None without a model or stored captions (an
+    .npz, a folder without captions)."""
+    if model is None or collection.kind != "image" or not Path(collection.path).is_dir():
+        return None
+    from misc.collections.shards import stored_captions
+
+    captions = sorted(set(stored_captions(collection.path)))
+    chosen = []
+    for row in np.random.default_rng(seed).permutation(len(captions)):
+        if model.known_words(captions[row]):
+            chosen.append(captions[row])
+            if len(chosen) == count:
+                break
+    if not chosen:
+        return None
+    features = model.embed_texts(chosen).numpy()
+    return features[np.linalg.norm(features, axis=1) > 0.5]
 
 
 def image_embedding(model: Inference, image: Image.Image | Path, size: int | None) -> np.ndarray:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
@@ -84,7 +85,7 @@ def exact_search(queries: np.ndarray, features: np.ndarray, k: int,
 class Searcher:
     """How a collection is searched: ``method`` "exact" or "faiss" (an index chosen for ``budget`` bytes or made by
     ``factory``), ``value`` the nprobe / efSearch (default: the saved one), ``rerank`` the candidates scored
-    again exactly."""
+    again exactly, ``text_queries`` what gives the text queries a new index's report measures too."""
 
     collection: Collection
     method: str = "exact"
@@ -92,6 +93,7 @@ class Searcher:
     factory: str | None = None
     value: int | None = None
     rerank: int | None = None
+    text_queries: Callable[[], np.ndarray | None] | None = None
     index: Any = None
     built: bool = False
 
@@ -100,7 +102,8 @@ class Searcher:
         if self.method == "faiss" and self.index is None:
             from misc.collections.index import load_or_build_index
 
-            self.index, self.built = load_or_build_index(self.collection, self.budget, self.factory, self.rerank)
+            self.index, self.built = load_or_build_index(self.collection, self.budget, self.factory, self.rerank,
+                                                         text_queries=self.text_queries)
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
         """Scores and rows (Q, k') best first (-1 rows: not found by an approximate index), and how they were

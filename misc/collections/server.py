@@ -4,10 +4,12 @@
 the collection's extracted folder: a stored image uses its stored features and is not its own neighbour),
 ``image_base64`` (an uploaded image file, needs the model) or ``embedding`` (d numbers), and optionally ``k``
 (default 10), ``dedup`` (drop a result whose cosine with a higher-ranked one is at least this) and ``localize``
-(text queries: where the text is in each found image, eq. 9). It answers the results, each with its ``id`` (row),
-``score`` (cosine) and what it is (``path``, or ``line`` and ``line_number``). A bad request is answered with one
-JSON line ``{"error": ...}`` (status 400; 413 for a body over the limit), never a traceback; the server goes on.
-``GET /`` describes the collection.
+(text queries: where the text is in each found image, eq. 9). The same fields may come as a form (multipart or
+URL-encoded), where ``image`` is either such a path or an uploaded file (``curl -F image=@cat.jpg``; ``embedding``
+then a JSON list, ``localize`` true or false). It answers the results, each with its ``id`` (row),
+``score`` (cosine) and what it is (``path``, or ``line`` and ``line_number``). A bad request (an upload that is
+not an image, or declares too many pixels) is answered with one JSON line ``{"error": ...}`` (status 400; 413 for
+a body over the limit), never a traceback; the server goes on. ``GET /`` describes the collection.
 """
 from __future__ import annotations
 
@@ -22,6 +24,8 @@ import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from fastapi.concurrency import run_in_threadpool
+from starlette.datastructures import Headers, UploadFile
+from starlette.formparsers import FormParser, MultiPartException, MultiPartParser
 
 from misc.collections import queries
 from misc.collections.search import Searcher, dedup, result_entry, stored_row
@@ -38,6 +42,7 @@ MAX_BODY = 16 * 2**20  # bytes of one request (a base64 photo of 12 MB)
 MAX_K = 1000
 QUERY_KEYS = ("text", "image", "image_base64", "embedding")
 KEYS = set(QUERY_KEYS) | {"k", "dedup", "localize"}
+FORMS = ("multipart/form-data", "application/x-www-form-urlencoded")  # bodies read as forms, not JSON
 
 
 class TooLarge(Exception):
@@ -59,7 +64,9 @@ def make_app(searcher: Searcher, model: Inference | None, max_body: int = MAX_BO
     @app.post("/search")
     async def search(request: Request) -> JSONResponse:
         try:
-            payload = parse(await read_body(request, max_body))
+            body = await read_body(request, max_body)
+            form = request.headers.get("content-type", "").startswith(FORMS)
+            payload = await parse_form(request.headers, body) if form else parse(body)
             answer = await run_in_threadpool(locked, handle, searcher, model, payload)
             return JSONResponse(answer)
         except TooLarge:
@@ -100,6 +107,60 @@ def parse(body: bytes) -> dict[str, Any]:
         payload = json.loads(body)
     except (ValueError, UnicodeDecodeError) as problem:
         raise UserError(f"the body is not JSON ({problem})") from problem
+    return checked(payload)
+
+
+async def parse_form(headers: Headers, body: bytes) -> dict[str, Any]:
+    """A form (multipart, or URL-encoded without files) as the JSON object :func:`parse` takes: fields are text
+    (``k`` a whole number, ``dedup`` a number, ``embedding`` a JSON list, ``localize`` true or false) and an
+    uploaded ``image`` file its bytes."""
+    async def replay() -> Any:
+        yield body
+
+    try:
+        if headers.get("content-type", "").startswith("multipart/form-data"):
+            form = await MultiPartParser(headers, replay(), max_files=1, max_fields=len(KEYS)).parse()
+        else:
+            form = await FormParser(headers, replay()).parse()
+    except MultiPartException as problem:
+        raise UserError(f"the multipart form cannot be read ({problem.message})") from problem
+    payload: dict[str, Any] = {}
+    try:
+        for key, value in form.multi_items():
+            if key in payload:
+                raise UserError(f"the form gives {key} twice")
+            if isinstance(value, UploadFile):
+                if key != "image":
+                    raise UserError(f"{key} must be text; only image may be an uploaded file")
+                payload[key] = await value.read()
+            else:
+                payload[key] = form_value(key, value)
+    finally:
+        await form.close()
+    return checked(payload)
+
+
+def form_value(key: str, value: str) -> Any:
+    """A form field's text as the JSON value it stands for."""
+    try:
+        if key == "k":
+            return int(value)
+        if key == "dedup":
+            return float(value)
+        if key == "embedding":
+            return json.loads(value)
+    except ValueError as problem:
+        raise UserError(f"{key} {value[:40]!r} is not a {'JSON list' if key == 'embedding' else 'number'}") \
+            from problem
+    if key == "localize":
+        if value.lower() not in ("true", "false"):
+            raise UserError("localize must be true or false")
+        return value.lower() == "true"
+    return value
+
+
+def checked(payload: Any) -> dict[str, Any]:
+    """The request's keys and types checked (``image`` may be an uploaded file's bytes)."""
     if not isinstance(payload, dict):
         raise UserError("the body must be a JSON object")
     unknown = sorted(set(payload) - KEYS)
@@ -118,7 +179,8 @@ def parse(body: bytes) -> dict[str, Any]:
     if not isinstance(payload.get("localize", False), bool):
         raise UserError("localize must be true or false")
     key = given[0]
-    if key != "embedding" and not isinstance(payload[key], str):
+    if key != "embedding" and not isinstance(payload[key], str) and not (key == "image"
+                                                                        and isinstance(payload[key], bytes)):
         raise UserError(f"{key} must be a string")
     return payload
 
@@ -135,7 +197,7 @@ def query_vector(searcher: Searcher, model: Inference | None, payload: dict[str,
         if vector.shape[1] != dim or not np.isfinite(norm) or norm == 0:
             raise UserError(f"embedding must be {dim} finite numbers, not all zero")
         return vector / norm, None
-    if payload.get("image") is not None and collection.kind == "image":
+    if isinstance(payload.get("image"), str) and collection.kind == "image":
         path = queries.inside_folder(collection, payload["image"])
         row = stored_row(collection, path.relative_to(collection.config["folder"]).as_posix())
         if row is not None:
@@ -144,7 +206,9 @@ def query_vector(searcher: Searcher, model: Inference | None, payload: dict[str,
         raise UserError("this server has no model to embed the query: start it with -p CHECKPOINT")
     if payload.get("text") is not None:
         return queries.text_embeddings(model, [payload["text"]]), None
-    if payload.get("image") is not None:
+    if isinstance(payload.get("image"), bytes):
+        picture = queries.decode_upload(payload["image"])
+    elif payload.get("image") is not None:
         picture = queries.inside_folder(collection, payload["image"])
     else:
         try:

@@ -1,5 +1,7 @@
-"""A sharded extraction run (eq. 1 per image): this rank's shards, decoded by DataLoader workers that split them,
-embedded in batches that never straddle two shards, each shard stored by :class:`ShardFolder` when complete.
+"""A sharded extraction run: this rank's shards not done yet, each stored by :class:`ShardFolder` when complete
+(:func:`run_shards`, for images and texts alike). Images (eq. 1) are decoded by DataLoader workers that split the
+rank's shards and embedded in batches that never straddle two shards (:func:`extract_shards`); texts are embedded
+shard by shard (:func:`misc.collections.texts.extract_text_shards`).
 
 Distribution is static: under ``torchrun`` (or any launcher that sets ``RANK`` and ``WORLD_SIZE``) rank ``r`` of
 ``W`` takes the shards ``n`` with ``n % W == r``. Ranks never talk to each other, so uneven shards cannot hang a
@@ -12,8 +14,8 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-from collections.abc import Iterator
+from typing import Any, Protocol
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import torch
@@ -50,10 +52,19 @@ def rank_device(device: str) -> str:
     return device
 
 
-def run_manifest(source: str, shards: list[Shard], record: dict[str, Any], dim: int, dtype: str) -> dict[str, Any]:
+class Numbered(Protocol):
+    """What the runner needs of a shard: its number, and what the manifest records of it."""
+
+    number: int
+
+    def describe(self) -> dict[str, object]: ...
+
+
+def run_manifest(source: str, shards: list[Numbered], record: dict[str, Any], dim: int, dtype: str,
+                 kind: str = "image", protocol: str = PROTOCOL) -> dict[str, Any]:
     """The manifest of a sharded run (see :data:`misc.collections.shards.CHECKED`)."""
-    return {"version": LAYOUT_VERSION, "source": source, "shards": [shard.describe() for shard in shards],
-            "protocol": PROTOCOL, "dim": dim, "dtype": dtype, **record}
+    return {"version": LAYOUT_VERSION, "kind": kind, "source": source, "shards": [shard.describe() for shard in shards],
+            "protocol": protocol, "dim": dim, "dtype": dtype, **record}
 
 
 @dataclass
@@ -124,29 +135,46 @@ class ShardRun:
     timing: Timing = field(default_factory=Timing)
 
 
-def extract_shards(encoder: ImageEncoder, shards: list[Shard], folder: Path | None, store: ShardFolder, *,
-                   size: int, dtype: str, device: torch.device, amp: str | None = None, batch_size: int = 32,
-                   workers: int = 2, rank: int = 0, world: int = 1, progress: bool = True) -> ShardRun:
-    """Embed this rank's shards that are not done yet into ``store`` (opened by the caller)."""
+def run_shards(shards: list[Numbered], store: ShardFolder,
+               embed: Callable[[list[Any]], Iterator[tuple[int, ShardRows]]], dtype: str, rank: int = 0,
+               world: int = 1) -> ShardRun:
+    """Give ``embed`` this rank's shards that are not done yet (shard ``n`` belongs to rank ``n % world``) and
+    store each shard it yields, complete, into ``store`` (opened by the caller)."""
     mine = [shard for shard in shards if shard.number % world == rank]
     todo = [shard for shard in mine if not store.is_done(shard.number)]
     run = ShardRun(len(mine), len(mine) - len(todo))
     if run.resumed:
         log.info("rank %d: %d of its %d shards already done", rank, run.resumed, len(mine))
     by_number = {shard.number: shard for shard in todo}
-    loader = DataLoader(ShardImages(todo, folder, size, batch_size), batch_size=None, collate_fn=_unbatched,
-                        num_workers=min(workers, len(todo)), pin_memory=device.type == "cuda")
-    pending: dict[int, dict[str, list]] = {}
-    for batch, features, _ in embed_image_batches(encoder, loader, device, amp, False, run.timing, progress):
-        parts = pending.setdefault(batch.shard, {"features": [], "samples": [], "skipped": []})
-        parts["features"].append(features)
-        parts["samples"] += batch.samples
-        parts["skipped"] += batch.skipped
-        if batch.last:
-            del pending[batch.shard]
-            keys, sources, sha1, captions = [list(column) for column in zip(*parts["samples"])] or [[], [], [], []]
-            rows = ShardRows(np.concatenate(parts["features"]), keys, sources, sha1, captions, parts["skipped"])
-            store.write(batch.shard, rows, dtype, by_number[batch.shard].describe())
-            run.rows += len(keys)
-            run.skipped += parts["skipped"]
+    for number, rows in embed(todo):
+        store.write(number, rows, dtype, by_number[number].describe())
+        run.rows += len(rows.keys)
+        run.skipped += rows.skipped
+    return run
+
+
+def extract_shards(encoder: ImageEncoder, shards: list[Shard], folder: Path | None, store: ShardFolder, *,
+                   size: int, dtype: str, device: torch.device, amp: str | None = None, batch_size: int = 32,
+                   workers: int = 2, rank: int = 0, world: int = 1, progress: bool = True) -> ShardRun:
+    """Embed this rank's image shards that are not done yet into ``store`` (opened by the caller)."""
+    timing = Timing()
+
+    def embed(todo: list[Shard]) -> Iterator[tuple[int, ShardRows]]:
+        loader = DataLoader(ShardImages(todo, folder, size, batch_size), batch_size=None, collate_fn=_unbatched,
+                            num_workers=min(workers, len(todo)), pin_memory=device.type == "cuda")
+        pending: dict[int, dict[str, list]] = {}
+        for batch, features, _ in embed_image_batches(encoder, loader, device, amp, False, timing, progress):
+            parts = pending.setdefault(batch.shard, {"features": [], "samples": [], "skipped": []})
+            parts["features"].append(features)
+            parts["samples"] += batch.samples
+            parts["skipped"] += batch.skipped
+            if batch.last:
+                del pending[batch.shard]
+                columns = [list(column) for column in zip(*parts["samples"])] or [[], [], [], []]
+                keys, sources, sha1, captions = columns
+                yield batch.shard, ShardRows(np.concatenate(parts["features"]), keys, sources, sha1, captions,
+                                             parts["skipped"])
+
+    run = run_shards(shards, store, embed, dtype, rank, world)
+    run.timing = timing
     return run

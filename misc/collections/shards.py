@@ -1,10 +1,13 @@
-"""The sharded layout of an image extraction: a folder with a manifest and, per shard, vectors, metadata and a done
-record, each written to a temporary name and renamed.
+"""The sharded layout of an image or text extraction: a folder with a manifest and, per shard, vectors, metadata
+and a done record, each written to a temporary name and renamed.
 
-    OUT/manifest.json              what every shard depends on: the shard list, checkpoint sha256, preprocessing
-                                   (size, protocol), dimension, dtype; a rerun with another manifest is refused
-    OUT/emb/img/{shard:06d}.npy    (n, d) unit rows (eq. 1), float16 by default
-    OUT/meta/{shard:06d}.parquet   a row per vector: id, shard, row, key, source, sha1 (of the image's bytes), caption
+    OUT/manifest.json              what every shard depends on: kind (image or text), the shard list, checkpoint
+                                   sha256, preprocessing (size, protocol), dimension, dtype; a rerun with another
+                                   manifest is refused
+    OUT/emb/img/{shard:06d}.npy    images: (n, d) unit rows (eq. 1), float16 by default
+    OUT/emb/txt/{shard:06d}.npy    texts: (n, d) unit rows (eq. 4)
+    OUT/meta/{shard:06d}.parquet   a row per vector: id, shard, row, key, source, sha1 (of the image's or line's
+                                   bytes), caption (a text's line), and for texts line (its 1-based line number)
     OUT/done/{shard:06d}.json      written last: counts, skipped samples with reasons, sha256 of the two files above
 
 A shard counts as done only when its done record names files whose sha256 still match, so a kill loses only the
@@ -35,10 +38,14 @@ LAYOUT_VERSION = 1
 DTYPES = {"float16": np.float16, "float32": np.float32}
 ROW_BITS = 32  # id = shard << ROW_BITS | row
 # Manifest keys a rerun must match, and how a refusal names them.
-CHECKED = {"version": "layout version", "source": "input", "shards": "shard list", "checkpoint_sha256": "checkpoint",
-           "size": "image size", "protocol": "preprocessing", "dim": "dimension", "dtype": "--dtype"}
+CHECKED = {"version": "layout version", "kind": "kind of extraction", "source": "input", "shards": "shard list",
+           "checkpoint_sha256": "checkpoint", "size": "image size", "protocol": "preprocessing",
+           "word_vectors": "word vectors", "dim": "dimension", "dtype": "--dtype"}
+UNSTATED = {"kind": "image"}  # what a manifest written before a key existed meant by leaving it out
+FOLDERS = {"image": "img", "text": "txt"}  # emb/ sub-folder of each kind
 META_SCHEMA = pa.schema([("id", pa.int64()), ("shard", pa.int32()), ("row", pa.int32()), ("key", pa.string()),
                          ("source", pa.string()), ("sha1", pa.string()), ("caption", pa.string())])
+TEXT_META_SCHEMA = META_SCHEMA.append(pa.field("line", pa.int64()))
 
 
 def is_sharded(out: Path | str) -> bool:
@@ -61,6 +68,7 @@ class ShardRows:
     sha1: list[str]
     captions: list[str | None]
     skipped: list[tuple[str, str]]  # (where, reason)
+    lines: list[int] | None = None  # texts: the 1-based line number of each vector
 
 
 class ShardFolder:
@@ -69,12 +77,12 @@ class ShardFolder:
     :meth:`open` takes the run's locks: the ranks of one run (same world size) share ``locks/world-W`` and each
     holds ``locks/rank-R-of-W`` alone, so a second run into the folder is refused whatever its world size."""
 
-    def __init__(self, root: Path) -> None:
-        self.root = Path(root)
+    def __init__(self, root: Path, kind: str = "image") -> None:
+        self.root, self.kind = Path(root), kind
         self.locks: list[TextIO] = []
 
     def emb(self, shard: int) -> Path:
-        return self.root / "emb" / "img" / f"{shard:06d}.npy"
+        return self.root / "emb" / FOLDERS[self.kind] / f"{shard:06d}.npy"
 
     def meta(self, shard: int) -> Path:
         return self.root / "meta" / f"{shard:06d}.parquet"
@@ -142,9 +150,12 @@ class ShardFolder:
         count, dim = rows.features.shape
         with atomic_path(self.emb(shard)) as temporary, open(temporary, "wb") as handle:
             np.save(handle, rows.features.astype(DTYPES[dtype]))
-        table = pa.table({"id": row_ids(shard, count), "shard": np.full(count, shard, np.int32),
-                          "row": np.arange(count, dtype=np.int32), "key": rows.keys, "source": rows.sources,
-                          "sha1": rows.sha1, "caption": rows.captions}, schema=META_SCHEMA)
+        columns = {"id": row_ids(shard, count), "shard": np.full(count, shard, np.int32),
+                   "row": np.arange(count, dtype=np.int32), "key": rows.keys, "source": rows.sources,
+                   "sha1": rows.sha1, "caption": rows.captions}
+        if rows.lines is not None:
+            columns["line"] = np.asarray(rows.lines, dtype=np.int64)
+        table = pa.table(columns, schema=META_SCHEMA if rows.lines is None else TEXT_META_SCHEMA)
         with atomic_path(self.meta(shard)) as temporary:
             pq.write_table(table, temporary)
         record = {"shard": shard, "source": source, "rows": count, "dim": dim, "dtype": dtype,
@@ -157,14 +168,14 @@ class ShardFolder:
 def check_manifest(path: Path, stored: dict[str, Any], wanted: dict[str, Any]) -> None:
     """Refuse, in one line, a rerun whose manifest differs from the stored one in a :data:`CHECKED` key."""
     for key, what in CHECKED.items():
-        if stored.get(key) == wanted[key]:
+        if stored.get(key, UNSTATED.get(key)) == wanted.get(key, UNSTATED.get(key)):
             continue
         if key == "shards" and isinstance(stored.get(key), list):
             old, new = stored[key], wanted[key]
             first = next((n for n, (a, b) in enumerate(zip(old, new)) if a != b), min(len(old), len(new)))
             detail = f"{len(old)} shards then, {len(new)} now; first difference at shard {first}"
         else:
-            detail = f"{stored.get(key)} then, {wanted[key]} now"
+            detail = f"{stored.get(key, UNSTATED.get(key))} then, {wanted.get(key, UNSTATED.get(key))} now"
         raise UserError(f"{path} was made with a different {what} ({detail}); write to another folder, or delete "
                         f"this one to start over")
 
@@ -177,6 +188,20 @@ def sharded_fingerprint(folder: Path) -> str:
     for record in sorted((folder / "done").glob("*.json")):
         digest.update(json.loads(record.read_text(encoding="utf-8"))["emb_sha256"].encode())
     return digest.hexdigest()
+
+
+def stored_column(folder: Path, column: str) -> list[Any]:
+    """One metadata column of every row of a sharded extraction, in row order (``key``, ``caption``, ...)."""
+    folder = Path(folder)
+    shards = len(json.loads((folder / "manifest.json").read_text(encoding="utf-8"))["shards"])
+    store = ShardFolder(folder)
+    return [value for shard in range(shards)
+            for value in pq.read_table(store.meta(shard), columns=[column])[column].to_pylist()]
+
+
+def stored_captions(folder: Path) -> list[str]:
+    """The non-empty captions of a sharded image extraction's rows (webdataset txt/json members, list captions)."""
+    return [caption for caption in stored_column(folder, "caption") if caption and caption.strip()]
 
 
 class ShardedRows:
@@ -218,28 +243,35 @@ class ShardedRows:
 
 
 def load_sharded(folder: Path) -> Collection:
-    """A sharded extraction as a :class:`~misc.collections.search.Collection` of images: vectors memory-mapped
-    shard by shard, labels the ``source`` of each row. Every shard of the manifest must be done."""
+    """A sharded extraction as a :class:`~misc.collections.search.Collection` of images or texts: vectors
+    memory-mapped shard by shard; labels the ``source`` of each image, or each text's line (with its line number).
+    Every shard of the manifest must be done."""
     from misc.collections.search import Collection  # faiss loads only when a collection is searched
 
     folder = Path(folder)
     try:
         manifest = json.loads((folder / "manifest.json").read_text(encoding="utf-8"))
-        store = ShardFolder(folder)
+        kind = manifest.get("kind", UNSTATED["kind"])
+        store = ShardFolder(folder, kind)
         shards = range(len(manifest["shards"]))
         missing = [shard for shard in shards if not store.done(shard).exists()]
         if missing:
             raise UserError(f"{folder}: {len(missing)} of {len(shards)} shards are not done (first: {missing[0]}); "
                             f"finish the extraction by running the same command again")
         parts = [np.load(store.emb(shard), mmap_mode="r") for shard in shards]
-        labels = np.concatenate([np.array(pq.read_table(store.meta(shard), columns=["source"])["source"]
-                                          .to_pylist(), dtype=str) for shard in shards] or [np.array([], str)])
+        columns = ["source"] if kind == "image" else ["caption", "line"]
+        tables = [pq.read_table(store.meta(shard), columns=columns) for shard in shards]
+        labels = np.array([value for table in tables for value in table[columns[0]].to_pylist()],
+                          dtype=str if kind == "image" else object)  # a line keeps its trailing NULs
+        numbers = (np.array([value for table in tables for value in table["line"].to_pylist()], dtype=np.int64)
+                   if kind == "text" else None)
     except (OSError, ValueError, KeyError, TypeError) as error:
         raise UserError(f"{folder}: not a readable sharded extraction ({error}); make it again with "
-                        f"image_features_extraction.py") from error
+                        f"image_features_extraction.py or text_features_extraction.py") from error
     features = ShardedRows(parts)
     if len(labels) != len(features) or any(part.ndim != 2 or part.shape[1] != manifest["dim"] for part in parts):
         raise UserError(f"{folder}: {len(features)} vectors but {len(labels)} metadata rows, or vectors of another "
                         f"dimension than the manifest's {manifest['dim']}; make it again")
-    config = {key: manifest.get(key) for key in ("checkpoint", "checkpoint_sha256", "model", "size", "folder")}
-    return Collection(folder, features, labels, "image", config, None)
+    config = {key: manifest.get(key) for key in ("checkpoint", "checkpoint_sha256", "model", "size", "folder",
+                                                 "word_vectors", "data")}
+    return Collection(folder, features, labels, kind, config, numbers)

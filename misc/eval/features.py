@@ -50,12 +50,14 @@ def load_features(path: Path) -> Embedded:
 
 def _extracted(path: Path, labels: str, command: str) -> tuple[np.ndarray, list[str], dict[str, Any]]:
     """Features, the label of each row (``labels``: an array or a text column) and the config of an extraction
-    (an image extraction may be a folder in the sharded layout: its rows are labelled by their ``source``)."""
+    (an extraction may be a folder in the sharded layout: image rows are labelled by their ``source``, text rows
+    by their ``key``, the image a --tsv line or a .jsonl row names)."""
     if Path(path).is_dir():
-        from misc.collections.shards import load_sharded
+        from misc.collections.shards import load_sharded, stored_column
 
         collection = load_sharded(path)
-        return np.asarray(collection.features), collection.labels.tolist(), collection.config
+        rows = collection.labels.tolist() if collection.kind == "image" else stored_column(path, "key")
+        return np.asarray(collection.features), rows, collection.config
     try:
         names = npz_names(path)
         if "features" not in names or labels not in names | {name.removesuffix("_utf8") for name in names}:

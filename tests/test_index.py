@@ -213,6 +213,17 @@ def test_training_rows_are_a_seeded_random_sample_and_the_queries_are_held_out()
     assert len(train) == 1024 and len(queries) == 1000
 
 
+def test_sampling_a_billion_rows_takes_the_memory_of_the_sample_not_of_the_collection():
+    import tracemalloc  # numpy reports its allocations to it
+
+    tracemalloc.start()
+    train, queries = sample_rows(10**9, "OPQ48,IVF31623,PQ48")
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert len(train) == 64 * 31623 and len(queries) == 1000 and not np.intersect1d(train, queries).size
+    assert peak < 200 * 2**20  # a permutation of the collection alone would be 8 GB
+
+
 def test_a_collection_smaller_than_the_report_k_is_measured_on_the_neighbours_it_has(tmp_path):
     """Six images (the README's photos/ example): each query has five true neighbours, and a flat index finds all
     of them, so its recall is 1, not 5/10."""

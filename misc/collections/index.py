@@ -92,10 +92,11 @@ def train_size(count: int, factory: str) -> int:
 
 
 def sample_rows(count: int, factory: str, seed: int = 0, queries: int = MAX_QUERIES) -> tuple[np.ndarray, np.ndarray]:
-    """Sorted training rows and held-out query rows of a seeded permutation: the queries come after the training
-    rows in it, so they are unseen by training whenever the collection has rows to spare."""
-    order = np.random.default_rng(seed).permutation(count)
+    """Sorted training rows and held-out query rows of a seeded random order: the queries come after the training
+    rows in it, so they are unseen by training whenever the collection has rows to spare. Only the rows needed are
+    drawn (memory of the sample, not of the collection: a permutation of a billion rows would take 8 GB)."""
     train = train_size(count, factory)
+    order = np.random.default_rng(seed).choice(count, min(count, train + queries), replace=False)
     held_out = order[train:train + queries] if count - train >= min(queries, count) else order[:queries]
     return np.sort(order[:train]), np.sort(held_out)
 

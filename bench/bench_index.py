@@ -9,8 +9,9 @@ misc.collections.index.build_index (seeded training sample, blocks) and measured
 as search.py --build-index does: 10-recall@10 against exact search on 1000 held-out rows of the collection (a row
 is not its own neighbour) at the smallest nprobe reaching 0.95 (or the best one), one-query latency at that
 nprobe (p50), and queries/s of the 1000 queries as one batch at that nprobe. Bytes per vector: the serialised
-index over N. Indexes: Flat (exact), IVF-flat, IVF-PQ and OPQ+IVF-PQ with d/8 bytes per code, and the latter
-with the top 100 re-scored exactly from the stored vectors (--rerank 100).
+index over N. Indexes: Flat (exact), IVF-flat, IVF-PQ and OPQ+IVF-PQ with d/8 bytes per code, the latter with the
+top 100 re-scored exactly from the stored vectors (--rerank 100), and IVF-PQ with d/4 bytes per code and --rerank
+100 (--rows picks some of them).
 
 Memory: the vectors (N x d x 4 bytes, 1 GB at 1M x 256) and each index in turn (as much again for Flat and
 IVF-flat). A million vectors take minutes per index on 2 busy cores; --quick runs 20,000 x 64.
@@ -63,6 +64,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="smoke sizes: N=20,000, d=64")
     parser.add_argument("--n", type=int, help="vectors (default: 1,000,000)")
     parser.add_argument("--dim", type=int, help="dimension (default: 256)")
+    parser.add_argument("--rows", nargs="+", choices=["flat", "ivf-flat", "pq", "opq", "opq-rerank", "pq-d4-rerank"],
+                        help="only these indexes (default: all)")
     args = parser.parse_args()
     count = args.n or (20_000 if args.quick else 1_000_000)
     dim = args.dim or (64 if args.quick else 256)
@@ -73,8 +76,10 @@ def main() -> None:
     started = time.perf_counter()
     features = clustered(count, dim)
     print(f"data generated in {time.perf_counter() - started:.1f} s", flush=True)
-    runs = [("Flat", None), (f"IVF{nlist},Flat", None), (f"IVF{nlist},PQ{code}", None),
-            (f"OPQ{code},IVF{nlist},PQ{code}", None), (f"OPQ{code},IVF{nlist},PQ{code}", 100)]
+    runs = {"flat": ("Flat", None), "ivf-flat": (f"IVF{nlist},Flat", None), "pq": (f"IVF{nlist},PQ{code}", None),
+            "opq": (f"OPQ{code},IVF{nlist},PQ{code}", None), "opq-rerank": (f"OPQ{code},IVF{nlist},PQ{code}", 100),
+            "pq-d4-rerank": (f"IVF{nlist},PQ{2 * code}", 100)}
+    runs = [runs[name] for name in args.rows or runs]
     header = (f"{'index':<34} {'build s':>8} {'bytes/vec':>9} {'setting':>12} {'10-R@10':>8} {'p50 ms':>8} "
               f"{'queries/s':>10}")
     rows = []

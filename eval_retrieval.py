@@ -69,6 +69,7 @@ def embed_split(args: argparse.Namespace) -> Embedded:
     """Embed the split's images and captions with the checkpoint (the model, image and word libraries are
     imported here, only on this path)."""
     from misc.data.datasets import load_split, prepare_dataset
+    from misc.data.decoded import Undecodable
     from misc.eval.encode import encode_records
     from misc.inference import Inference
 
@@ -76,16 +77,17 @@ def embed_split(args: argparse.Namespace) -> Embedded:
     dataset = args.dataset or model.config["train"]["dataset"]
     prepare_dataset(dataset)
     records, unreadable = load_split(dataset, args.split)
+    undecodable = Undecodable("image", "left out of the ranking with its captions", unreadable)
     size = args.size or (256 if args.protocol == "crop" else model.test_size)
     log.info("embedding %d images (%dx%d) and their captions from %s on %s", len(records), size, size, dataset,
              model.device)
     embedded = encode_records(model.model, records, model.words, model.device, size, batch_size=args.batch_size,
                               workers=args.workers if args.workers is not None else 2, amp=model.amp,
-                              progress=not args.no_progress, protocol=args.protocol)
+                              progress=not args.no_progress, protocol=args.protocol, undecodable=undecodable)
     images, captions, owner = (np.asarray(x) for x in embedded)
     return Embedded(images, captions, owner, {"checkpoint": args.checkpoint, "dataset": str(dataset),
                                               "split": args.split, "size": size, "protocol": args.protocol,
-                                              "unreadable_images": results.unreadable_images(unreadable)})
+                                              "unreadable_images": results.unreadable_images(undecodable.listed())})
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -106,6 +106,7 @@ def main(argv: list[str] | None = None) -> None:
         raise UserError(f"--overlays {args.overlays}: exists and is not a folder; give a folder for the PNGs")
     if args.tolerance < 0:
         raise UserError(f"--tolerance {args.tolerance:g}: pixels, at least 0")
+    from misc.data.decoded import Undecodable
     from misc.eval import pointing
     from misc.eval.localization import DAS2019, POINTING_K, POINTING_PROTOCOLS
     from misc.inference import Inference
@@ -123,17 +124,23 @@ def main(argv: list[str] | None = None) -> None:
     if args.protocol == DAS2019 and not entities:
         raise UserError("--protocol das2019 scores captions: it needs --dataset flickr30k_entities or demo_entities")
     context = args.context or ("caption" if entities and model.model.config.arch == "matchmap" else "phrase")
-    reasons = pointing.skip_counts(skipped)
     if not items:
+        reasons = pointing.skip_counts(skipped)
         raise UserError(f"no phrase to evaluate in {source['images_from']} (skipped: {reasons or 'none'})")
     k = model.choose_k(args.k, POINTING_K)
     log.info("pointing game: %d phrases of %d images, %dx%d, k=%s, context %s on %s",
              sum(len(i.phrases) for i in items), len(items), size, size, k, context, model.device)
+    undecodable = Undecodable("image", "its phrases skipped", source["unreadable"])
     rows = pointing.point(model, items, size, k, args.protocol, args.tolerance, args.batch_size,
-                          args.workers if args.workers is not None else 2, not args.no_progress, context, args.swap_xy)
-    shown = sum(len(item.phrases) for item in items[:args.overlay_images]) if args.overlays else 1
+                          args.workers if args.workers is not None else 2, not args.no_progress, context, args.swap_xy,
+                          undecodable)
+    overlaid = items[:args.overlay_images] if args.overlays else []
+    shown = max(sum(len(item.phrases) for item in overlaid), 1)
     with results.spooled() as spool:  # the rows go to disk as they come (millions of phrases, bounded memory)
         tally, first = pointing.play(rows, args.protocol, spool if args.json and args.per_phrase else None, shown)
+        items, unscored = pointing.left_out(items, undecodable)  # images that failed to decode in the loop
+        skipped += unscored
+        reasons = pointing.skip_counts(skipped)
         metrics = tally.metrics(len(items), len(skipped))
         # The paper's Table 3 is DSVE on Visual Genome phrases: no reference for the matchmap or Flickr30K Entities.
         paper = pointing.PAPER if model.model.config.arch == "dsve" and not metrics["per_type"] else None
@@ -142,7 +149,7 @@ def main(argv: list[str] | None = None) -> None:
                                settings={"k": k, "tolerance": args.tolerance, "min_words": args.min_words,
                                          "grid": first[0]["grid"], "context": context, "swap_xy": args.swap_xy},
                                images_from=source["images_from"], skipped_reasons=reasons,
-                               unreadable_images=results.unreadable_images(source["unreadable"]),
+                               unreadable_images=results.unreadable_images(undecodable.listed()),
                                **({"paper": paper} if paper else {}))
         print(f"pointing game: {tally.phrases} phrases of {len(items)} images ({source['images_from']}), "
               f"{size}x{size}, k={k if k is not None else 'n/a'}, context {context}, protocol {args.protocol}"
@@ -162,8 +169,8 @@ def main(argv: list[str] | None = None) -> None:
         rows = {"per_phrase": spool.rows(), "skipped_phrases": skipped} if args.per_phrase else None
         results.save(entry, args.json, args.results, args.results_key, rows)
         if args.overlays:
-            written = pointing.write_overlays(model, items[:args.overlay_images], first, size, k, args.protocol,
-                                              args.overlays, context)
+            written = pointing.write_overlays(model, [i for i in overlaid if i.path not in undecodable], first, size,
+                                              k, args.protocol, args.overlays, context)
             print(f"  overlays: {', '.join(str(path) for path in written)}")
 
 

@@ -74,6 +74,7 @@ def main(argv: list[str] | None = None) -> None:
     if not 0 <= args.threshold <= 1:
         raise UserError(f"--threshold {args.threshold}: must lie in [0, 1] (a fraction of the heatmap's range)")
     split = args.split or ("test" if args.protocol == "ranked" else None)
+    from misc.data.decoded import Undecodable
     from misc.eval import segment
     from misc.eval.localization import SEGMENTATION_K
     from misc.eval.segmentation import ORIGINAL_SIDE
@@ -88,9 +89,12 @@ def main(argv: list[str] | None = None) -> None:
     size = args.size or model.test_size
     log.info("semantic segmentation (%s): %d images of %s, %d categories, %dx%d, k=%s, threshold %.2f on %s",
              args.protocol, len(records), images_from, len(categories), size, size, k, args.threshold, model.device)
+    undecodable = Undecodable("image", "left out", unreadable)
     scores, ious, present = segment.segment(model, coco, records, categories, [queries[c] for c in categories],
                                             size, k, args.threshold, args.protocol, args.score, args.batch_size,
-                                            args.workers if args.workers is not None else 2, not args.no_progress)
+                                            args.workers if args.workers is not None else 2, not args.no_progress,
+                                            undecodable)
+    records = undecodable.kept(records, lambda record: record.image)  # the rows' images
 
     per_category, means = segment.category_table(args.protocol, categories, names, queries, scores, ious, present)
     evaluated = sum(1 for e in per_category.values() if e["positives"])
@@ -101,7 +105,7 @@ def main(argv: list[str] | None = None) -> None:
                            settings=settings, images_from=images_from,
                            queries={names[c]: queries[c] for c in categories},
                            categories_without_positives=len(categories) - evaluated, per_category=per_category,
-                           unreadable_images=results.unreadable_images(unreadable),
+                           unreadable_images=results.unreadable_images(undecodable.listed()),
                            paper=segment.PAPER)
 
     print(f"semantic segmentation ({args.protocol}): {len(records)} images of {images_from}, {evaluated} "

@@ -14,6 +14,7 @@ from PIL import Image
 from torchvision import transforms
 
 from misc.data.datasets import PairCollate, PairDataset, Record, load_records
+from misc.data.decoded import Replacing, Undecodable
 from misc.train.loop import train_one_epoch
 from misc.errors import UserError
 from misc.data.words import WordVectors
@@ -40,10 +41,10 @@ def test_grouped_items_hold_the_same_pairs_as_single_ones(records: list[Record])
         single.set_epoch(epoch)
         grouped.set_epoch(epoch)
         assert len(single) == 20 and len(grouped) == 4
-        pairs = Counter((index, caption) for _, [caption], index in (single[i] for i in range(len(single))))
+        pairs = Counter((index, caption) for _, [caption], index, _ in (single[i] for i in range(len(single))))
         items = [grouped[i] for i in range(len(grouped))]
-        assert pairs == Counter((index, caption) for _, captions, index in items for caption in captions)
-        assert all(len(captions) == 5 for _, captions, _ in items)
+        assert pairs == Counter((index, caption) for _, captions, index, _ in items for caption in captions)
+        assert all(len(captions) == 5 for _, captions, _, _ in items)
         assert set(items[1][1]) == set(records[1].captions)  # every caption of an image with five
         assert set(items[0][1]) == set(records[0].captions)  # an image with three: all, some twice
     drawn = [PairDataset(records, to_tensor, 2, seed=1, group=True) for _ in range(2)]
@@ -81,7 +82,8 @@ def test_training_step_pairs_each_image_with_its_captions(records: list[Record])
         return scores.sum()
 
     dataset = PairDataset(records, to_tensor, 5, seed=0, group=True)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=3, collate_fn=PairCollate(words()))
+    loader = Replacing(torch.utils.data.DataLoader(dataset, batch_size=3, collate_fn=PairCollate(words())),
+                       Undecodable("training image", "replaced"))
     model = Recorder()
     train_one_epoch(model, loader, torch.optim.SGD(model.parameters(), lr=0.0), loss_fn, torch.device("cpu"),
                     progress=False)
@@ -113,12 +115,14 @@ def test_an_image_that_fails_to_decode_is_replaced_with_its_captions(records: li
     broken.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
     records[1] = Record(broken, ["a broken image"], 1)
     dataset = PairDataset(records, to_tensor, 1, seed=0)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=2, collate_fn=PairCollate(words()))
-    batches = list(loader)
+    undecodable = Undecodable("training image", "replaced")
+    loader = torch.utils.data.DataLoader(dataset, batch_size=2, collate_fn=PairCollate(words()), num_workers=1)
+    batches = list(Replacing(loader, undecodable))  # a worker decodes: the count comes back with the batch
     assert [len(ids) for _, _, ids in batches] == [2, 2]  # every batch full
     assert [i for _, _, ids in batches for i in ids.tolist()] == [0, 2, 2, 3]  # image 1 -> image 2, with its captions
     torch.testing.assert_close(batches[0][0][1], batches[1][0][0])
-    assert dataset.unreadable == {broken} and caplog.text.count("cannot be decoded") == 1
+    assert [path for path, _ in undecodable.listed()] == [str(broken)]
+    assert caplog.text.count("cannot be decoded") == 1
 
 
 def test_augmentation_depends_on_seed_epoch_and_item_only(records: list[Record]) -> None:

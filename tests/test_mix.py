@@ -84,7 +84,7 @@ def test_an_epoch_holds_the_items_of_both_datasets(lines_world, demo_paths, capl
     # validation on the first dataset's val split: the demo world's 12 images, not the JSON-lines file's
     assert len(data.val_records) == 12 and all(record.image.suffix == ".jpg" for record in data.val_records)
     # each image keeps its own index across datasets: a caption's positives are its own image's
-    _, _, ids = data.dataset[len(data.dataset) - 1]
+    _, _, ids, _ = data.dataset[len(data.dataset) - 1]
     assert data.train_records[ids].image == lines_world.parent / "3.png"
 
 

@@ -25,7 +25,8 @@ from misc.data import demo, flickr_entities
 from misc.config import EVAL_PROTOCOLS, TrainConfig
 from misc.data.jsonl import split_entries
 from misc.errors import UserError, did_you_mean
-from misc.data.images import decode_image, failure_reason, unreadable
+from misc.data.decoded import Unreadable, try_decode
+from misc.data.images import unreadable
 from misc.data.words import Encoded, WordVectors, tokenize
 
 log = logging.getLogger(__name__)
@@ -39,7 +40,6 @@ DATASET_KEYS = {"coco": ("coco_images", "coco_karpathy"), "demo": ("coco_images"
 # The datasets the demo world holds: "demo" (its Karpathy, COCO and Visual Genome files) and "demo_entities" (its
 # Flickr30K Entities files, for the pointing game).
 DEMO_DATASETS = ("demo", "demo_entities")
-Unreadable = list[tuple[str, str]]  # images left out because they do not decode: (path, reason)
 
 
 @dataclass
@@ -106,7 +106,8 @@ def load_records(dataset: str, split: str) -> list[Record]:
 
 def load_split(dataset: str, split: str) -> tuple[list[Record], Unreadable]:
     """Records of a named dataset (coco, flickr30k, demo, flickr30k_entities: a split file with its Sentences/) or a
-    JSON-lines file, and the images left out as undecodable (one's own are decoded ahead, named ones only found)."""
+    JSON-lines file, and the images left out as undecodable (one's own are decoded ahead, named ones only found: a
+    named dataset's image that fails is met where it is decoded, misc/data/decoded.py)."""
     if dataset == flickr_entities.DATASET:
         records = [Record(*entry) for entry in flickr_entities.caption_records(split)]
         check_images(records, "flickr_images")
@@ -208,7 +209,8 @@ class PairDataset(Dataset):
     An item's random augmentation is drawn from (seed, epoch, item) alone, whatever process, worker or position
     in the epoch draws it, so a run resumed mid-epoch sees the same crops. An image that fails to decode is
     replaced by the next one that decodes, with that image's captions and index (batches keep their size and
-    their pairs stay true); each such file is logged once per process and counted in ``unreadable``.
+    their pairs stay true); each item lists the files it met that fail (path, reason), for the main process to
+    count (:class:`misc.data.decoded.Undecodable`: a worker's own count would be lost with it).
     """
 
     def __init__(self, records: list[Record], transform: Callable, captions_per_image: int = 5,
@@ -216,7 +218,6 @@ class PairDataset(Dataset):
         self.records, self.transform, self.per_image, self.seed = records, transform, captions_per_image, seed
         self.per_item = captions_per_image if group else 1
         self.epoch = 0
-        self.unreadable: set[Path] = set()
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -224,58 +225,44 @@ class PairDataset(Dataset):
     def __len__(self) -> int:
         return len(self.records) * (self.per_image // self.per_item)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, list[str], int]:
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, list[str], int, Unreadable]:
         image_index, item = divmod(index, self.per_image // self.per_item)
-        image_index, image = self.decoded(image_index)
+        image_index, image, failed = self.decoded(image_index)
         record = self.records[image_index]
         order = np.random.default_rng([self.seed, self.epoch, image_index]).permutation(len(record.captions))
         slots = range(item * self.per_item, (item + 1) * self.per_item)
         captions = [record.captions[order[slot % len(order)]] for slot in slots]
         with torch.random.fork_rng(devices=[]):  # torchvision's transforms draw from torch's global generator
             torch.manual_seed(int(np.random.SeedSequence([self.seed, self.epoch, index]).generate_state(1)[0]))
-            return self.transform(image), captions, image_index
+            return self.transform(image), captions, image_index, failed
 
-    def decoded(self, image_index: int) -> tuple[int, Image.Image]:
-        """The first image from ``image_index`` on (cyclically) that decodes, and its index."""
+    def decoded(self, image_index: int) -> tuple[int, Image.Image, Unreadable]:
+        """The first image from ``image_index`` on (cyclically) that decodes, its index, and the files before it
+        that do not."""
+        failed = []
         for offset in range(len(self.records)):
             candidate = (image_index + offset) % len(self.records)
-            path = self.records[candidate].image
-            try:
-                # Annotated datasets: full scale and stored orientation (boxes and masks are on the stored pixels).
-                return candidate, decode_image(path, exif=False)
-            except Exception as error:  # any decoding failure: the image is replaced, never the epoch stopped
-                if path not in self.unreadable:
-                    self.unreadable.add(path)
-                    log.warning("training image %s cannot be decoded (%s): replaced by the next one (%d unreadable "
-                                "so far in this process)", path, failure_reason(error), len(self.unreadable))
+            image, reason = try_decode(self.records[candidate].image)
+            if image is not None:
+                return candidate, image, failed
+            failed.append((str(self.records[candidate].image), reason))
         raise UserError(f"none of the {len(self.records)} training images can be decoded")
-
-
-class ImageDataset(Dataset):
-    """Images only, for encoding."""
-
-    def __init__(self, paths: list[Path], transform: Callable) -> None:
-        self.paths, self.transform = paths, transform
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, index: int) -> torch.Tensor:
-        return self.transform(decode_image(self.paths[index], exif=False))
 
 
 class PairCollate:
     """Stack images and embed captions with the frozen word vectors: -> (images (B, ...), Encoded (B * n),
-    image ids (B * n,)), n the captions per item; the captions of an item are consecutive."""
+    image ids (B * n,), the undecodable files the batch's items replaced), n the captions per item; the captions of
+    an item are consecutive."""
 
     def __init__(self, words: WordVectors) -> None:
         self.words = words
 
-    def __call__(self, batch: list[tuple[torch.Tensor, list[str], int]]) -> tuple[torch.Tensor, Encoded, torch.Tensor]:
-        images, captions, ids = zip(*batch)
+    def __call__(self, batch: list[tuple[torch.Tensor, list[str], int, Unreadable]]
+                 ) -> tuple[torch.Tensor, Encoded, torch.Tensor, Unreadable]:
+        images, captions, ids, failed = zip(*batch)
         flat = [caption for group in captions for caption in group]
         owners = [index for group, index in zip(captions, ids) for _ in group]
-        return torch.stack(images), self.words.encode(flat), torch.tensor(owners)
+        return torch.stack(images), self.words.encode(flat), torch.tensor(owners), [f for item in failed for f in item]
 
 
 def eval_captions(records: list[Record], per_image: int = 5) -> tuple[list[str], torch.Tensor]:

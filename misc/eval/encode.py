@@ -1,15 +1,18 @@
 """Encoding a split's images and captions for retrieval, for both systems (models/system.py): DSVE's unit
-embeddings and the matchmap's region and word vectors; the score matrix where no single vector gives the score."""
+embeddings and the matchmap's region and word vectors; the score matrix where no single vector gives the score.
+
+An image that fails to decode here (misc/data/decoded.py) is left out of the ranking with its captions: the metrics
+are those of the split without it, the 1k folds cut from the images that remain."""
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 import torch
-from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from misc.eval import retrieval
-from misc.data.datasets import ImageDataset, Record, eval_captions, eval_transform
+from misc.data.datasets import Record, eval_captions, eval_transform
+from misc.data.decoded import EvalImages, ImageBatch, Undecodable
 from misc.devices import autocast
 from misc.errors import UserError
 from misc.data.words import MAX_TOKENS, Encoded, WordVectors
@@ -24,15 +27,15 @@ def check_embeddable(model: Model) -> None:
 
 
 @torch.no_grad()
-def encode_images(model: Model, loader: DataLoader, device: torch.device, amp: str | None = None,
-                  progress: bool = True) -> torch.Tensor:
-    """(N, d) float32 image vectors (``model.image_vectors``) on the CPU, in loader order."""
+def encode_images(model: Model, batches: Iterable[ImageBatch], device: torch.device,
+                  amp: str | None = None) -> torch.Tensor:
+    """(N, d) float32 image vectors (``model.image_vectors``) on the CPU of the batches' images, in their order."""
     check_embeddable(model)
     model.eval()
     chunks = []
-    for images in tqdm(loader, desc="images", disable=not progress, leave=False, dynamic_ncols=True):
+    for batch in batches:
         with autocast(device, amp):
-            chunks.append(model.image_vectors(images.to(device, non_blocking=True)).float().cpu())
+            chunks.append(model.image_vectors(batch.images.to(device, non_blocking=True)).float().cpu())
     return torch.cat(chunks)
 
 
@@ -82,23 +85,29 @@ def encode_captions(model: Model, captions: list[str], words: WordVectors, devic
     return embeddings
 
 
-def image_loader(records: list[Record], image_size: int, protocol: str, batch_size: int, workers: int,
-                 device: torch.device) -> DataLoader:
-    return DataLoader(ImageDataset([r.image for r in records], eval_transform(image_size, protocol)),
-                      batch_size=batch_size, num_workers=workers, pin_memory=device.type == "cuda")
+def split_images(records: list[Record], image_size: int, protocol: str, batch_size: int, workers: int,
+                 device: torch.device, progress: bool, undecodable: Undecodable | None) -> EvalImages:
+    return EvalImages([r.image for r in records], eval_transform(image_size, protocol), batch_size, workers,
+                      device.type == "cuda", progress, undecodable)
+
+
+LEFT_OUT = "each left out of the ranking with its captions (the 1k folds are cut from the images that remain)"
 
 
 def encode_records(model: Model, records: list[Record], words: WordVectors, device: torch.device,
                    image_size: int, batch_size: int = 64, workers: int = 2, amp: str | None = None,
-                   progress: bool = True, protocol: str = "resize") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                   progress: bool = True, protocol: str = "resize",
+                   undecodable: Undecodable | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Vectors of a split's images and their first five captions whose dot products are the model's scores
     (``model.embeddable``): (images (N, d), captions (M, d), owner (M,)), what
     :func:`misc.eval.retrieval.evaluate` takes. ``protocol`` is the image preprocessing of
-    :func:`misc.data.datasets.eval_transform`."""
+    :func:`misc.data.datasets.eval_transform`. An image that does not decode is left out with its captions (as if
+    the split did not hold it) and added to ``undecodable``."""
     check_embeddable(model)
-    loader = image_loader(records, image_size, protocol, batch_size, workers, device)
-    images = encode_images(model, loader, device, amp, progress)
-    texts, owner = eval_captions(records)
+    loader = split_images(records, image_size, protocol, batch_size, workers, device, progress, undecodable)
+    images = encode_images(model, loader, device, amp)
+    loader.finish(LEFT_OUT)
+    texts, owner = eval_captions(loader.kept(records))
     captions = encode_captions(model, texts, words, device, batch_size=4 * batch_size, amp=amp, progress=progress)
     return images, captions, owner
 
@@ -106,11 +115,13 @@ def encode_records(model: Model, records: list[Record], words: WordVectors, devi
 @torch.no_grad()
 def score_records(model: Model, records: list[Record], words: WordVectors, device: torch.device, image_size: int,
                   batch_size: int = 64, workers: int = 2, amp: str | None = None, progress: bool = True,
-                  protocol: str = "resize") -> tuple[torch.Tensor, torch.Tensor]:
+                  protocol: str = "resize",
+                  undecodable: Undecodable | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The model's score of each of a split's images with each of their first five captions, (N, M) float32 on
     the CPU, and the owner image of each caption (M,): for scores no single vector gives (the matchmap's
     ``max_img`` / ``max_text``). Every caption's word vectors are kept (on the CPU, by length-sorted batch); each
-    batch of images is then scored against all of them, so memory holds one image batch's regions."""
+    batch of images is then scored against all of them, so memory holds one image batch's regions. An image that
+    does not decode is left out with its captions, as in :func:`encode_records`."""
     model.eval()
     texts, owner = eval_captions(records)
     encoded = []
@@ -120,14 +131,17 @@ def score_records(model: Model, records: list[Record], words: WordVectors, devic
             encoded.append((positions, model.text(batch.words.to(device), lengths).float().cpu(), lengths))
     scores = torch.empty(len(records), len(texts))
     row = 0
-    loader = image_loader(records, image_size, protocol, batch_size, workers, device)
-    for images in tqdm(loader, desc="images", disable=not progress, leave=False, dynamic_ncols=True):
+    loader = split_images(records, image_size, protocol, batch_size, workers, device, progress, undecodable)
+    for batch in loader:
         with autocast(device, amp):
-            regions = model.image(images.to(device, non_blocking=True)).float()
+            regions = model.image(batch.images.to(device, non_blocking=True)).float()
         for positions, text_out, lengths in encoded:
             scores[row:row + len(regions), positions] = model.score(regions, text_out.to(device), lengths).cpu()
         row += len(regions)
-    return scores, owner
+    loader.finish(LEFT_OUT)
+    kept = torch.tensor(loader.kept(range(len(records))), dtype=torch.long)
+    columns = torch.isin(owner, kept)  # the captions of the images that remain, in eval_captions' order
+    return scores[:row, columns], torch.searchsorted(kept, owner[columns])
 
 
 def evaluate_records(model: Model, records: list[Record], words: WordVectors, device: torch.device,

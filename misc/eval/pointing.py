@@ -16,13 +16,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from torch.utils.data import DataLoader
-from tqdm import tqdm
 
 from misc import config
 from misc.data import flickr_entities
-from misc.data.datasets import (SPLITS, ImageDataset, coco_files, is_custom, prepare_dataset, read_regions,
-                                uses_demo)
+from misc.data.datasets import SPLITS, coco_files, is_custom, prepare_dataset, read_regions, uses_demo
+from misc.data.decoded import EvalImages, Undecodable
 from misc.data.flickr_entities import EntitiesImage
 from misc.data.images import decode_image, unreadable
 from misc.data.jsonl import Entry, image_size, split_entries
@@ -209,18 +207,26 @@ def phrase_filters(model: Inference, phrases: list[Phrase], k: int | None, conte
 
 def point(model: Inference, items: list[Item], size: int, k: int | None, protocol: str, tolerance: float,
           batch_size: int, workers: int, progress: bool, context: str = "phrase",
-          swap_xy: bool = False) -> Iterator[dict]:
+          swap_xy: bool = False, undecodable: Undecodable | None = None) -> Iterator[dict]:
     """Peak of every phrase's heatmap, the point the protocol makes of it in the size x size frame, and whether
     it and the centre baseline hit one of the phrase's boxes; under ``das2019`` also each box's own hit
     (``box_hits``, ``center_box_hits``) at the arg-max pixel of the resized map (``pixel``). One row per phrase,
-    in the items' phrase order, yielded batch by batch: a caller keeps what it needs (:class:`Tally`, a file)."""
-    loader = DataLoader(ImageDataset([item.path for item in items], model.transform(size)), batch_size=batch_size,
-                        num_workers=workers, pin_memory=model.device.type == "cuda")
-    start = 0
-    for images in tqdm(loader, desc="images", disable=not progress, leave=False, dynamic_ncols=True):
-        batch = items[start:start + len(images)]
-        start += len(images)
-        yield from batch_rows(model, batch, images, size, k, protocol, tolerance, context, swap_xy)
+    in the items' phrase order, yielded batch by batch: a caller keeps what it needs (:class:`Tally`, a file).
+    An image that does not decode gives no row and is added to ``undecodable`` (:func:`left_out` says which)."""
+    images = EvalImages([item.path for item in items], model.transform(size), batch_size, workers,
+                        model.device.type == "cuda", progress, undecodable)
+    for batch in images:
+        yield from batch_rows(model, [items[i] for i in batch.indices], batch.images, size, k, protocol, tolerance,
+                              context, swap_xy)
+    images.finish("their phrases are skipped with the decoder's reason")
+
+
+def left_out(items: list[Item], undecodable: Undecodable) -> tuple[list[Item], list[dict]]:
+    """After :func:`point`: the items whose image decoded, and the phrases of the others as skipped ones (their
+    reason the decoder's, as :func:`select_custom` skips one's own undecodable images)."""
+    skipped = [{**p.info, "image_id": item.image_id, "phrase": p.text, "reason": undecodable.found[str(item.path)]}
+               for item in items if item.path in undecodable for p in item.phrases]
+    return undecodable.kept(items, lambda item: item.path), skipped
 
 
 @torch.no_grad()

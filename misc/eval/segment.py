@@ -14,12 +14,11 @@ from typing import TYPE_CHECKING, Any
 import inflect
 import torch
 from pycocotools.coco import COCO
-from torch.utils.data import DataLoader
-from tqdm import tqdm
 
 from misc import config
-from misc.data.datasets import (SPLITS, ImageDataset, Record, is_custom, karpathy_records, load_coco, prepare_dataset,
-                                truth_masks, uses_demo)
+from misc.data.datasets import (SPLITS, Record, is_custom, karpathy_records, load_coco, prepare_dataset, truth_masks,
+                                uses_demo)
+from misc.data.decoded import EvalImages, Undecodable
 from misc.data.images import unreadable
 from misc.data.jsonl import as_coco, split_entries
 from misc.errors import UserError, check_choice
@@ -141,26 +140,27 @@ def original_segmentations(coco: COCO, image_id: int) -> dict[int, list]:
 
 def segment(model: Inference, coco: COCO, records: list[Record], categories: list[int], texts: list[str],
             size: int, k: int | None, threshold: float, protocol: str, score: str, batch_size: int, workers: int,
-            progress: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            progress: bool, undecodable: Undecodable | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Scores, IoUs (0 where the category is absent; NaN for the original's 0 / 0) and presence of every
-    (image, category): each (N, C)."""
+    (image, category): each (N, C), N the records whose image decodes; the others are left out (no row, as if
+    the split did not hold them) and added to ``undecodable``."""
     if protocol not in PROTOCOLS:
         raise ValueError(f"protocol {protocol!r}: one of {', '.join(PROTOCOLS)}")
     filters = model.filters(texts, k)  # (C, D'), shared by every image
     vectors = model.embed_texts(texts) if score == "similarity" else None  # (C, d)
     column = {category: c for c, category in enumerate(categories)}
-    loader = DataLoader(ImageDataset([r.image for r in records], model.transform(size)), batch_size=batch_size,
-                        num_workers=workers, pin_memory=model.device.type == "cuda")
-    scores, ious, present, start = [], [], [], 0
-    for images in tqdm(loader, desc="images", disable=not progress, leave=False, dynamic_ncols=True):
-        maps = model.maps(images)  # (B, D', h, w)
+    loader = EvalImages([r.image for r in records], model.transform(size), batch_size, workers,
+                        model.device.type == "cuda", progress, undecodable)
+    scores, ious, present = [], [], []
+    for batch in loader:
+        maps = model.maps(batch.images)  # (B, D', h, w)
         heat = apply_filters(maps, filters)  # (B, C, h, w)
         if score == "similarity":
             scores.append((model.embed_maps(maps) @ vectors.T).cpu())  # (B, C)
         else:
             scores.append(heat.flatten(2).amax(dim=2).cpu())
         heat = heat.cpu()
-        for b, record in enumerate(records[start:start + len(images)]):
+        for b, record in enumerate(records[i] for i in batch.indices):
             info = coco.imgs[record.image_id]
             row_iou = torch.zeros(len(categories), dtype=torch.float64)
             row_present = torch.zeros(len(categories), dtype=torch.bool)
@@ -177,7 +177,7 @@ def segment(model: Inference, coco: COCO, records: list[Record], categories: lis
                     row_iou[c], row_present[c] = iou(predicted, truth), True
             ious.append(row_iou)
             present.append(row_present)
-        start += len(images)
+    loader.finish("no row of theirs in any category's AP")
     return torch.cat(scores), torch.stack(ious), torch.stack(present)
 
 

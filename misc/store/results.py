@@ -64,6 +64,11 @@ def unreadable_images(skipped: Sequence[tuple[str, str]]) -> dict[str, Any]:
     return {"count": len(skipped), "images": [{"image": str(path), "reason": reason} for path, reason in skipped]}
 
 
+def listed_images(unreadable: dict[str, Any] | None) -> list[tuple[str, str]]:
+    """The (path, reason) pairs of an :func:`unreadable_images` object (none for None)."""
+    return [(entry["image"], entry["reason"]) for entry in (unreadable or {}).get("images", [])]
+
+
 class Spool:
     """Rows kept on disk, not in memory: each appended as a JSON line to ``file``, read back one at a time by
     :meth:`rows`; :func:`spooled` makes one."""

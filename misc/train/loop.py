@@ -4,11 +4,10 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
-from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from misc.train import distributed
@@ -72,7 +71,7 @@ def gradient_norm(model: torch.nn.Module, clip: float | None) -> float:
     return float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
 
 
-def train_one_epoch(model: torch.nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer, loss_fn: LossFn,
+def train_one_epoch(model: torch.nn.Module, loader: Iterable, optimizer: torch.optim.Optimizer, loss_fn: LossFn,
                     device: torch.device, amp: str | None = None, scaler: torch.amp.GradScaler | None = None,
                     memory_format: torch.memory_format = torch.contiguous_format, grad_clip: float | None = None,
                     progress: bool = True, description: str = "train", totals: dict[str, float] | None = None,

@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader
 from misc import config
 from misc.config import TrainConfig
 from misc.data.datasets import PairCollate, PairDataset, Record, load_split, prepare_dataset, train_transform
+from misc.data.decoded import Replacing, Undecodable
 from misc.data.mix import Count, check_names, training_records
 from misc.data.words import WordVectors, load_word_vectors
 from misc.errors import UserError
@@ -64,10 +65,10 @@ class Data:
     val_records: list[Record]
     dataset: PairDataset
     sampler: distributed.EpochSampler
-    loader: DataLoader
+    loader: Replacing
     batch: int  # per process
     steps_per_epoch: int
-    unreadable: dict[str, dict]  # per split (train, val): the images left out as undecodable, as results records say
+    undecodable: dict[str, Undecodable]  # train, val: images found not to decode, ahead or when drawn (or resumed)
 
     @property
     def val_protocol(self) -> str:
@@ -131,8 +132,7 @@ def load_data(model_cfg: ModelConfig, cfg: TrainConfig, run: RunOptions, context
         raise UserError(f"{'+'.join(cfg.datasets)}: {len(seen)} training images of split {cfg.split!r} are in the "
                         f"validation split {cfg.val_split!r} of {first}, e.g. {min(seen)}; choose disjoint splits "
                         f"(--split, --val-split) or pass --set train.allow_test_overlap=true")
-    dataset = PairDataset(train_records, train_transform(cfg), cfg.captions_per_image, cfg.seed,
-                          cfg.group_captions)
+    dataset = PairDataset(train_records, train_transform(cfg), cfg.captions_per_image, cfg.seed, cfg.group_captions)
     batch = cfg.batch_size // context.world_size
     # train.steps_per_epoch > 0: that many batches drawn with replacement, else one pass over the items
     steps_per_epoch = cfg.steps_per_epoch or len(dataset) // context.world_size // batch
@@ -144,10 +144,12 @@ def load_data(model_cfg: ModelConfig, cfg: TrainConfig, run: RunOptions, context
     loader = DataLoader(dataset, batch_size=batch, sampler=sampler, drop_last=True, num_workers=cfg.workers,
                         collate_fn=PairCollate(words), pin_memory=context.device.type == "cuda",
                         generator=torch.Generator().manual_seed(cfg.seed))
-    unreadable = {"train": results.unreadable_images(train_unreadable),
-                  "val": results.unreadable_images(val_unreadable)}
-    return Data(words, train_records, counts, val_records, dataset, sampler, loader, batch, steps_per_epoch,
-                unreadable)
+    met = run.resume.state.get("metrics", {}).get("unreadable_images", {}) if run.resume else {}
+    undecodable = {split: Undecodable(f"{split} image", action, [*ahead, *results.listed_images(met.get(split))])
+                   for split, ahead, action in (("train", train_unreadable, "replaced by the next one that decodes"),
+                                                ("val", val_unreadable, "left out of the ranking with its captions"))}
+    return Data(words, train_records, counts, val_records, dataset, sampler, Replacing(loader, undecodable["train"]),
+                batch, steps_per_epoch, undecodable)
 
 
 def build_learner(model_cfg: ModelConfig, cfg: TrainConfig, run: RunOptions, amp: str | None,
@@ -232,7 +234,8 @@ class Trainer:
                 "scaler": learner.scaler.state_dict() if learner.scaler else None, "epoch": epoch,
                 "best_rsum": position.best_rsum, "best_epoch": position.best_epoch,
                 "metrics": {"val": position.val, "history": position.history,
-                            "unreadable_images": self.data.unreadable},
+                            "unreadable_images": {split: results.unreadable_images(found.listed())
+                                                  for split, found in self.data.undecodable.items()}},
                 "skipped_steps": self.health.skipped, "resumed_with_changes": self.changes,
                 "data": [asdict(count) for count in self.data.counts],
                 **({"added_words": self.data.words.added_rows()} if self.data.words.added else {}), **within}
@@ -250,6 +253,8 @@ class Trainer:
             lr = self.learner.optimizer.param_groups[0]["lr"]
             stats = self.train_epoch(network, epoch)
             self.learner.scheduler.step()
+            for met in distributed.gather_objects(self.data.undecodable["train"].listed(), self.context):
+                self.data.undecodable["train"].merge(met)  # every process's, for the main one's checkpoint
             if self.context.is_main:
                 self.end_epoch(epoch, lr, parts, stats)
             distributed.barrier(self.context)
@@ -286,7 +291,7 @@ class Trainer:
         position, protocol = self.position, self.data.val_protocol
         metrics = evaluate_records(self.learner.model, self.data.val_records, self.data.words, self.context.device,
                                    self.cfg.eval_size, (protocol,), workers=self.cfg.workers, amp=self.amp,
-                                   progress=self.run.progress)
+                                   progress=self.run.progress, undecodable=self.data.undecodable["val"])
         rsum = metrics[protocol]["rsum"]
         kind = loss_kind(self.cfg, epoch)
         position.history.append({"epoch": epoch, "lr": lr, "trained": parts, "loss_kind": kind, **stats,

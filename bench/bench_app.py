@@ -79,15 +79,19 @@ async def browse(browser, url: str, image: Path, requests: int) -> list[float]:
     await page.goto(url)
     await page.locator("#image input[type=file]").set_input_files(str(image))
     await page.locator("#image img").first.wait_for(timeout=60_000)
-    await page.locator("#phrases textarea").fill(PHRASES)
-    latencies = []
-    for _ in range(requests):
-        before = await page.locator("#heatmaps img").count()
+    phrases, latencies = PHRASES.splitlines(), []
+    for number in range(requests):
+        # each request lists the phrases in another order, so the gallery's first panel changes (a panel's address is
+        # a hash of its pixels: the same request twice would give the same page, nothing to wait for)
+        turn = number % len(phrases)
+        await page.locator("#phrases textarea").fill("\n".join(phrases[turn:] + phrases[:turn]))
+        panels = page.locator("#heatmaps img")
+        before = await panels.first.get_attribute("src") if await panels.count() else None
         started = time.perf_counter()
         await page.locator("#localize").click()
-        if before:  # the gallery is replaced: wait until the old images go, then the new ones come
-            await page.locator("#heatmaps img").first.wait_for(state="detached", timeout=600_000)
-        await page.locator("#heatmaps img").first.wait_for(timeout=600_000)
+        await page.wait_for_function("([selector, old]) => { const panel = document.querySelector(selector); "
+                                     "return panel !== null && panel.getAttribute('src') !== old; }",
+                                     arg=["#heatmaps img", before], timeout=600_000)
         latencies.append(time.perf_counter() - started)
     await page.close()
     return latencies

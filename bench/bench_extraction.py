@@ -41,7 +41,8 @@ from misc.config import ModelConfig, TrainConfig  # noqa: E402
 from misc.presets import preset  # noqa: E402
 from misc.store import checkpoint  # noqa: E402
 from models.joint import build_model  # noqa: E402
-from misc.collections.extraction import ImageFiles, Timing, collate_images, embed_image_batches  # noqa: E402
+from misc.collections.extraction import ImageFiles, Timing, embed_image_batches  # noqa: E402
+from misc.data.decoded import collate_images  # noqa: E402
 from models.visual import ImageEncoder  # noqa: E402
 
 

@@ -146,7 +146,7 @@ def test_bad_files_are_reported_and_do_not_kill_loader_workers(zoo):
     decoded, failures = [], {}
     for batch in loader:
         assert batch.images.shape[1:] == (3, SIZE, SIZE) or len(batch.indices) == 0
-        decoded += batch.indices.tolist()
+        decoded += list(batch.indices)
         failures.update({entries[index]: reason for index, reason in batch.failures})
     assert sorted(entries[index] for index in decoded) == sorted(GOOD)
     assert set(failures) == set(BAD) | {"does/not/exist.png"}

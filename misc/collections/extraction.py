@@ -27,6 +27,7 @@ from misc.store.source import model_sha256
 from misc.errors import UserError
 from misc.data.datasets import eval_transform
 from misc.devices import autocast
+from misc.data.decoded import ImageBatch, collate_images
 from misc.data.images import decode_image, failure_reason, printable, utf8_name
 from models.visual import ImageEncoder
 
@@ -55,28 +56,6 @@ class ImageFiles(Dataset):
             return index, self.transform(decode_image(self.folder / self.entries[index], self.size)), None
         except Exception as error:  # any failure of one user file is reported, never fatal to the run
             return index, None, failure_reason(error)
-
-
-@dataclass
-class ImageBatch:
-    """Decoded images of a batch and the failures among its files."""
-
-    indices: torch.Tensor  # (B,) long, positions in the file list of the decoded images
-    images: torch.Tensor  # (B, 3, S, S); (0,) when no file of the batch could be decoded
-    failures: list[tuple[int, str]]  # (position, reason)
-
-    def pin_memory(self) -> ImageBatch:
-        """Called by the DataLoader (``pin_memory=True``) for faster copies to a GPU."""
-        return ImageBatch(self.indices, self.images.pin_memory(), self.failures)
-
-
-def collate_images(items: list[tuple[int, torch.Tensor | None, str | None]]) -> ImageBatch:
-    """Stack the decoded images, set the failures aside."""
-    decoded = [(index, image) for index, image, _ in items if image is not None]
-    failures = [(index, reason) for index, image, reason in items if image is None]
-    indices = torch.tensor([index for index, _ in decoded], dtype=torch.long)
-    images = torch.stack([image for _, image in decoded]) if decoded else torch.empty(0)
-    return ImageBatch(indices, images, failures)
 
 
 # --------------------------------------------------------------------------- embedding loop
@@ -279,7 +258,7 @@ def extract_images(encoder: ImageEncoder, folder: Path, entries: list[str], out:
         pending: dict[str, list] = {"indices": [], "features": [], "maps": [], "failed": [], "reasons": []}
         seen = 0
         for batch, features, grids in embed_image_batches(encoder, loader, device, amp, maps, timing, progress):
-            pending["indices"].append(batch.indices.numpy())
+            pending["indices"].append(np.asarray(batch.indices, dtype=np.int64))
             pending["features"].append(features)
             if grids is not None:
                 pending["maps"].append(grids)

@@ -20,6 +20,22 @@ from models.config import ModelConfig
 from models.joint import Model, build_model
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def launch_rank(script: str, args: list[str], rank: int = 0, world: int = 1) -> subprocess.Popen:
+    """A CLI of the repository started as rank ``rank`` of ``world`` (RANK and WORLD_SIZE as torchrun sets them, one
+    thread, the CPU), its output captured: a rank to kill, or to wait for with :func:`finish`."""
+    env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": str(world), "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, str(ROOT / script), *args, "--no-progress", "--device", "cpu",
+                             "--threads", "1"], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+
+
+def finish(process: subprocess.Popen) -> str:
+    """The output of a process of :func:`launch_rank`, which must succeed."""
+    output, _ = process.communicate(timeout=600)
+    assert process.returncode == 0, output
+    return output
 TINY_MODEL = ["--set", "model.maps_dim=32", "--set", "model.embed_dim=32", "--set", "model.sru_layers=1",
               "--set", "train.crop_size=64", "--set", "train.eval_size=64", "--set", "train.batch_size=8",
               "--workers", "0", "--no-progress", "--device", "cpu"]

@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import signal
 import subprocess
-import sys
 import tarfile
 import time
 from pathlib import Path
@@ -29,7 +27,7 @@ from misc.eval.features import paired_features
 from misc.store.arrays import text_column, write_npz
 from models.config import ModelConfig
 from models.joint import build_model
-from tests.conftest import ROOT, random_checkpoint, run_in_process
+from tests.conftest import finish, launch_rank, random_checkpoint, run_in_process
 
 SIZE = 64
 TINY = ModelConfig(trunk="resnet18", maps_dim=32, embed_dim=32, weldon_k=0.2, word_dim=64, sru_layers=1)
@@ -249,17 +247,8 @@ def tiny_checkpoint(tiny_world: Path, tmp_path_factory: pytest.TempPathFactory) 
 
 
 def launch(checkpoint: Path, pattern: str, out: Path, rank: int = 0, world: int = 1) -> subprocess.Popen:
-    env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": str(world), "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen([sys.executable, str(ROOT / "image_features_extraction.py"), "-p", str(checkpoint), "-d",
-                             pattern, "-o", str(out), "--batch-size", "2", "--workers", "1", "--no-progress",
-                             "--device", "cpu", "--threads", "1"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
-
-
-def finish(process: subprocess.Popen) -> str:
-    output, _ = process.communicate(timeout=600)
-    assert process.returncode == 0, output
-    return output
+    return launch_rank("image_features_extraction.py", ["-p", str(checkpoint), "-d", pattern, "-o", str(out),
+                                                        "--batch-size", "2", "--workers", "1"], rank, world)
 
 
 @pytest.mark.slow

@@ -4,9 +4,7 @@ ranks, one of them interrupted, giving exactly the vectors of one process."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +22,7 @@ from misc.errors import UserError
 from misc.eval.encode import encode_captions
 from models.config import ModelConfig
 from models.joint import build_model
-from tests.conftest import ROOT, random_checkpoint, run_in_process
+from tests.conftest import finish, launch_rank, random_checkpoint, run_in_process
 
 TINY = ModelConfig(trunk="resnet18", maps_dim=32, embed_dim=32, weldon_k=0.2, word_dim=64, sru_layers=1)
 COLOURS, SHAPES = ["red", "green", "blue"], ["circle", "square", "triangle", "star"]
@@ -175,17 +173,8 @@ def test_an_image_folder_s_captions_are_the_text_queries_of_its_index_report(
 
 
 def extract(checkpoint: Path, data: Path, out: Path, rank: int = 0, world: int = 1) -> subprocess.Popen:
-    env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": str(world), "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen([sys.executable, str(ROOT / "text_features_extraction.py"), "-p", str(checkpoint), "-d",
-                             str(data), "-o", str(out), "--chunk-size", "5", "--batch-size", "3", "--no-progress",
-                             "--device", "cpu", "--threads", "1"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
-
-
-def finish(process: subprocess.Popen) -> str:
-    output, _ = process.communicate(timeout=600)
-    assert process.returncode == 0, output
-    return output
+    return launch_rank("text_features_extraction.py", ["-p", str(checkpoint), "-d", str(data), "-o", str(out),
+                                                       "--chunk-size", "5", "--batch-size", "3"], rank, world)
 
 
 def read_all(out: Path, shards: int) -> np.ndarray:

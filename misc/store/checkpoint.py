@@ -183,13 +183,15 @@ def model_from(state: dict[str, Any], source: Path | str, device: torch.device |
     """Rebuild the network of a loaded checkpoint (read from ``source``), either system's, load its weights, move
     it to ``device`` in eval mode.
 
-    The network is built on the meta device and takes the checkpoint's tensors as its own (no random
-    initialisation to overwrite, no second copy of the weights): the paper model's start-up is then the reading of
-    the file."""
+    The network is built on the meta device, given uninitialised memory on ``device`` and filled from the
+    checkpoint: no random initialisation to overwrite. The weights are copied into that fresh memory rather than
+    adopted (``assign``), so their alignment, and with it every float32 result, is the same whichever file they came
+    from (an export's safetensors or a checkpoint)."""
     with naming(source), torch.device("meta"):
         model = build_model(state["config"]["model"])
-    load_weights(model, state["model"], source, assign=True)
-    return model.to(device).eval()
+    model = model.to_empty(device=device)
+    load_weights(model, state["model"], source)
+    return model.eval()
 
 
 def load_words(state: dict[str, Any], override_path: Path | str | None = None,
@@ -240,12 +242,11 @@ def check_state(expected: dict[str, torch.Tensor], given: dict[str, torch.Tensor
         raise UserError(f"{source}: weights do not fit the model: {'; '.join(problems)}")
 
 
-def load_weights(model: nn.Module, state: dict[str, torch.Tensor], source: Path | str, assign: bool = False) -> None:
-    """Load every weight of ``model`` from ``state``, strictly, with :func:`check_state`'s one-line errors;
-    ``assign`` makes ``state``'s tensors the model's own (a model built on the meta device)."""
+def load_weights(model: nn.Module, state: dict[str, torch.Tensor], source: Path | str) -> None:
+    """Load every weight of ``model`` from ``state``, strictly, with :func:`check_state`'s one-line errors."""
     model = unwrap(model)
     check_state(model.state_dict(), state, source)
-    model.load_state_dict(state, assign=assign)
+    model.load_state_dict(state)
 
 
 def init_from(model: nn.Module, path: Path | str) -> str:

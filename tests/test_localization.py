@@ -629,13 +629,28 @@ def test_pointing_rows_match_a_peak_and_box_test_recomputed_here(tiny_world, tin
     assert len(rows) == 8 and set(hits) == {True, False}  # both sides of the rule are checked
 
 
+def category_mask(coco, image_id: int, category_id: int, shape: tuple[int, int]) -> np.ndarray:
+    """The union of an image's annotation masks of one category (pycocotools' annToMask), as booleans."""
+    truth = np.zeros(shape, dtype=bool)
+    for ann in coco.loadAnns(coco.getAnnIds(imgIds=[image_id], catIds=[category_id], iscrowd=None)):
+        truth |= coco.annToMask(ann).astype(bool)
+    return truth
+
+
+def rle_iou(predicted: np.ndarray, truth: np.ndarray) -> float:
+    """pycocotools' IoU of two boolean masks, through their RLE encodings."""
+    from pycocotools import mask as mask_utils
+
+    encoded = mask_utils.encode(np.asfortranarray(np.stack([predicted, truth], axis=2).astype(np.uint8)))
+    return float(mask_utils.iou([encoded[0]], [encoded[1]], [0])[0, 0])
+
+
 def test_ranked_segmentation_ious_match_pycocotools_on_masks_made_here(tiny_world, tiny_checkpoint, tmp_path,
                                                                         monkeypatch):
     """A sample of --per-image IoUs (ranked protocol) against pycocotools' IoU of RLE masks: the prediction is the
     heatmap recomputed in the test, upsampled bilinearly to the image and kept where it reaches
     min + t (max - min); the truth the union of the category's annotation masks."""
     import torch.nn.functional as F
-    from pycocotools import mask as mask_utils
     from pycocotools.coco import COCO
 
     from misc.inference import Inference
@@ -659,13 +674,8 @@ def test_ranked_segmentation_ious_match_pycocotools_on_masks_made_here(tiny_worl
         resized = F.interpolate(heat[None, None], size=(info["height"], info["width"]), mode="bilinear",
                                 align_corners=False)[0, 0]
         predicted = (resized >= resized.min() + threshold * (resized.max() - resized.min())).numpy()
-        truth = np.zeros((info["height"], info["width"]), dtype=bool)
-        for ann in coco.loadAnns(coco.getAnnIds(imgIds=[row["image_id"]], catIds=[ids[row["category"]]],
-                                                iscrowd=None)):
-            truth |= coco.annToMask(ann).astype(bool)
-        encoded = mask_utils.encode(np.asfortranarray(np.stack([predicted, truth], axis=2).astype(np.uint8)))
-        expected = mask_utils.iou([encoded[0]], [encoded[1]], [0])[0, 0]
-        assert row["iou"] == pytest.approx(expected, abs=1e-9)
+        truth = category_mask(coco, row["image_id"], ids[row["category"]], (info["height"], info["width"]))
+        assert row["iou"] == pytest.approx(rle_iou(predicted, truth), abs=1e-9)
 
 
 def test_original_segmentation_ious_match_pycocotools_on_masks_made_here(tiny_world, tiny_checkpoint, tmp_path,
@@ -674,7 +684,6 @@ def test_original_segmentation_ious_match_pycocotools_on_masks_made_here(tiny_wo
     from Inference.heatmaps, rescaled to uint8 ((v - min) 255 / (max - min) + 0.5, truncated), resized to 200 x 200
     by Pillow (bilinear) and kept strictly above t (max - min); the truth the union of the category's annotation
     masks (annToMask), resized to 200 x 200 (nearest); the IoU pycocotools' on the two RLE masks."""
-    from pycocotools import mask as mask_utils
     from pycocotools.coco import COCO
 
     from misc.inference import Inference
@@ -699,12 +708,8 @@ def test_original_segmentation_ious_match_pycocotools_on_masks_made_here(tiny_wo
         small = np.asarray(Image.fromarray(np.clip(scaled, 0, 255).astype(np.uint8), mode="L").resize(
             (side, side), resample=Image.Resampling.BILINEAR)).astype(int)
         predicted = small > threshold * (small.max() - small.min())
-        truth = np.zeros((info["height"], info["width"]), dtype=bool)
-        for ann in coco.loadAnns(coco.getAnnIds(imgIds=[row["image_id"]], catIds=[ids[row["category"]]],
-                                                iscrowd=None)):
-            truth |= coco.annToMask(ann).astype(bool)
+        truth = category_mask(coco, row["image_id"], ids[row["category"]], (info["height"], info["width"]))
         assert 0 < truth.sum() < truth.size  # else the original's uint8 rescale would empty it
         truth = np.asarray(Image.fromarray(truth.astype(np.uint8) * 255, mode="L").resize(
             (side, side), resample=Image.Resampling.NEAREST)) > 0
-        encoded = mask_utils.encode(np.asfortranarray(np.stack([predicted, truth], axis=2).astype(np.uint8)))
-        assert row["iou"] == pytest.approx(mask_utils.iou([encoded[0]], [encoded[1]], [0])[0, 0], abs=1e-9)
+        assert row["iou"] == pytest.approx(rle_iou(predicted, truth), abs=1e-9)
